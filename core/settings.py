@@ -1,0 +1,97 @@
+"""The one settings object: environment variables prefixed HUAHUA_, and `.env`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HUAHUA_", env_file=".env", extra="ignore")
+
+    # engine
+    engine: Literal["wukong", "tiny", "http"] = "wukong"
+    model_dir: Path = Path("./models")
+    checkpoint: str = "wukong-huahua-ms.ckpt"
+    vocab_path: Path | None = None
+    device: Literal["CPU", "GPU", "Ascend"] = "CPU"
+    dtype: Literal["auto", "float32", "float16"] = "auto"
+    sampler: Literal["dpm++2m", "ddim", "plms"] = "dpm++2m"
+    default_steps: int = Field(20, ge=1, le=200)
+    max_steps: int = Field(50, ge=1, le=200)
+    default_guidance: float = 7.5
+    image_area: int = Field(512 * 512, ge=64 * 64)
+    tiny_image_area: int = Field(128 * 128, ge=64 * 64)
+
+    # remote worker (engine=http) and `huahua worker`
+    worker_url: str = "http://127.0.0.1:8090"
+    worker_host: str = "127.0.0.1"
+    worker_port: int = 8090
+    worker_secret: SecretStr | None = None
+    worker_timeout_s: float = 600.0
+
+    # storage
+    data_dir: Path = Path("./data")
+
+    # queue
+    queue: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    queue_max_size: int = Field(1000, ge=1)
+    user_max_pending: int = Field(4, ge=1)
+    user_concurrency: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1)
+
+    # moderation and quotas
+    daily_image_quota: int = Field(100, ge=0)
+    max_text_length: int = Field(2000, ge=1)
+
+    # translation
+    translator: Literal["glossary", "llm"] = "glossary"
+    llm_base_url: str = "https://api.openai.com/v1"
+    llm_model: str = "gpt-4o-mini"
+    llm_api_key: SecretStr | None = None
+    llm_timeout_s: float = 20.0
+
+    # web chat
+    web_host: str = "127.0.0.1"
+    web_port: int = 8080
+    public_url: str = ""
+
+    # telegram
+    telegram_token: SecretStr | None = None
+    telegram_base_url: str = "https://api.telegram.org"
+    telegram_webhook_url: str = ""
+    telegram_webhook_secret: SecretStr | None = None
+    telegram_webhook_port: int = 8443
+
+    # discord
+    discord_token: SecretStr | None = None
+    discord_guild_id: int | None = None
+
+    log_level: str = "INFO"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        path = Path(self.checkpoint)
+        return path if path.is_absolute() else self.model_dir / path
+
+    @property
+    def resolved_vocab_path(self) -> Path:
+        return self.vocab_path or self.model_dir / "vocab_zh.txt"
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "huahua.sqlite3"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,143 @@
+"""Typed values that cross module boundaries: requests, images, jobs and their events."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+SAMPLERS = ("dpm++2m", "ddim", "plms")
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class JobKind(enum.StrEnum):
+    IMAGINE = "imagine"
+    REROLL = "reroll"
+    VARIATION = "variation"
+    UPSCALE = "upscale"
+    SCENE = "scene"
+
+
+class Action(enum.StrEnum):
+    """What a button under a result asks for."""
+
+    REROLL = "reroll"
+    VARIATION = "variation"
+    UPSCALE = "upscale"
+    CANCEL = "cancel"
+
+
+@dataclass(frozen=True)
+class ImagineOptions:
+    """What a user asked for, before validation: the text and the raw option values.
+
+    `aspect_ratio` stays a string ("3:2") until validation; None means "not given".
+    """
+
+    text: str
+    aspect_ratio: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    n: int | None = None
+    negative: str | None = None
+    style: str | None = None
+    guidance_scale: float | None = None
+
+
+@dataclass(frozen=True)
+class BuiltPrompt:
+    """The Chinese prompt handed to the model, and how it was made."""
+
+    prompt: str
+    negative_prompt: str
+    language: str
+    source_text: str
+    token_count: int
+    cut: tuple[str, ...] = ()
+    unknown_words: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One call to an engine. `init_image` (PNG bytes) and `strength` > 0 make it image-to-image."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int = 0
+    n: int = 1
+    sampler: str = "dpm++2m"
+    init_image: bytes | None = field(default=None, repr=False)
+    strength: float = 0.0
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    png: bytes = field(repr=False)
+    width: int
+    height: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """A queued generation. `user` and `chat` are platform-qualified ids ("web:alice", "tg:-100123")."""
+
+    id: str
+    user: str
+    chat: str
+    kind: JobKind
+    source_text: str
+    request: GenerationRequest
+    status: JobStatus = JobStatus.QUEUED
+    progress: float = 0.0
+    error: str | None = None
+    images: tuple[str, ...] = ()
+    init_image: str | None = None
+    parent_id: str | None = None
+    parent_index: int | None = None
+    notes: tuple[str, ...] = ()
+    engine_label: str = ""
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+class EventType(enum.StrEnum):
+    QUEUED = "queued"
+    POSITION = "position"
+    STARTED = "started"
+    PROGRESS = "progress"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (EventType.DONE, EventType.FAILED, EventType.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    job_id: str
+    type: EventType
+    progress: float = 0.0
+    position: int | None = None
+    step: int = 0
+    total_steps: int = 0
+    error: str | None = None
