@@ -1,0 +1,109 @@
+"""PNG helpers: numpy (n,3,H,W) in [-1,1] <-> PNG bytes, grids, resizing and upload checks."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from core.errors import InvalidOption
+
+logger = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_UPLOAD_SIDE = 4096
+MIN_UPLOAD_SIDE = 8
+
+
+def array_to_pngs(images: np.ndarray) -> list[bytes]:
+    """Encode a batch (n,3,H,W) of floats in [-1,1] as PNG bytes, one per image."""
+    arr = np.asarray(images)
+    if arr.ndim != 4 or arr.shape[1] != 3:
+        raise ValueError(f"expected an array of shape (n,3,H,W), got {arr.shape}")
+    finite = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
+    pixels = np.clip((finite + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    out = []
+    for one in pixels:
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(one.transpose(1, 2, 0)), "RGB").save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def png_to_array(data: bytes) -> np.ndarray:
+    """Decode one image (any format Pillow reads) to (1,3,H,W) float32 in [-1,1]."""
+    image = open_image(data)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return (pixels.transpose(2, 0, 1)[None] / 127.5 - 1.0).astype(np.float32)
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Open image bytes, turning anything that is not a readable image into InvalidOption."""
+    if not isinstance(data, bytes | bytearray) or not data:
+        raise InvalidOption("The uploaded file is empty or not an image.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidOption("The uploaded file is not an image I can read.") from exc
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise InvalidOption("The uploaded image is too large.") from exc
+    return image
+
+
+def validate_upload(
+    data: bytes, *, max_bytes: int = MAX_UPLOAD_BYTES, max_side: int = MAX_UPLOAD_SIDE
+) -> tuple[int, int]:
+    """Check an uploaded image and return its (width, height); raise InvalidOption when unusable."""
+    if isinstance(data, bytes | bytearray) and len(data) > max_bytes:
+        raise InvalidOption(f"The image is too large: at most {max_bytes // (1024 * 1024)} MB, please.")
+    image = open_image(data)
+    width, height = image.size
+    if width > max_side or height > max_side:
+        raise InvalidOption(f"The image is too large: at most {max_side}×{max_side} pixels, please.")
+    if width < MIN_UPLOAD_SIDE or height < MIN_UPLOAD_SIDE:
+        raise InvalidOption(f"The image is too small: at least {MIN_UPLOAD_SIDE}×{MIN_UPLOAD_SIDE} pixels.")
+    return width, height
+
+
+def resize_png(data: bytes, width: int, height: int) -> bytes:
+    """Resize an image to exactly (width, height) with Lanczos filtering; returns PNG bytes."""
+    if width < 1 or height < 1:
+        raise InvalidOption("The target size must be positive.")
+    image = open_image(data).convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def grid(pngs: Sequence[bytes], columns: int | None = None) -> bytes:
+    """Tile images into one PNG (2x2 for four); cells take the size of the first image."""
+    if not pngs:
+        raise InvalidOption("There are no images to put in a grid.")
+    images = [open_image(p).convert("RGB") for p in pngs]
+    cols = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    cell_w, cell_h = images[0].size
+    sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
+    for index, image in enumerate(images):
+        if image.size != (cell_w, cell_h):
+            image = image.resize((cell_w, cell_h), Image.Resampling.LANCZOS)
+        sheet.paste(image, ((index % cols) * cell_w, (index // cols) * cell_h))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of image bytes."""
+    width, height = open_image(data).size
+    return width, height
