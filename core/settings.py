@@ -34,8 +34,9 @@ class Settings(BaseSettings):
     worker_secret: SecretStr | None = None
     worker_timeout_s: float = 600.0
 
-    # storage
+    # storage and editable prompt data
     data_dir: Path = Path("./data")
+    prompts_dir: Path = Path(__file__).resolve().parent.parent / "prompts"
 
     # queue
     queue: Literal["memory", "redis"] = "memory"

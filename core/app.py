@@ -1,0 +1,53 @@
+"""Composition root: the one place that picks implementations of the ports from the settings."""
+
+from __future__ import annotations
+
+import logging
+
+from core.engine import Engine
+from core.service import Huahua
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+async def build_service(settings: Settings, *, engine: Engine | None = None) -> Huahua:
+    """Open the store, build the queue, prompt builder, moderator and engine; the caller then `start()`s."""
+    from core.moderation import Moderator
+    from core.prompting import load_prompt_builder
+    from core.store import SqliteStore
+
+    store = await SqliteStore.open(settings.database_path, settings.images_dir)
+    queue = await _build_queue(settings)
+    if engine is None:
+        from core.engines.factory import build_engine
+
+        engine = build_engine(settings)
+    builder = load_prompt_builder(settings)
+    moderator = Moderator.from_file(settings.prompts_dir / "blocklist.txt")
+    return Huahua(
+        settings,
+        store=store,
+        queue=queue,
+        engine=engine,
+        builder=builder,
+        moderator=moderator,
+        styles=builder.styles,
+    )
+
+
+async def _build_queue(settings: Settings):  # type: ignore[no-untyped-def]
+    limits = {
+        "max_size": settings.queue_max_size,
+        "user_max_pending": settings.user_max_pending,
+        "user_concurrency": settings.user_concurrency,
+    }
+    if settings.queue == "redis":
+        from core.redis_queue import RedisStreamsQueue
+
+        queue = RedisStreamsQueue(settings.redis_url, **limits)
+        await queue.connect()
+        return queue
+    from core.queue import MemoryQueue
+
+    return MemoryQueue(**limits)

@@ -1,0 +1,75 @@
+"""In-process fan-out of job events: per-job subscribers (web SSE) and per-platform listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from core.types import Job, JobEvent
+
+logger = logging.getLogger(__name__)
+
+Listener = Callable[[Job, JobEvent], Awaitable[None]]
+
+
+class EventBus:
+    """Delivers each event to the queues subscribed to its job and to listeners of its chat's platform."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[str, set[asyncio.Queue[JobEvent]]] = defaultdict(set)
+        self._listeners: list[tuple[str, Listener]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def listen(self, chat_prefix: str, listener: Listener) -> None:
+        """Call `listener` for every event of jobs whose chat id starts with `chat_prefix`."""
+        self._listeners.append((chat_prefix, listener))
+
+    def publish(self, job: Job, event: JobEvent) -> None:
+        for queue in self._subscribers.get(job.id, ()):
+            queue.put_nowait(event)
+        for prefix, listener in self._listeners:
+            if job.chat.startswith(prefix):
+                task = asyncio.create_task(self._call(listener, job, event))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _call(listener: Listener, job: Job, event: JobEvent) -> None:
+        try:
+            await listener(job, event)
+        except Exception:
+            logger.exception("listener failed on %s event of job %s", event.type, job.id)
+
+    async def subscribe(self, job_id: str, first: JobEvent | None = None) -> AsyncIterator[JobEvent]:
+        """Yield the job's events until a final one; `first` is yielded before the live ones."""
+        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._subscribers[job_id].add(queue)
+        try:
+            if first is not None:
+                yield first
+                if first.type.final:
+                    return
+            while True:
+                event = await queue.get()
+                yield event
+                if event.type.final:
+                    return
+        finally:
+            subscribers = self._subscribers.get(job_id)
+            if subscribers is not None:
+                subscribers.discard(queue)
+                if not subscribers:
+                    del self._subscribers[job_id]
+
+    def wants(self, job: Job) -> bool:
+        """Whether anyone would receive an event of this job."""
+        if self._subscribers.get(job.id):
+            return True
+        return any(job.chat.startswith(prefix) for prefix, _ in self._listeners)
+
+    async def drain(self) -> None:
+        """Wait for listener calls in flight (used at shutdown and in tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

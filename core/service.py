@@ -1,0 +1,541 @@
+"""The Huahua service: the one object every adapter calls. It validates, moderates, queues and runs jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from core import presenter
+from core.engine import CancelToken, Engine
+from core.errors import (
+    HuahuaError,
+    InvalidOption,
+    JobCancelled,
+    NotAllowed,
+    NotFound,
+    QuotaExceeded,
+)
+from core.events import EventBus, Listener
+from core.settings import Settings
+from core.types import (
+    Action,
+    BuiltPrompt,
+    EventType,
+    GenerationRequest,
+    ImagineOptions,
+    Job,
+    JobEvent,
+    JobKind,
+    JobStatus,
+)
+
+logger = logging.getLogger(__name__)
+
+VARIATION_STRENGTH = 0.6
+UPSCALE_STRENGTH = 0.35
+MAX_UPSCALED_SIDE = 1536
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What an adapter posts back for one incoming message: sentences, and the job it started if any."""
+
+    texts: tuple[str, ...] = ()
+    job: Job | None = None
+    attachments: tuple[tuple[str, bytes], ...] = ()
+    """(file name, bytes) pairs, e.g. an exported storybook."""
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """Per-chat settings, stored under scope "chat:<chat>"."""
+
+    style: str | None = None
+    daily_quota: int | None = None
+    enabled: bool = True
+    gallery: str | None = None
+    story_auto: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChatSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class CommandHandler(Protocol):
+    """A plug-in command family (e.g. the story commands) the service dispatches to."""
+
+    commands: tuple[str, ...]
+
+    async def handle(self, chat: str, user: str, command: str, args: str, context: MessageContext) -> Reply: ...
+
+
+@dataclass(frozen=True)
+class MessageContext:
+    is_admin: bool = True
+    reply_to_text: str | None = None
+    meta: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+class Huahua:
+    """Built by `core.app.build_service`; adapters call `handle_message`, `imagine`, `act` and listen to events."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Any,
+        queue: Any,
+        engine: Engine,
+        builder: Any,
+        moderator: Any,
+        styles: Any,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.queue = queue
+        self.engine = engine
+        self.builder = builder
+        self.moderator = moderator
+        self.styles = styles
+        self.events = EventBus()
+        self._running: dict[str, CancelToken] = {}
+        self._waiting: dict[str, Job] = {}
+        """Jobs this process queued and has not yet started: the ones whose position it announces."""
+        self._progress: dict[str, float] = {}
+        self._workers: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._handlers: dict[str, CommandHandler] = {}
+        self._submit_lock = asyncio.Lock()
+
+    # lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.engine.start()
+        await self._recover()
+        for index in range(self.settings.workers):
+            self._workers.append(asyncio.create_task(self._work(), name=f"huahua-worker-{index}"))
+        logger.info("service started with engine %s and %d worker(s)", self.engine.name, len(self._workers))
+
+    async def stop(self) -> None:
+        """Stop taking work; interrupted jobs go back to the queued state and run after the next start."""
+        self._stopping = True
+        for token in self._running.values():
+            token.cancel()
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
+        await self.events.drain()
+        await self.queue.close()
+        await self.engine.close()
+        await self.store.close()
+
+    async def _recover(self) -> None:
+        for job in await self.store.unfinished_jobs():
+            if job.status == JobStatus.RUNNING:
+                job = replace(job, status=JobStatus.QUEUED, progress=0.0, started_at=None)
+                await self.store.update_job(job)
+            try:
+                await self.queue.put(job)
+            except HuahuaError as err:
+                await self._finish(job, JobStatus.FAILED, error=err.message)
+        logger.info("recovered unfinished jobs")
+
+    # commands ----------------------------------------------------------------------------------
+
+    def register(self, handler: CommandHandler) -> None:
+        for command in handler.commands:
+            self._handlers[command] = handler
+
+    async def handle_message(
+        self, chat: str, user: str, text: str, context: MessageContext | None = None
+    ) -> Reply:
+        """Answer one chat message. Errors come back as one friendly sentence, never as an exception."""
+        context = context or MessageContext()
+        try:
+            return await self._dispatch(chat, user, text, context)
+        except HuahuaError as err:
+            return Reply(texts=(err.message,))
+
+    async def _dispatch(self, chat: str, user: str, text: str, context: MessageContext) -> Reply:
+        if not isinstance(text, str):
+            raise InvalidOption("A message must be text.")
+        if len(text) > self.settings.max_text_length:
+            raise InvalidOption(
+                f"That message is too long: keep it under {self.settings.max_text_length} characters."
+            )
+        stripped = text.strip()
+        if not stripped.startswith("/"):
+            handler = self._handlers.get("")
+            if handler is not None:
+                return await handler.handle(chat, user, "", stripped, context)
+            return Reply()
+        command, _, args = stripped[1:].partition(" ")
+        command = command.split("@", 1)[0].lower()
+        args = args.strip()
+        if command in ("start", "help"):
+            return Reply(texts=(presenter.HELP,))
+        if command == "imagine":
+            from core.options import parse_imagine
+
+            job = await self.imagine(chat, user, parse_imagine(args), meta=context.meta)
+            return Reply(texts=(self.queued_text(job, await self.position(job.id)),), job=job)
+        if command == "settings":
+            return await self._settings_command(chat, args, context)
+        handler = self._handlers.get(command)
+        if handler is not None:
+            return await handler.handle(chat, user, command, args, context)
+        raise InvalidOption(f"I don't know /{command}. Try /help.")
+
+    def queued_text(self, job: Job, position: int | None) -> str:
+        lines = [presenter.status_line(job, position)]
+        lines.append(f"提示词: {job.request.prompt}")
+        lines.extend(job.notes)
+        return "\n".join(lines)
+
+    async def _settings_command(self, chat: str, args: str, context: MessageContext) -> Reply:
+        if not args:
+            current = await self.chat_settings(chat)
+            shown = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(current).items())
+            return Reply(texts=(f"Settings for this chat: {shown}.",))
+        if not context.is_admin:
+            raise NotAllowed("Only the chat's admins can change its settings.")
+        key, _, value = args.partition(" ")
+        changes = self._parse_setting(key.lower(), value.strip())
+        updated = await self.update_chat_settings(chat, changes)
+        return Reply(texts=(f"Saved: {key.lower()} = {getattr(updated, _SETTING_FIELDS[key.lower()])}.",))
+
+    def _parse_setting(self, key: str, value: str) -> dict[str, Any]:
+        if key not in _SETTING_FIELDS:
+            raise InvalidOption(f"Unknown setting {key!r}: use one of {', '.join(_SETTING_FIELDS)}.")
+        field = _SETTING_FIELDS[key]
+        if value.lower() in ("", "none", "default", "off") and field in ("style", "gallery", "daily_quota"):
+            return {field: None}
+        if field == "style":
+            return {field: self.styles.get(value).name}
+        if field == "daily_quota":
+            if not value.isdigit() or int(value) > 10_000:
+                raise InvalidOption("quota must be a whole number of images per user per day, 0 to 10000.")
+            return {field: int(value)}
+        if field in ("enabled", "story_auto"):
+            if value.lower() not in ("on", "off", "true", "false", "yes", "no"):
+                raise InvalidOption(f"{key} must be on or off.")
+            return {field: value.lower() in ("on", "true", "yes")}
+        return {field: value}
+
+    async def chat_settings(self, chat: str) -> ChatSettings:
+        return ChatSettings.from_dict(await self.store.get_settings(f"chat:{chat}"))
+
+    async def update_chat_settings(self, chat: str, changes: dict[str, Any]) -> ChatSettings:
+        return ChatSettings.from_dict(await self.store.update_settings(f"chat:{chat}", changes))
+
+    # jobs --------------------------------------------------------------------------------------
+
+    async def imagine(
+        self, chat: str, user: str, options: ImagineOptions, meta: dict[str, str] | None = None
+    ) -> Job:
+        """Validate, build the Chinese prompt, moderate, check the quota and queue a new job."""
+        from core.options import resolve
+
+        chat_settings = await self.chat_settings(chat)
+        if not chat_settings.enabled:
+            raise NotAllowed("Huahua is switched off in this chat.")
+        if chat_settings.style and options.style is None:
+            options = replace(options, style=chat_settings.style)
+        resolved = resolve(options, self.settings, self.styles)
+        self._moderate(resolved.text)
+        built: BuiltPrompt = await self.builder.build(
+            resolved.text, style=resolved.style, negative=resolved.negative
+        )
+        self._moderate(built.prompt)
+        request = GenerationRequest(
+            prompt=built.prompt,
+            negative_prompt=built.negative_prompt,
+            width=resolved.width,
+            height=resolved.height,
+            steps=resolved.steps,
+            guidance_scale=resolved.guidance_scale,
+            seed=resolved.seed,
+            n=resolved.n,
+            sampler=self.settings.sampler,
+        )
+        job = self._new_job(user, chat, JobKind.IMAGINE, options.text, request, notes=built.notes, meta=meta)
+        return await self.submit(job)
+
+    def _moderate(self, text: str) -> None:
+        try:
+            self.moderator.check(text)
+        except HuahuaError:
+            self._count("blocked")
+            raise
+
+    def _count(self, name: str) -> None:
+        task = asyncio.create_task(self.store.incr_counter(name))
+        task.add_done_callback(lambda t: t.exception())
+
+    def _new_job(
+        self,
+        user: str,
+        chat: str,
+        kind: JobKind,
+        source_text: str,
+        request: GenerationRequest,
+        *,
+        notes: tuple[str, ...] = (),
+        parent: Job | None = None,
+        parent_index: int | None = None,
+        init_image: str | None = None,
+        meta: dict[str, str] | None = None,
+    ) -> Job:
+        return Job(
+            id=uuid.uuid4().hex[:16],
+            user=user,
+            chat=chat,
+            kind=kind,
+            source_text=source_text,
+            request=request,
+            notes=notes,
+            parent_id=parent.id if parent else None,
+            parent_index=parent_index,
+            init_image=init_image,
+            engine_label=self.engine.label,
+            created_at=time.time(),
+            meta=dict(meta or {}),
+        )
+
+    async def submit(self, job: Job) -> Job:
+        """Check the quota, store the job, queue it and announce its position."""
+        async with self._submit_lock:
+            await self._check_quota(job)
+            await self.store.add_job(job)
+        try:
+            position = await self.queue.put(job)
+        except HuahuaError as err:
+            await self._finish(job, JobStatus.FAILED, error=err.message)
+            raise
+        self._waiting[job.id] = job
+        self.events.publish(job, JobEvent(job.id, EventType.QUEUED, position=position))
+        return job
+
+    async def _check_quota(self, job: Job) -> None:
+        chat_settings = await self.chat_settings(job.chat)
+        quota = chat_settings.daily_quota
+        if quota is None:
+            quota = self.settings.daily_image_quota
+        used = await self.store.images_today(job.user)
+        if used + job.request.n > quota:
+            self._count("quota_refused")
+            left = max(0, quota - used)
+            raise QuotaExceeded(
+                f"You have used your {quota} images for today ({left} left); the quota resets at 00:00 UTC."
+            )
+
+    async def act(self, job_id: str, action: Action | str, index: int, user: str) -> Job:
+        """A button: reroll, variation or upscale make a new job; cancel stops this one."""
+        try:
+            action = Action(action)
+        except ValueError:
+            raise InvalidOption("The action must be reroll, variation, upscale or cancel.") from None
+        parent = await self.get_job(job_id)
+        if action == Action.CANCEL:
+            return await self.cancel(job_id, user)
+        if action == Action.REROLL:
+            request = replace(parent.request, seed=secrets.randbelow(2**32))
+            job = self._new_job(
+                user, parent.chat, JobKind.REROLL, parent.source_text, request, notes=(), parent=parent
+            )
+            return await self.submit(job)
+        if parent.status != JobStatus.DONE or not parent.images:
+            raise InvalidOption("That picture is not ready yet: wait for it to finish.")
+        if not isinstance(index, int) or not 0 <= index < len(parent.images):
+            raise InvalidOption(f"Choose a picture from 1 to {len(parent.images)}.")
+        image = parent.images[index]
+        if action == Action.VARIATION:
+            request = replace(
+                parent.request, n=1, seed=secrets.randbelow(2**32), strength=VARIATION_STRENGTH
+            )
+            kind = JobKind.VARIATION
+        else:
+            width, height = parent.request.width * 2, parent.request.height * 2
+            if max(width, height) > MAX_UPSCALED_SIDE:
+                raise InvalidOption(f"That picture is already as large as I can upscale ({MAX_UPSCALED_SIDE}px).")
+            request = replace(
+                parent.request, n=1, width=width, height=height, strength=UPSCALE_STRENGTH
+            )
+            kind = JobKind.UPSCALE
+        job = self._new_job(
+            user,
+            parent.chat,
+            kind,
+            parent.source_text,
+            request,
+            parent=parent,
+            parent_index=index,
+            init_image=image,
+            meta=parent.meta,
+        )
+        return await self.submit(job)
+
+    async def cancel(self, job_id: str, user: str, *, is_admin: bool = False) -> Job:
+        job = await self.get_job(job_id)
+        if job.user != user and not is_admin:
+            raise NotAllowed("Only the person who asked for this picture can cancel it.")
+        if job.status.finished:
+            return job
+        if await self.queue.remove(job_id):
+            self._waiting.pop(job_id, None)
+            return await self._finish(job, JobStatus.CANCELLED)
+        token = self._running.get(job_id)
+        if token is not None:
+            token.cancel()
+        return job
+
+    async def get_job(self, job_id: str) -> Job:
+        job = await self.store.get_job(job_id) if isinstance(job_id, str) else None
+        if job is None:
+            raise NotFound("I can't find that job; it may have been removed.")
+        if job.id in self._progress:
+            job = replace(job, progress=self._progress[job.id])
+        return job
+
+    async def position(self, job_id: str) -> int | None:
+        return await self.queue.position(job_id)
+
+    async def image(self, digest: str) -> bytes:
+        return await self.store.get_image(digest)
+
+    def listen(self, chat_prefix: str, listener: Listener) -> None:
+        self.events.listen(chat_prefix, listener)
+
+    async def subscribe(self, job_id: str) -> AsyncIterator[JobEvent]:
+        """Events of one job until it ends, starting with its current state."""
+        job = await self.get_job(job_id)
+        first = _current_event(job, await self.position(job_id))
+        async for event in self.events.subscribe(job_id, first):
+            yield event
+
+    async def update_meta(self, job_id: str, meta: dict[str, str]) -> Job:
+        """Adapters keep platform ids (status message, reply target) on the job, so delivery survives restarts."""
+        job = await self.get_job(job_id)
+        job = replace(job, meta={**job.meta, **meta})
+        await self.store.update_job(job)
+        return job
+
+    # the worker loop ---------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        while not self._stopping:
+            job = await self.queue.get()
+            try:
+                await self._run(job)
+            except Exception:
+                logger.exception("job %s crashed the worker loop", job.id)
+            finally:
+                await self.queue.task_done(job.id)
+                await self._announce_positions()
+
+    async def _run(self, job: Job) -> None:
+        self._waiting.pop(job.id, None)
+        current = await self.store.get_job(job.id)
+        if current is None or current.status.finished:
+            return
+        job = replace(current, status=JobStatus.RUNNING, started_at=time.time(), progress=0.0)
+        await self.store.update_job(job)
+        token = CancelToken()
+        self._running[job.id] = token
+        self.events.publish(job, JobEvent(job.id, EventType.STARTED))
+        try:
+            request = await self._engine_request(job)
+            images = await self.engine.generate(request, self._progress_callback(job), token)
+            digests = tuple([await self.store.put_image(image.png) for image in images])
+            await self._finish(job, JobStatus.DONE, images=digests)
+            self._count("jobs_done")
+        except JobCancelled:
+            if self._stopping:
+                await self.store.update_job(replace(job, status=JobStatus.QUEUED, progress=0.0))
+            else:
+                await self._finish(job, JobStatus.CANCELLED)
+        except HuahuaError as err:
+            await self._finish(job, JobStatus.FAILED, error=err.message)
+        except Exception:
+            logger.exception("job %s failed", job.id)
+            await self._finish(job, JobStatus.FAILED, error="Something went wrong while drawing; please try again.")
+        finally:
+            self._running.pop(job.id, None)
+            self._progress.pop(job.id, None)
+
+    async def _engine_request(self, job: Job) -> GenerationRequest:
+        if job.init_image is None:
+            return job.request
+        return replace(job.request, init_image=await self.store.get_image(job.init_image))
+
+    def _progress_callback(self, job: Job) -> Callable[[int, int], None]:
+        def on_progress(step: int, total: int) -> None:
+            fraction = step / total if total else 0.0
+            self._progress[job.id] = fraction
+            self.events.publish(
+                job, JobEvent(job.id, EventType.PROGRESS, progress=fraction, step=step, total_steps=total)
+            )
+
+        return on_progress
+
+    async def _finish(
+        self, job: Job, status: JobStatus, *, error: str | None = None, images: tuple[str, ...] = ()
+    ) -> Job:
+        done = replace(
+            job,
+            status=status,
+            error=error,
+            images=images,
+            progress=1.0 if status == JobStatus.DONE else job.progress,
+            finished_at=time.time(),
+        )
+        await self.store.update_job(done)
+        event_type = {
+            JobStatus.DONE: EventType.DONE,
+            JobStatus.FAILED: EventType.FAILED,
+            JobStatus.CANCELLED: EventType.CANCELLED,
+        }[status]
+        self.events.publish(done, JobEvent(job.id, event_type, progress=done.progress, error=error))
+        return done
+
+    async def _announce_positions(self) -> None:
+        watched = [job for job in self._waiting.values() if self.events.wants(job)]
+        if not watched:
+            return
+        positions = await self.queue.positions()
+        for job in watched:
+            position = positions.get(job.id)
+            if position is not None:
+                self.events.publish(job, JobEvent(job.id, EventType.POSITION, position=position))
+
+
+_SETTING_FIELDS = {
+    "style": "style",
+    "quota": "daily_quota",
+    "enabled": "enabled",
+    "gallery": "gallery",
+    "story_auto": "story_auto",
+}
+
+
+def _current_event(job: Job, position: int | None) -> JobEvent:
+    kinds = {
+        JobStatus.QUEUED: EventType.POSITION,
+        JobStatus.RUNNING: EventType.PROGRESS,
+        JobStatus.DONE: EventType.DONE,
+        JobStatus.FAILED: EventType.FAILED,
+        JobStatus.CANCELLED: EventType.CANCELLED,
+    }
+    return JobEvent(job.id, kinds[job.status], progress=job.progress, position=position, error=job.error)
+
+
+AsyncCallback = Callable[..., Awaitable[None]]
