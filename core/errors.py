@@ -72,3 +72,15 @@ class JobCancelled(HuahuaError):
 
     def __init__(self, message: str = "The job was cancelled.") -> None:
         super().__init__(message)
+
+
+class ServiceUnavailable(HuahuaError):
+    """A backing service (Redis, the database) cannot be reached or answered with an error."""
+
+    code = "service_unavailable"
+
+
+class StorageError(HuahuaError):
+    """Stored data is corrupt, from a newer version of Huahua, or cannot be written."""
+
+    code = "storage"
