@@ -1,0 +1,419 @@
+"""The in-process engine: runs WukongPipeline (official or tiny) in one worker thread.
+
+Batches: a request for n images is one batch of n; image i starts from the noise drawn with seed
+`seed + i`, so image i of seed s equals image 0 of seed s + i (a reroll of one picture is exact).
+Several waiting requests with the same size and sampling parameters are run together as one batch
+(`generate_many`), each keeping its own seeds, prompt and progress callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from core.engine import CancelToken, Engine, ProgressCallback
+from core.errors import CheckpointError, EngineUnavailable, HuahuaError, InvalidOption, JobCancelled
+from core.images import array_to_pngs, png_to_array, resize_png, validate_upload
+from core.settings import Settings
+from core.types import SAMPLERS, GeneratedImage, GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+FETCH_COMMAND = "huahua model fetch"
+MAX_BATCH = 8
+PipelineLoader = Callable[[], Any]
+
+
+def resolve_dtype(device: str, dtype: str) -> str:
+    """ "auto" means float16 on Ascend and GPU, float32 on the CPU."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if device == "CPU" else "float16"
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
+    """One standard-normal latent per seed, stacked: (len(seeds), *shape) float32."""
+    return np.stack([np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) for seed in seeds])
+
+
+def validate_request(request: GenerationRequest, *, max_steps: int, max_area: int, multiple: int) -> None:
+    """Raise InvalidOption with one friendly sentence when the request cannot run."""
+    if not isinstance(request.prompt, str) or not isinstance(request.negative_prompt, str):
+        raise InvalidOption("The prompt must be text.")
+    if not 1 <= request.steps <= max_steps:
+        raise InvalidOption(f"Steps must be between 1 and {max_steps}.")
+    if not 1 <= request.n <= MAX_BATCH:
+        raise InvalidOption(f"You can ask for 1 to {MAX_BATCH} images at a time.")
+    if request.sampler not in SAMPLERS:
+        raise InvalidOption(f"Unknown sampler {request.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+    if not math.isfinite(request.guidance_scale) or not 0 <= request.guidance_scale <= 50:
+        raise InvalidOption("Guidance scale must be between 0 and 50.")
+    if request.width % multiple or request.height % multiple or request.width < multiple:
+        raise InvalidOption(f"Width and height must be positive multiples of {multiple}.")
+    if request.height < multiple or request.width * request.height > max_area:
+        side = int(math.sqrt(max_area))
+        raise InvalidOption(f"The image is too large for this engine: at most about {side}×{side} pixels.")
+    if request.init_image is not None:
+        if not 0.0 < request.strength <= 1.0:
+            raise InvalidOption("Strength must be above 0 and at most 1 for image-to-image.")
+        validate_upload(request.init_image)
+    if not 0 <= request.seed < 2**63:
+        raise InvalidOption("The seed must be a non-negative whole number.")
+
+
+def _batch_key(request: GenerationRequest) -> tuple[Any, ...] | None:
+    """Requests with equal keys can share one batch; image-to-image requests never do."""
+    if request.init_image is not None:
+        return None
+    return (request.width, request.height, request.steps, request.guidance_scale, request.sampler)
+
+
+@dataclass
+class _Pending:
+    request: GenerationRequest
+    on_progress: ProgressCallback
+    cancel: CancelToken
+    future: asyncio.Future[list[GeneratedImage]] = field(repr=False)
+
+
+@dataclass
+class EngineStats:
+    """Counters shown by `health()` (and read by tests)."""
+
+    batches: int = 0
+    images: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    steps: int = 0
+
+
+class LocalEngine(Engine):
+    """Runs a pipeline built by `loader` on a single dedicated thread: one model run at a time."""
+
+    def __init__(
+        self,
+        loader: PipelineLoader,
+        *,
+        name: str,
+        label: str = "",
+        model: str = "",
+        device: str = "CPU",
+        dtype: str = "float32",
+        max_steps: int = 200,
+        max_area: int = 512 * 512,
+    ) -> None:
+        self.name = name
+        self.label = label
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.max_steps = max_steps
+        self.max_area = max_area
+        self.stats = EngineStats()
+        self._loader = loader
+        self._pipe: Any = None
+        self._error: str | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"huahua-{name}")
+        self._loading: asyncio.Future[None] | None = None
+        self._pending: list[_Pending] = []
+        self._busy = False
+        self._lock = threading.Lock()
+
+    # lifecycle
+
+    async def start(self) -> None:
+        if self._loading is None:
+            self._loading = asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+        await self._loading
+
+    def _load(self) -> None:
+        try:
+            self._pipe = self._loader()
+            self._error = None
+            logger.info("engine %s ready (%s, %s)", self.name, self.device, self.dtype)
+        except HuahuaError as exc:
+            self._error = exc.message
+            logger.warning("engine %s unavailable: %s", self.name, exc.message)
+        except Exception:
+            logger.exception("engine %s failed to load", self.name)
+            self._error = "The image model failed to load; see the server log."
+
+    async def close(self) -> None:
+        for pending in self._pending:
+            if not pending.future.done():
+                pending.future.set_exception(EngineUnavailable("The image engine is shutting down."))
+        self._pending.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def ready(self) -> bool:
+        return self._pipe is not None
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent cell (8 for the official VAE)."""
+        factor = getattr(self._pipe, "latent_factor", None) or getattr(
+            getattr(self._pipe, "config", None), "latent_factor", None
+        )
+        return int(factor) if factor else 8
+
+    async def health(self) -> dict[str, Any]:
+        return {
+            "engine": self.name,
+            "model": self.model,
+            "label": self.label,
+            "device": self.device,
+            "dtype": self.dtype,
+            "ready": self.ready,
+            "error": self._error,
+            "load": {"busy": self._busy, "waiting": len(self._pending)},
+            "stats": vars(self.stats).copy(),
+        }
+
+    # generation
+
+    async def generate(
+        self, request: GenerationRequest, on_progress: ProgressCallback, cancel: CancelToken
+    ) -> list[GeneratedImage]:
+        await self._ensure_ready()
+        validate_request(
+            request, max_steps=self.max_steps, max_area=self.max_area, multiple=self.latent_factor
+        )
+        if cancel.cancelled:
+            raise JobCancelled()
+        future: asyncio.Future[list[GeneratedImage]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(request, on_progress, cancel, future))
+        # dispatch on the next loop turn, so requests submitted together can share a batch
+        asyncio.get_running_loop().call_soon(self._dispatch)
+        return await future
+
+    async def generate_many(
+        self, requests: Sequence[GenerationRequest], on_progress: ProgressCallback, cancel: CancelToken
+    ) -> list[list[GeneratedImage]]:
+        """Run several requests together; those of one size and sampling setting share one batch."""
+        return list(await asyncio.gather(*(self.generate(r, on_progress, cancel) for r in requests)))
+
+    async def _ensure_ready(self) -> None:
+        if self._loading is None or not self._loading.done():
+            await self.start()
+        if self._pipe is None:
+            raise EngineUnavailable(self._error or "The image model is not loaded.")
+
+    def _dispatch(self) -> None:
+        """Start the next batch when idle: the oldest request plus waiting ones that share its key."""
+        if self._busy or not self._pending:
+            return
+        first = self._pending.pop(0)
+        jobs = [first]
+        key = _batch_key(first.request)
+        if key is not None:
+            images = first.request.n
+            for pending in list(self._pending):
+                if _batch_key(pending.request) == key and images + pending.request.n <= MAX_BATCH:
+                    jobs.append(pending)
+                    images += pending.request.n
+                    self._pending.remove(pending)
+        self._busy = True
+        task = asyncio.get_running_loop().create_task(self._run_jobs(jobs))
+        task.add_done_callback(self._after_batch)
+
+    def _after_batch(self, _task: asyncio.Task[None]) -> None:
+        self._busy = False
+        self._dispatch()
+
+    async def _run_jobs(self, jobs: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        live = [job for job in jobs if not job.cancel.cancelled and not job.future.done()]
+        for job in jobs:
+            if job.cancel.cancelled and not job.future.done():
+                self.stats.cancelled += 1
+                job.future.set_exception(JobCancelled())
+        if not live:
+            return
+
+        def progress(step: int, total: int) -> None:
+            self.stats.steps += 1
+            for job in live:
+                loop.call_soon_threadsafe(_safe_progress, job.on_progress, step, total)
+
+        def cancelled() -> bool:
+            return all(job.cancel.cancelled for job in live)
+
+        requests = [job.request for job in live]
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self._run_batch, requests, progress, cancelled
+            )
+        except JobCancelled as exc:
+            self.stats.cancelled += len(live)
+            for job in live:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        except HuahuaError as exc:
+            self.stats.failed += len(live)
+            for job in live:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        except Exception as exc:
+            logger.exception("engine %s failed on a batch of %d", self.name, len(live))
+            self.stats.failed += len(live)
+            error = EngineUnavailable(f"The image engine failed: {type(exc).__name__}.")
+            for job in live:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            return
+        self.stats.batches += 1
+        for job, images in zip(live, results, strict=True):
+            if job.future.done():
+                continue
+            if job.cancel.cancelled:
+                self.stats.cancelled += 1
+                job.future.set_exception(JobCancelled())
+            else:
+                self.stats.images += len(images)
+                job.future.set_result(images)
+
+    def _run_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_step: Callable[[int, int], None],
+        cancelled: Callable[[], bool],
+    ) -> list[list[GeneratedImage]]:
+        """Runs on the engine thread: encode, sample, decode one batch; returns images per request."""
+        pipe = self._pipe
+        first = requests[0]
+        width, height = first.width, first.height
+        factor = self.latent_factor
+        seeds = [r.seed + i for r in requests for i in range(r.n)]
+        prompts = [r.prompt for r in requests for _ in range(r.n)]
+        negatives = [r.negative_prompt for r in requests for _ in range(r.n)]
+        cond = pipe.encode_tokens(pipe.tokenize(prompts))
+        uncond = pipe.encode_tokens(pipe.tokenize(negatives))
+        x_T = initial_noise(seeds, (4, height // factor, width // factor))
+        init_latents = None
+        strength = 1.0
+        if first.init_image is not None:
+            pixels = png_to_array(resize_png(first.init_image, width, height))
+            init_latents = pipe.encode_images(np.repeat(pixels, first.n, axis=0))
+            strength = first.strength
+        latents = pipe.sample(
+            cond,
+            uncond,
+            sampler=first.sampler,
+            steps=first.steps,
+            guidance_scale=first.guidance_scale,
+            x_T=x_T,
+            seed=first.seed,
+            height=height,
+            width=width,
+            init_latents=init_latents,
+            strength=strength,
+            on_step=on_step,
+            cancelled=cancelled,
+        )
+        if cancelled():
+            raise JobCancelled()
+        pngs = array_to_pngs(_to_numpy(pipe.decode_latents(latents)))
+        out: list[list[GeneratedImage]] = []
+        index = 0
+        for request in requests:
+            out.append(
+                [
+                    GeneratedImage(png=pngs[index + i], width=width, height=height, seed=request.seed + i)
+                    for i in range(request.n)
+                ]
+            )
+            index += request.n
+        return out
+
+
+def _safe_progress(callback: ProgressCallback, step: int, total: int) -> None:
+    try:
+        callback(step, total)
+    except Exception:
+        logger.exception("progress callback failed")
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    as_numpy = getattr(value, "asnumpy", None)
+    return np.asarray(as_numpy() if callable(as_numpy) else value, dtype=np.float32)
+
+
+# the two local engines
+
+
+def wukong_engine(settings: Settings) -> LocalEngine:
+    """The official model: weights from `settings.checkpoint_path`, loaded at `start()`."""
+    device = settings.device
+    dtype = resolve_dtype(device, settings.dtype)
+
+    def load() -> Any:
+        checkpoint, vocab = settings.checkpoint_path, settings.resolved_vocab_path
+        for path, what in ((checkpoint, "model weights"), (vocab, "tokenizer vocabulary")):
+            if not path.is_file():
+                raise EngineUnavailable(
+                    f"The {what} are not installed ({path}); download them with `{FETCH_COMMAND}`."
+                )
+        diffusion = _import_diffusion()
+        try:
+            return diffusion.WukongPipeline.load(
+                checkpoint, vocab, config=diffusion.WukongConfig(), device=device, dtype=dtype
+            )
+        except CheckpointError as exc:
+            raise EngineUnavailable(f"{exc.message} Download a fresh copy with `{FETCH_COMMAND}`.") from exc
+
+    return LocalEngine(
+        load,
+        name="wukong",
+        model="wukong-huahua",
+        device=device,
+        dtype=dtype,
+        max_steps=settings.max_steps,
+        max_area=settings.image_area * 4,
+    )
+
+
+def tiny_engine(settings: Settings, *, seed: int = 0) -> LocalEngine:
+    """The same code at a tiny size with random weights: fast pictures of noise, for tests and demos."""
+    device = settings.device
+    dtype = resolve_dtype(device, settings.dtype)
+    vocab = settings.resolved_vocab_path
+
+    def load() -> Any:
+        if not vocab.is_file():
+            raise EngineUnavailable(
+                f"The tokenizer vocabulary is not installed ({vocab}); download it with `{FETCH_COMMAND}`."
+            )
+        diffusion = _import_diffusion()
+        return diffusion.WukongPipeline.random(diffusion.WukongConfig.tiny(), vocab, seed=seed)
+
+    return LocalEngine(
+        load,
+        name="tiny",
+        label="untrained test model",
+        model="wukong-tiny",
+        device=device,
+        dtype=dtype,
+        max_steps=settings.max_steps,
+        max_area=settings.tiny_image_area * 4,
+    )
+
+
+def _import_diffusion() -> Any:
+    try:
+        import core.diffusion as diffusion
+    except ImportError as exc:
+        raise EngineUnavailable(
+            "MindSpore is not installed here; install the worker extra (pip install 'huahua[worker]')."
+        ) from exc
+    return diffusion
