@@ -1,0 +1,107 @@
+"""Versioned SQLite schema: an ordered list of migrations, applied in one transaction at open.
+
+To change the schema, append a `Migration(next_version, sql)` to `MIGRATIONS`; never edit one that
+has shipped. Opening a database written by a newer Huahua (a version above the last one here) fails
+with a StorageError instead of guessing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import aiosqlite
+
+from core.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    sql: str
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        """
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            user TEXT NOT NULL,
+            chat TEXT NOT NULL,
+            status TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            n INTEGER NOT NULL,
+            data TEXT NOT NULL
+        );
+        CREATE INDEX jobs_status_created ON jobs (status, created_at);
+        CREATE INDEX jobs_chat_created ON jobs (chat, created_at);
+        CREATE INDEX jobs_user_created ON jobs (user, created_at);
+        CREATE TABLE settings (
+            scope TEXT PRIMARY KEY,
+            data TEXT NOT NULL
+        );
+        CREATE TABLE counters (
+            name TEXT PRIMARY KEY,
+            value INTEGER NOT NULL
+        );
+        """,
+    ),
+)
+
+
+def latest_version(migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
+    return migrations[-1].version if migrations else 0
+
+
+async def current_version(conn: aiosqlite.Connection) -> int:
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+    )
+    async with conn.execute("SELECT MAX(version) FROM schema_version") as cursor:
+        row = await cursor.fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+async def migrate(conn: aiosqlite.Connection, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
+    """Bring the schema up to the last migration; returns the version now in force.
+
+    The connection must be in autocommit mode (`isolation_level=None`): this function opens and
+    commits (or rolls back) its own transaction.
+    """
+    _check_order(migrations)
+    version = await current_version(conn)
+    target = latest_version(migrations)
+    if version > target:
+        raise StorageError(
+            f"The database uses schema version {version} but this Huahua only knows up to {target}; "
+            "please upgrade Huahua."
+        )
+    pending = [m for m in migrations if m.version > version]
+    if not pending:
+        return version
+    now = time.time()
+    script = ["BEGIN IMMEDIATE;"]
+    for migration in pending:
+        script.append(migration.sql.strip().rstrip(";") + ";")
+        script.append(
+            f"INSERT INTO schema_version (version, applied_at) VALUES ({migration.version}, {now!r});"
+        )
+    script.append("COMMIT;")
+    try:
+        await conn.executescript("\n".join(script))
+    except Exception:
+        if conn.in_transaction:
+            await conn.rollback()
+        raise
+    logger.info("database schema migrated from version %d to %d", version, target)
+    return target
+
+
+def _check_order(migrations: tuple[Migration, ...]) -> None:
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise ValueError(f"migrations must be numbered 1, 2, 3, ... in order, got {versions}")
