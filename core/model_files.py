@@ -1,0 +1,256 @@
+"""Model files: download the official weights and vocabulary (resumable), and check a checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from core.errors import CheckpointError, EngineUnavailable
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_URL = "https://download.mindspore.cn/toolkits/minddiffusion/wukong-huahua/wukong-huahua-ms.ckpt"
+VOCAB_URL = (
+    "https://raw.githubusercontent.com/mindspore-lab/minddiffusion/main/"
+    "vision/wukong-huahua/ldm/models/clip_zh/vocab_zh.txt"
+)
+VOCAB_SHA256 = "45bbac6b341c319adc98a532532882e91a9cefc0329aa57bac9ae761c27b291c"
+CHUNK_BYTES = 1 << 20
+MAX_PROBLEM_LINES = 10
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """Whether a file is a usable checkpoint, as lines a person can read."""
+
+    path: Path
+    ok: bool
+    lines: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    checkpoint: Path
+    vocab: Path
+    downloaded: tuple[Path, ...]
+    """The files that were fetched this time (already present files are left alone)."""
+
+
+class DownloadInterrupted(CheckpointError):
+    """A download stopped partway; the `.part` file stays so the next fetch resumes it."""
+
+
+def check_model(path: Path | str, settings: Settings | None = None, *, config: Any = None) -> ModelReport:
+    """Report whether `path` is a checkpoint with every parameter of the model, in the right shape."""
+    path = Path(path)
+    if not path.is_file():
+        return ModelReport(path, False, (f"{path}: no such file.",))
+    try:
+        from core.diffusion import WukongConfig
+        from core.diffusion.checkpoint import check_checkpoint
+    except ImportError:
+        return ModelReport(path, False, ("MindSpore is not installed, so the checkpoint cannot be read.",))
+    cfg = config if config is not None else WukongConfig()
+    try:
+        report = check_checkpoint(path, cfg)
+    except CheckpointError as exc:
+        return ModelReport(path, False, (f"{path}: {exc.message}",))
+    missing, mismatched, extra = list(report.missing), list(report.mismatched), list(report.extra)
+    size_mb = path.stat().st_size / 1e6
+    lines = [f"{path} ({size_mb:,.1f} MB)"]
+    lines += _section("missing parameter", missing)
+    lines += _section("parameter with the wrong shape", mismatched)
+    if extra:
+        lines.append(f"{len(extra)} extra entries (ignored), e.g. {_name(extra[0])}")
+    ok = bool(report.ok)
+    lines.append("OK: every parameter is present with the expected shape." if ok else "NOT usable.")
+    return ModelReport(path, ok, tuple(lines))
+
+
+def _section(what: str, items: list[Any]) -> list[str]:
+    if not items:
+        return []
+    lines = [f"{len(items)} {what}{'s' if len(items) != 1 else ''}:"]
+    lines += [f"  {_name(item)}" for item in items[:MAX_PROBLEM_LINES]]
+    if len(items) > MAX_PROBLEM_LINES:
+        lines.append(f"  ... and {len(items) - MAX_PROBLEM_LINES} more")
+    return lines
+
+
+def _name(item: Any) -> str:
+    if isinstance(item, tuple | list):
+        return " ".join(str(part) for part in item)
+    return str(item)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+async def fetch_model(
+    settings: Settings,
+    progress: bool = True,
+    *,
+    checkpoint_url: str = CHECKPOINT_URL,
+    vocab_url: str = VOCAB_URL,
+    vocab_sha256: str = VOCAB_SHA256,
+    config: Any = None,
+    retries: int = 3,
+) -> FetchResult:
+    """Download the vocabulary and the weights into `settings.model_dir` (skipping present files).
+
+    Each file is written to `<name>.part` and resumed with an HTTP Range request after a break; it
+    becomes `<name>` only once checked (vocabulary by sha256, checkpoint by parameter names and shapes).
+    """
+    checkpoint, vocab = settings.checkpoint_path, settings.resolved_vocab_path
+    downloaded: list[Path] = []
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(sock_connect=30, sock_read=120)
+    ) as session:
+        if not vocab.is_file() or sha256_file(vocab) != vocab_sha256:
+            await download(session, vocab_url, vocab, progress=progress, retries=retries)
+            _finish(vocab, _vocab_problem(vocab, vocab_sha256))
+            downloaded.append(vocab)
+        if not checkpoint.is_file():
+            await download(session, checkpoint_url, checkpoint, progress=progress, retries=retries)
+            part = _part(checkpoint)
+            report = await asyncio.to_thread(check_model, part, settings, config=config)
+            _finish(checkpoint, None if report.ok else f"the downloaded checkpoint is not usable:\n{report}")
+            downloaded.append(checkpoint)
+    return FetchResult(checkpoint, vocab, tuple(downloaded))
+
+
+def _part(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".part")
+
+
+def _vocab_problem(vocab: Path, expected: str) -> str | None:
+    actual = sha256_file(_part(vocab))
+    return None if actual == expected else f"the vocabulary's sha256 is {actual}, expected {expected}"
+
+
+def _finish(dest: Path, problem: str | None) -> None:
+    """Rename `<dest>.part` to `dest`, or delete it and raise when the check failed."""
+    part = _part(dest)
+    if problem:
+        part.unlink(missing_ok=True)
+        raise CheckpointError(f"Download of {dest.name} failed: {problem}. The file was deleted; try again.")
+    part.replace(dest)
+    logger.info("installed %s", dest)
+
+
+async def download(
+    session: aiohttp.ClientSession, url: str, dest: Path, *, progress: bool = True, retries: int = 3
+) -> Path:
+    """Fetch `url` into `<dest>.part`, resuming what is there; returns the `.part` path."""
+    part = _part(dest)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(retries + 1):
+        try:
+            await _download_once(session, url, part, progress)
+            return part
+        except DownloadInterrupted as exc:
+            if attempt == retries:
+                raise
+            logger.warning("%s; resuming (attempt %d of %d)", exc.message, attempt + 2, retries + 1)
+            await asyncio.sleep(min(2**attempt, 10) * 0.1)
+    return part
+
+
+async def _download_once(session: aiohttp.ClientSession, url: str, part: Path, progress: bool) -> None:
+    have = _size(part)
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    name = part.name.removesuffix(".part")
+    try:
+        async with session.get(url, headers=headers) as resp:
+            if resp.status == 416 and have:
+                total = _total_from_range(resp.headers.get("Content-Range", ""))
+                if total == have:
+                    return
+                _remove(part)
+                raise DownloadInterrupted(f"The partial download of {name} did not fit; starting over.")
+            if resp.status not in (200, 206):
+                raise EngineUnavailable(f"Download of {name} failed: HTTP {resp.status} from {_host(url)}.")
+            start = 0
+            if resp.status == 206:
+                match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+                start = int(match.group(1)) if match else -1
+                if start != have:
+                    raise EngineUnavailable(f"Download of {name}: the server resumed at the wrong place.")
+            expected = (resp.content_length + start) if resp.content_length is not None else None
+            await _write_body(resp, part, start, expected, name, progress)
+    except aiohttp.ClientConnectorError as exc:
+        raise EngineUnavailable(f"Cannot reach {_host(url)} to download {name}: {exc.os_error}.") from None
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, TimeoutError) as exc:
+        got = _size(part)
+        raise DownloadInterrupted(
+            f"The download of {name} stopped after {got:,} bytes ({type(exc).__name__}); "
+            "run `huahua model fetch` again to resume."
+        ) from None
+    except aiohttp.ClientError as exc:
+        raise EngineUnavailable(f"Download of {name} failed: {type(exc).__name__}.") from None
+
+
+async def _write_body(
+    resp: aiohttp.ClientResponse, part: Path, start: int, expected: int | None, name: str, progress: bool
+) -> None:
+    bar = _progress_bar(name, start, expected) if progress else None
+    written = start
+    try:
+        with part.open("r+b" if start else "wb") as handle:
+            handle.seek(start)
+            handle.truncate()
+            async for block in resp.content.iter_chunked(CHUNK_BYTES):
+                await asyncio.to_thread(handle.write, block)
+                written += len(block)
+                if bar is not None:
+                    bar.update(len(block))
+    finally:
+        if bar is not None:
+            bar.close()
+    if expected is not None and written != expected:
+        raise aiohttp.ClientPayloadError(f"got {written} of {expected} bytes")
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _progress_bar(name: str, start: int, total: int | None) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=name)
+
+
+def _total_from_range(value: str) -> int | None:
+    tail = value.rsplit("/", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _host(url: str) -> str:
+    """The host only: URLs may carry tokens in their query, which must not reach messages or logs."""
+    try:
+        return URL(url).host or "the server"
+    except (ValueError, TypeError):
+        return "the server"

@@ -1,0 +1,164 @@
+import hashlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from core.errors import CheckpointError, EngineUnavailable
+from core.model_files import DownloadInterrupted, check_model, download, fetch_model, sha256_file
+from core.settings import Settings
+
+VOCAB = Path(__file__).resolve().parents[2] / "shared/wukong/vocab_zh.txt"
+needs_vocab = pytest.mark.skipif(not VOCAB.is_file(), reason="shared vocab_zh.txt is not available")
+
+
+@dataclass
+class FileServer:
+    """A loopback download server with Range support that can cut a response short."""
+
+    files: dict[str, bytes]
+    drop_after: dict[str, int] = field(default_factory=dict)
+    honour_range: bool = True
+    ranges: list[str | None] = field(default_factory=list)
+    server: TestServer | None = None
+
+    def url(self, name: str) -> str:
+        assert self.server is not None
+        return str(self.server.make_url(f"/{name}"))
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if name not in self.files:
+            raise web.HTTPNotFound()
+        data = self.files[name]
+        header = request.headers.get("Range")
+        self.ranges.append(header)
+        start = 0
+        status = 200
+        headers = {}
+        if header and self.honour_range:
+            start = int(header.removeprefix("bytes=").removesuffix("-"))
+            if start >= len(data):
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        body = data[start:]
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = len(body)
+        await response.prepare(request)
+        cut = self.drop_after.pop(name, None)
+        if cut is not None:
+            await response.write(body[:cut])
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        await response.write(body)
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+async def files() -> AsyncIterator[FileServer]:
+    state = FileServer(files={})
+    app = web.Application()
+    app.router.add_get("/{name}", state.handle)
+    state.server = TestServer(app, host="127.0.0.1")
+    await state.server.start_server()
+    yield state
+    await state.server.close()
+
+
+PAYLOAD = bytes(range(256)) * 4000  # about 1 MB
+
+
+async def test_download_resumes_after_a_dropped_connection(files: FileServer, tmp_path: Path) -> None:
+    files.files["blob"] = PAYLOAD
+    files.drop_after["blob"] = 300_000
+    dest = tmp_path / "blob"
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(DownloadInterrupted, match="huahua model fetch"):
+            await download(session, files.url("blob"), dest, progress=False, retries=0)
+        part = dest.with_name("blob.part")
+        partial = part.stat().st_size
+        assert 0 < partial < len(PAYLOAD)
+        assert part.read_bytes() == PAYLOAD[:partial]
+        assert await download(session, files.url("blob"), dest, progress=False, retries=0) == part
+    assert part.read_bytes() == PAYLOAD
+    assert files.ranges == [None, f"bytes={partial}-"]
+
+
+async def test_download_retries_by_itself(files: FileServer, tmp_path: Path) -> None:
+    files.files["blob"] = PAYLOAD
+    files.drop_after["blob"] = 100_000
+    async with aiohttp.ClientSession() as session:
+        part = await download(session, files.url("blob"), tmp_path / "blob", progress=True, retries=2)
+    assert part.read_bytes() == PAYLOAD
+    assert files.ranges[0] is None and files.ranges[1] is not None and len(files.ranges) == 2
+
+
+async def test_server_without_range_support_restarts_from_zero(files: FileServer, tmp_path: Path) -> None:
+    files.files["blob"] = PAYLOAD
+    files.honour_range = False
+    (tmp_path / "blob.part").write_bytes(b"stale bytes that are not the start of the file")
+    async with aiohttp.ClientSession() as session:
+        part = await download(session, files.url("blob"), tmp_path / "blob", progress=False)
+    assert part.read_bytes() == PAYLOAD
+
+
+async def test_complete_part_file_is_not_downloaded_again(files: FileServer, tmp_path: Path) -> None:
+    files.files["blob"] = PAYLOAD
+    (tmp_path / "blob.part").write_bytes(PAYLOAD)
+    async with aiohttp.ClientSession() as session:
+        part = await download(session, files.url("blob"), tmp_path / "blob", progress=False)
+    assert part.read_bytes() == PAYLOAD
+    assert files.ranges == [f"bytes={len(PAYLOAD)}-"]
+
+
+async def test_missing_file_and_unreachable_server_are_friendly(files: FileServer, tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(EngineUnavailable, match="HTTP 404"):
+            await download(session, files.url("nope"), tmp_path / "nope", progress=False)
+        with pytest.raises(EngineUnavailable, match=r"Cannot reach 127\.0\.0\.1") as info:
+            await download(session, f"http://127.0.0.1:{closed_port}/x?token=s3cret", tmp_path / "x")
+    assert "s3cret" not in str(info.value)
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(model_dir=tmp_path / "models", _env_file=None)  # type: ignore[call-arg]
+
+
+@needs_vocab
+async def test_vocab_is_checked_by_sha256(files: FileServer, tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    files.files["vocab.txt"] = VOCAB.read_bytes()[:-10] + b"tampered\n"
+    with pytest.raises(CheckpointError, match="sha256"):
+        await fetch_model(settings, False, vocab_url=files.url("vocab.txt"), checkpoint_url=files.url("ck"))
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+@needs_vocab
+async def test_present_files_are_not_fetched_again(files: FileServer, tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    settings.model_dir.mkdir()
+    settings.resolved_vocab_path.write_bytes(VOCAB.read_bytes())
+    settings.checkpoint_path.write_bytes(b"already here")
+    result = await fetch_model(
+        settings, False, vocab_url=files.url("vocab.txt"), checkpoint_url=files.url("ck")
+    )
+    assert result.downloaded == ()
+    assert files.ranges == []
+    assert sha256_file(settings.resolved_vocab_path) == hashlib.sha256(VOCAB.read_bytes()).hexdigest()
+
+
+def test_check_model_on_a_missing_file(tmp_path: Path) -> None:
+    report = check_model(tmp_path / "absent.ckpt")
+    assert not report.ok
+    assert "no such file" in str(report)
