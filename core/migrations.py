@@ -8,6 +8,7 @@ with a StorageError instead of guessing.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -66,12 +67,13 @@ async def current_version(conn: aiosqlite.Connection) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
-async def migrate(conn: aiosqlite.Connection, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
+async def migrate(conn: aiosqlite.Connection, migrations: tuple[Migration, ...] | None = None) -> int:
     """Bring the schema up to the last migration; returns the version now in force.
 
     The connection must be in autocommit mode (`isolation_level=None`): this function opens and
-    commits (or rolls back) its own transaction.
+    commits (or rolls back) its own transaction. `migrations` defaults to `MIGRATIONS`.
     """
+    migrations = MIGRATIONS if migrations is None else migrations
     _check_order(migrations)
     version = await current_version(conn)
     target = latest_version(migrations)
@@ -93,10 +95,10 @@ async def migrate(conn: aiosqlite.Connection, migrations: tuple[Migration, ...] 
     script.append("COMMIT;")
     try:
         await conn.executescript("\n".join(script))
-    except Exception:
+    except sqlite3.Error as err:
         if conn.in_transaction:
             await conn.rollback()
-        raise
+        raise StorageError(f"Updating the database schema from version {version} failed ({err}).") from err
     logger.info("database schema migrated from version %d to %d", version, target)
     return target
 

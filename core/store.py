@@ -25,7 +25,7 @@ import aiosqlite
 
 from core.codec import job_from_json, job_to_json
 from core.errors import InvalidOption, NotFound, StorageError
-from core.migrations import migrate
+from core.migrations import Migration, migrate
 from core.types import Job, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -99,8 +99,10 @@ class SqliteStore(Store):
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, db_path: Path, images_dir: Path) -> SqliteStore:
-        """Create the directories, open the database and migrate its schema."""
+    async def open(
+        cls, db_path: Path, images_dir: Path, *, migrations: tuple[Migration, ...] | None = None
+    ) -> SqliteStore:
+        """Create the directories, open the database and migrate its schema (to `MIGRATIONS` by default)."""
         db_path = Path(db_path)
         images_dir = Path(images_dir)
         try:
@@ -114,7 +116,7 @@ class SqliteStore(Store):
             await conn.execute("PRAGMA foreign_keys=ON")
             await conn.execute("PRAGMA synchronous=NORMAL")
             await conn.execute("PRAGMA busy_timeout=5000")
-            await migrate(conn)
+            await migrate(conn, migrations)
         except sqlite3.DatabaseError as err:
             await conn.close()
             raise StorageError(f"The database file {db_path.name} is unreadable or corrupt ({err}).") from err

@@ -1,0 +1,98 @@
+"""Shared fixtures: a job factory and a real redis-server on a free loopback port."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.types import GenerationRequest, Job, JobKind
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+_job_ids = itertools.count(1)
+
+
+@pytest.fixture
+def make_job() -> Callable[..., Job]:
+    """Build a Job with unique id; keyword arguments override Job fields, `n`/`prompt` the request."""
+
+    def build(user: str = "web:alice", **overrides: Any) -> Job:
+        request = GenerationRequest(
+            prompt=overrides.pop("prompt", "一只猫"),
+            n=overrides.pop("n", 1),
+            seed=overrides.pop("seed", 7),
+        )
+        fields: dict[str, Any] = {
+            "id": f"job-{next(_job_ids)}",
+            "user": user,
+            "chat": "web:room1",
+            "kind": JobKind.IMAGINE,
+            "source_text": "a cat",
+            "request": request,
+            "created_at": 1_700_000_000.0,
+        }
+        fields.update(overrides)
+        return Job(**fields)
+
+    return build
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"redis-server exited early with code {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start in time")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a throwaway redis-server (no persistence) for the whole test session."""
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    directory = tmp_path_factory.mktemp("redis")
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            REDIS_SERVER,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--dir", str(directory),
+            "--save", "",
+            "--appendonly", "no",
+            "--protected-mode", "yes",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_for_port(port, process)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
