@@ -7,7 +7,6 @@ counts basic tokens instead, so prompt building can still keep within the budget
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import unicodedata
@@ -204,14 +203,28 @@ class BasicTokenCounter:
         return sum(1 for _ in basic_tokens(text))
 
 
-@functools.lru_cache(maxsize=8)
+_loaded: dict[Path, WordPieceTokenizer] = {}
+_warned: set[Path | None] = set()
+
+
 def load_tokenizer(path: Path | None) -> WordPieceTokenizer | BasicTokenCounter:
-    """The real tokenizer when `path` is a readable vocabulary, else the approximate counter (logged once)."""
+    """The real tokenizer when `path` is a readable vocabulary, else the approximate counter.
+
+    A loaded vocabulary is kept for the process; a missing one is retried on each call (it may be
+    fetched later) but the fallback is logged only once per path.
+    """
     if path is not None:
+        path = Path(path)
+        if path in _loaded:
+            return _loaded[path]
         try:
-            return WordPieceTokenizer.from_file(path)
+            tokenizer = _loaded[path] = WordPieceTokenizer.from_file(path)
+            return tokenizer
         except CheckpointError as err:
-            logger.warning("%s Counting basic tokens instead; token counts are approximate.", err.message)
+            reason = err.message
     else:
-        logger.warning("No vocabulary configured; token counts are approximate.")
+        reason = "No vocabulary is configured."
+    if path not in _warned:
+        _warned.add(path)
+        logger.warning("%s Counting basic tokens instead; token counts are approximate.", reason)
     return BasicTokenCounter()

@@ -153,6 +153,24 @@ def test_matches_huggingface_tokenizers(tok: WordPieceTokenizer, name: str) -> N
     assert tok.count(CASES[name]) == len(hf_ids) - 2
 
 
+FUZZ_POOL = (
+    "猫狗山水畫龍鳳的一 abcxyzABCQ0189 .,!?-_#@'\"()[]{}；，。！？、「」…—"
+    "éèñüÅçØßİ\u0301\u0308ＡＢｚ１２　\t\n\r\x00\x07\x0b\x85\u200b\u200d\u2028\ufffd\ue000"
+    "😂👍🔥🐶🇨🇳안녕こんにカナ\U00020000\U0002f800\uf900"
+)
+
+
+@needs_vocab
+def test_matches_huggingface_on_random_text(tok: WordPieceTokenizer) -> None:
+    tokenizers = pytest.importorskip("tokenizers", reason="HuggingFace tokenizers not installed")
+    hf = tokenizers.BertWordPieceTokenizer(str(VOCAB), lowercase=True, clean_text=True)
+    rng = np.random.default_rng(1234)
+    pool = list(FUZZ_POOL)
+    for _ in range(300):
+        text = "".join(rng.choice(pool, size=int(rng.integers(0, 40))))
+        assert tok.tokenize(text) == hf.encode(text, add_special_tokens=False).tokens, repr(text)
+
+
 def test_missing_vocab_is_checkpoint_error(tmp_path: Path) -> None:
     missing = tmp_path / "nope.txt"
     with pytest.raises(CheckpointError, match=r"nope\.txt"):
@@ -198,9 +216,18 @@ def test_load_tokenizer_falls_back_and_logs_once(tmp_path: Path, caplog: pytest.
     with caplog.at_level(logging.WARNING, logger="core.tokenizer"):
         first = load_tokenizer(missing)
         second = load_tokenizer(missing)
-    assert isinstance(first, BasicTokenCounter) and second is first
+    assert isinstance(first, BasicTokenCounter) and isinstance(second, BasicTokenCounter)
     assert len([r for r in caplog.records if "absent.txt" in r.getMessage()]) == 1
     assert isinstance(load_tokenizer(None), BasicTokenCounter)
+
+
+def test_load_tokenizer_picks_up_a_vocab_fetched_later(tmp_path: Path) -> None:
+    path = tmp_path / "later.txt"
+    assert isinstance(load_tokenizer(path), BasicTokenCounter)
+    path.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n猫\n", encoding="utf-8")
+    tok = load_tokenizer(path)
+    assert isinstance(tok, WordPieceTokenizer) and tok.tokenize("猫狗") == ["猫", "[UNK]"]
+    assert load_tokenizer(path) is tok
 
 
 @needs_vocab
