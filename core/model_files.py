@@ -37,8 +37,12 @@ class ModelReport:
     ok: bool
     lines: tuple[str, ...]
 
-    def __str__(self) -> str:
+    @property
+    def text(self) -> str:
         return "\n".join(self.lines)
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(frozen=True)

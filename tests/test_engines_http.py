@@ -1,0 +1,211 @@
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from core.engine import CancelToken
+from core.engines.http import HttpEngine, error_from_wire, request_from_wire, request_to_wire
+from core.engines.local import LocalEngine, tiny_engine
+from core.errors import (
+    BlockedPrompt,
+    EngineUnavailable,
+    HuahuaError,
+    InvalidOption,
+    JobCancelled,
+    QueueFull,
+)
+from core.settings import Settings
+from core.types import GenerationRequest
+from core.worker_server import create_app
+
+VOCAB = Path(__file__).resolve().parents[2] / "shared/wukong/vocab_zh.txt"
+needs_vocab = pytest.mark.skipif(not VOCAB.is_file(), reason="shared vocab_zh.txt is not available")
+SECRET = "another-s3cret"
+REQUEST = GenerationRequest(prompt="山水画", width=128, height=128, steps=3, seed=9, n=1)
+
+
+def _ignore(step: int, total: int) -> None:
+    pass
+
+
+def test_wire_round_trip_keeps_every_field() -> None:
+    request = GenerationRequest(
+        prompt="猫", negative_prompt="狗", width=64, height=96, steps=5, guidance_scale=3,
+        seed=2**40, n=3, sampler="ddim", init_image=b"\x89PNG\x00\xff", strength=0.4,
+    )  # fmt: skip
+    assert request_from_wire(json.loads(json.dumps(request_to_wire(request)))) == request
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        ("invalid_option", InvalidOption),
+        ("blocked", BlockedPrompt),
+        ("queue_full", QueueFull),
+        ("cancelled", JobCancelled),
+        ("engine_unavailable", EngineUnavailable),
+        ("something_new", EngineUnavailable),
+    ],
+)
+def test_error_codes_map_back_to_core_errors(code: str, cls: type[HuahuaError]) -> None:
+    error = error_from_wire({"type": "error", "code": code, "message": "Nope."})
+    assert type(error) is cls and error.message == "Nope."
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(  # type: ignore[call-arg]
+        engine="tiny", model_dir=tmp_path_factory.mktemp("m"), vocab_path=VOCAB, _env_file=None
+    )
+
+
+@pytest.fixture
+async def local(settings: Settings) -> AsyncIterator[LocalEngine]:
+    if not VOCAB.is_file():
+        pytest.skip("shared vocab_zh.txt is not available")
+    engine = tiny_engine(settings)
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture
+async def worker(local: LocalEngine) -> AsyncIterator[TestServer]:
+    server = TestServer(create_app(local, secret=SECRET), host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def remote(worker: TestServer) -> AsyncIterator[HttpEngine]:
+    engine = HttpEngine(str(worker.make_url("/")), secret=SECRET, timeout_s=60)
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+@needs_vocab
+async def test_remote_images_equal_local_ones(remote: HttpEngine, local: LocalEngine) -> None:
+    steps: list[tuple[int, int]] = []
+    [far] = await remote.generate(REQUEST, lambda s, t: steps.append((s, t)), CancelToken())
+    [near] = await local.generate(REQUEST, _ignore, CancelToken())
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert far == near
+    assert remote.label == "untrained test model"
+    health = await remote.health()
+    assert health["ready"] is True and health["engine"] == "http" and health["worker_engine"] == "tiny"
+
+
+@needs_vocab
+async def test_worker_errors_come_back_as_core_errors(remote: HttpEngine) -> None:
+    bad = GenerationRequest(prompt="猫", width=100, height=128, steps=3)
+    with pytest.raises(InvalidOption, match="multiples of 16"):
+        await remote.generate(bad, _ignore, CancelToken())
+
+
+@needs_vocab
+async def test_cancel_closes_the_stream_and_the_worker_stops(remote: HttpEngine, local: LocalEngine) -> None:
+    cancel = CancelToken()
+    total = 50
+
+    def on_progress(step: int, _total: int) -> None:
+        if step == 1:
+            cancel.cancel()
+
+    with pytest.raises(JobCancelled):
+        await remote.generate(
+            GenerationRequest(prompt="猫", width=128, height=128, steps=total), on_progress, cancel
+        )
+    for _ in range(200):
+        if local.stats.cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert local.stats.cancelled == 1 and local.stats.steps < total
+
+
+@needs_vocab
+async def test_wrong_secret_is_a_friendly_error(worker: TestServer) -> None:
+    engine = HttpEngine(str(worker.make_url("/")), secret="wrong", timeout_s=10)
+    with pytest.raises(EngineUnavailable, match="HUAHUA_WORKER_SECRET") as info:
+        await engine.generate(REQUEST, _ignore, CancelToken())
+    assert "wrong" not in str(info.value)
+    assert (await engine.health())["ready"] is False
+    await engine.close()
+
+
+async def test_unreachable_worker_is_engine_unavailable() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    engine = HttpEngine(f"http://127.0.0.1:{port}", timeout_s=5)
+    await engine.start()  # must not raise
+    assert (await engine.health())["ready"] is False
+    with pytest.raises(EngineUnavailable, match="cannot be reached"):
+        await engine.generate(REQUEST, _ignore, CancelToken())
+    await engine.close()
+
+
+async def _misbehaving_worker(lines: list[bytes], status: int = 200) -> TestServer:
+    """A fake remote worker that answers with the given raw lines (a remote service, so a fake is fine)."""
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=status)
+        await response.prepare(request)
+        for line in lines:
+            await response.write(line)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/generate", generate)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+@pytest.mark.parametrize(
+    ("lines", "status", "message"),
+    [
+        ([b'{"type":"progress","step":1,"total":2}\n'], 200, "stopped before"),
+        ([b"<html>oops</html>\n"], 200, "not JSON"),
+        ([b"[1,2]\n"], 200, "not a JSON object"),
+        ([b'{"type":"result","images":[{"png":"***"}]}\n'], 200, "malformed image"),
+        ([b"Bad gateway"], 502, "HTTP status 502"),
+        ([b'{"type":"error","code":"blocked","message":"Not that."}\n'], 200, "Not that."),
+    ],
+)
+async def test_misbehaving_worker_gives_friendly_errors(
+    lines: list[bytes], status: int, message: str
+) -> None:
+    server = await _misbehaving_worker(lines, status)
+    engine = HttpEngine(str(server.make_url("/")), timeout_s=5)
+    try:
+        with pytest.raises(HuahuaError, match=message):
+            await engine.generate(REQUEST, _ignore, CancelToken())
+    finally:
+        await engine.close()
+        await server.close()
+
+
+async def test_slow_worker_times_out() -> None:
+    async def generate(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/v1/generate", generate)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    engine = HttpEngine(str(server.make_url("/")), timeout_s=0.3)
+    try:
+        with pytest.raises(EngineUnavailable, match="too long"):
+            await engine.generate(REQUEST, _ignore, CancelToken())
+    finally:
+        await engine.close()
+        await server.close()

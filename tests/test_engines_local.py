@@ -1,0 +1,205 @@
+import io
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.engine import CancelToken
+from core.engines.factory import build_engine
+from core.engines.local import LocalEngine, initial_noise, resolve_dtype, tiny_engine, wukong_engine
+from core.errors import EngineUnavailable, InvalidOption, JobCancelled
+from core.images import png_to_array
+from core.settings import Settings
+from core.types import GenerationRequest
+
+VOCAB = Path(__file__).resolve().parents[2] / "shared/wukong/vocab_zh.txt"
+needs_vocab = pytest.mark.skipif(not VOCAB.is_file(), reason="shared vocab_zh.txt is not available")
+
+
+def _settings(tmp_path: Path, **values: object) -> Settings:
+    base: dict[str, object] = {"model_dir": tmp_path / "models", "vocab_path": VOCAB, "_env_file": None}
+    return Settings(**{**base, **values})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def tiny_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return _settings(tmp_path_factory.mktemp("tiny"), engine="tiny")
+
+
+@pytest.fixture
+async def tiny(tiny_settings: Settings) -> AsyncIterator[LocalEngine]:
+    if not VOCAB.is_file():
+        pytest.skip("shared vocab_zh.txt is not available")
+    engine = tiny_engine(tiny_settings)
+    await engine.start()
+    assert engine.ready, (await engine.health())["error"]
+    yield engine
+    await engine.close()
+
+
+def _request(**values: object) -> GenerationRequest:
+    base: dict[str, object] = {"prompt": "一只猫", "width": 128, "height": 128, "steps": 4, "seed": 7}
+    return GenerationRequest(**{**base, **values})  # type: ignore[arg-type]
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return png_to_array(png)[0]
+
+
+def _ignore(step: int, total: int) -> None:
+    pass
+
+
+def test_dtype_auto_follows_the_device() -> None:
+    assert resolve_dtype("CPU", "auto") == "float32"
+    assert resolve_dtype("GPU", "auto") == "float16"
+    assert resolve_dtype("Ascend", "auto") == "float16"
+    assert resolve_dtype("GPU", "float32") == "float32"
+
+
+def test_noise_per_seed_is_reproducible() -> None:
+    both = initial_noise([3, 4], (4, 2, 2))
+    assert np.array_equal(both[1], initial_noise([4], (4, 2, 2))[0])
+    assert not np.array_equal(both[0], both[1])
+
+
+def test_factory_picks_the_configured_engine(tmp_path: Path) -> None:
+    assert build_engine(_settings(tmp_path, engine="tiny")).name == "tiny"
+    assert build_engine(_settings(tmp_path, engine="wukong")).name == "wukong"
+    assert build_engine(_settings(tmp_path, engine="http")).name == "http"
+
+
+async def test_wukong_without_weights_starts_and_says_how_to_fetch(tmp_path: Path) -> None:
+    engine = wukong_engine(_settings(tmp_path, engine="wukong"))
+    await engine.start()
+    health = await engine.health()
+    assert health["ready"] is False
+    assert health["dtype"] == "float32" and health["device"] == "CPU"
+    with pytest.raises(EngineUnavailable, match="huahua model fetch"):
+        await engine.generate(_request(), _ignore, CancelToken())
+    await engine.close()
+
+
+async def test_wukong_with_a_corrupt_checkpoint_is_unavailable(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, engine="wukong")
+    settings.model_dir.mkdir()
+    settings.checkpoint_path.write_bytes(b"\x00garbage" * 100)
+    engine = wukong_engine(settings)
+    await engine.start()
+    with pytest.raises(EngineUnavailable, match="huahua model fetch"):
+        await engine.generate(_request(), _ignore, CancelToken())
+    await engine.close()
+
+
+@needs_vocab
+async def test_tiny_makes_pngs_quickly_with_progress_on_the_loop(tiny: LocalEngine) -> None:
+    steps: list[tuple[int, int]] = []
+    threads: set[int] = set()
+
+    def on_progress(step: int, total: int) -> None:
+        steps.append((step, total))
+        threads.add(threading.get_ident())
+
+    await tiny.generate(_request(steps=1), _ignore, CancelToken())  # warm up
+    started = time.perf_counter()
+    images = await tiny.generate(_request(), on_progress, CancelToken())
+    elapsed = time.perf_counter() - started
+    print(f"tiny 128x128, 4 steps: {elapsed:.2f} s")
+    assert elapsed < 6.0  # about 0.5 s alone; generous for a shared 2-core machine
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert threads == {threading.get_ident()}
+    [image] = images
+    assert (image.width, image.height, image.seed) == (128, 128, 7)
+    assert Image.open(io.BytesIO(image.png)).size == (128, 128)
+    assert tiny.label == "untrained test model"
+
+
+@needs_vocab
+async def test_seeds_are_reproducible_and_image_i_uses_seed_plus_i(tiny: LocalEngine) -> None:
+    pair = await tiny.generate(_request(n=2, seed=10), _ignore, CancelToken())
+    assert [i.seed for i in pair] == [10, 11]
+    again = await tiny.generate(_request(seed=10), _ignore, CancelToken())
+    alone = await tiny.generate(_request(seed=11), _ignore, CancelToken())
+    assert np.abs(_pixels(pair[0].png) - _pixels(again[0].png)).max() <= 2 / 127.5
+    assert np.abs(_pixels(pair[1].png) - _pixels(alone[0].png)).max() <= 2 / 127.5
+    assert np.abs(_pixels(pair[0].png) - _pixels(pair[1].png)).max() > 0.1
+
+
+@needs_vocab
+async def test_negative_prompt_changes_the_picture(tiny: LocalEngine) -> None:
+    plain = await tiny.generate(_request(), _ignore, CancelToken())
+    negative = await tiny.generate(_request(negative_prompt="模糊"), _ignore, CancelToken())
+    assert np.abs(_pixels(plain[0].png) - _pixels(negative[0].png)).max() > 0.01
+
+
+@needs_vocab
+async def test_image_to_image_and_upscale(tiny: LocalEngine) -> None:
+    [base] = await tiny.generate(_request(), _ignore, CancelToken())
+    steps: list[int] = []
+    light = await tiny.generate(
+        _request(init_image=base.png, strength=0.25, steps=8), lambda s, t: steps.append(t), CancelToken()
+    )
+    heavy = await tiny.generate(_request(init_image=base.png, strength=1.0, steps=8), _ignore, CancelToken())
+    base_px = _pixels(base.png)
+    assert np.abs(_pixels(light[0].png) - base_px).mean() < np.abs(_pixels(heavy[0].png) - base_px).mean()
+    assert steps and steps[0] < 8  # partial noising runs only the last part of the schedule
+    [big] = await tiny.generate(
+        _request(init_image=base.png, strength=0.3, width=256, height=256), _ignore, CancelToken()
+    )
+    assert (big.width, big.height) == (256, 256)
+    assert Image.open(io.BytesIO(big.png)).size == (256, 256)
+
+
+@needs_vocab
+async def test_cancel_stops_sampling_early(tiny: LocalEngine) -> None:
+    cancel = CancelToken()
+    seen: list[int] = []
+
+    def on_progress(step: int, total: int) -> None:
+        seen.append(step)
+        if step == 2:
+            cancel.cancel()
+
+    before = tiny.stats.steps
+    with pytest.raises(JobCancelled):
+        await tiny.generate(_request(steps=40), on_progress, cancel)
+    assert tiny.stats.steps - before < 40
+    assert tiny.stats.cancelled >= 1
+
+
+@needs_vocab
+async def test_waiting_requests_of_one_size_share_a_batch(tiny: LocalEngine) -> None:
+    a, b = _request(prompt="山水", seed=1), _request(prompt="花鸟", seed=2, n=2)
+    batches = tiny.stats.batches
+    together = await tiny.generate_many([a, b], _ignore, CancelToken())
+    assert tiny.stats.batches == batches + 1
+    assert [len(r) for r in together] == [1, 2]
+    [alone] = await tiny.generate(b, _ignore, CancelToken())
+    assert np.abs(_pixels(together[1][0].png) - _pixels(alone.png)).max() <= 2 / 127.5
+    different = await tiny.generate_many([a, _request(width=64, height=64)], _ignore, CancelToken())
+    assert tiny.stats.batches == batches + 4
+    assert different[1][0].width == 64
+
+
+@needs_vocab
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"width": 120}, "multiples of 16"),
+        ({"steps": 0}, "Steps"),
+        ({"steps": 10_000}, "Steps"),
+        ({"n": 0}, "images"),
+        ({"sampler": "euler"}, "sampler"),
+        ({"guidance_scale": float("nan")}, "Guidance"),
+        ({"width": 4096, "height": 4096}, "too large"),
+        ({"init_image": b"not a png", "strength": 0.5}, "image"),
+        ({"init_image": b"\x89PNG", "strength": 0.0}, "Strength"),
+    ],
+)
+async def test_bad_requests_are_invalid_option(tiny: LocalEngine, values: dict, message: str) -> None:
+    with pytest.raises(InvalidOption, match=message):
+        await tiny.generate(_request(**values), _ignore, CancelToken())
