@@ -124,6 +124,8 @@ def test_add_noise() -> None:
         add_noise(SCHEDULE, x0, eps, 1000)
     with pytest.raises(InvalidOption):
         add_noise(SCHEDULE, x0, eps[:1], 10)
+    with pytest.raises(InvalidOption):
+        add_noise(SCHEDULE, x0, eps, "10")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", SAMPLER_NAMES)

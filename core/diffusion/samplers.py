@@ -74,7 +74,7 @@ def make_timesteps(steps: int, strength: float = 1.0) -> np.ndarray:
 
 def add_noise(schedule: NoiseSchedule, x0: np.ndarray, noise: np.ndarray, t: int) -> np.ndarray:
     """The forward process q(x_t | x_0): sqrt(acp[t]) x0 + sqrt(1 - acp[t]) noise, as float32."""
-    if not 0 <= int(t) < schedule.num_train_steps:
+    if isinstance(t, bool) or not isinstance(t, int | np.integer) or not 0 <= t < schedule.num_train_steps:
         raise InvalidOption(f"The timestep must be between 0 and {schedule.num_train_steps - 1}, not {t}.")
     if np.shape(x0) != np.shape(noise):
         raise InvalidOption(f"Latents of shape {np.shape(x0)} and noise of shape {np.shape(noise)} differ.")
@@ -110,7 +110,7 @@ class _Walk:
             )
         if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating):
             raise InvalidOption("The latents must be a floating-point numpy array.")
-        self.x0 = x.astype(np.float32)
+        self.start = x.astype(np.float32)
         self.timesteps = [int(t) for t in ts]
         acp = schedule.alphas_cumprod
         self.alphas = [float(acp[t]) for t in self.timesteps]
@@ -129,7 +129,7 @@ class _Walk:
             raise EngineUnavailable(f"The model produced NaN or infinite values at step {step}.")
         return out
 
-    def before(self, i: int) -> None:
+    def before(self) -> None:
         if self.cancelled is not None and self.cancelled():
             raise JobCancelled()
 
@@ -139,9 +139,9 @@ class _Walk:
 
 
 def _ddim(walk: _Walk) -> np.ndarray:
-    x = walk.x0
+    x = walk.start
     for i, t in enumerate(walk.timesteps):
-        walk.before(i)
+        walk.before()
         x = _ddim_move(x, walk.eps(x, t, i + 1), walk.alphas[i], walk.alphas_next[i])
         walk.after(i)
     return x
@@ -158,11 +158,11 @@ def plms_combine(eps: np.ndarray, history: list[np.ndarray]) -> np.ndarray:
 
 
 def _plms(walk: _Walk) -> np.ndarray:
-    x = walk.x0
+    x = walk.start
     history: list[np.ndarray] = []
     last = walk.total - 1
     for i, t in enumerate(walk.timesteps):
-        walk.before(i)
+        walk.before()
         a_t, a_next = walk.alphas[i], walk.alphas_next[i]
         eps = walk.eps(x, t, i + 1)
         if not history:
@@ -180,11 +180,11 @@ def _plms(walk: _Walk) -> np.ndarray:
 
 def _dpmpp_2m(walk: _Walk) -> np.ndarray:
     """DPM-Solver++(2M), Lu et al. 2022: multistep, data prediction, steps in lambda = log(alpha/sigma)."""
-    x = walk.x0
+    x = walk.start
     prev_x0: np.ndarray | None = None
     prev_h = 0.0
     for i, t in enumerate(walk.timesteps):
-        walk.before(i)
+        walk.before()
         a_t, a_next = walk.alphas[i], walk.alphas_next[i]
         alpha_s, sigma_s = math.sqrt(a_t), math.sqrt(1.0 - a_t)
         alpha_t, sigma_t = math.sqrt(a_next), math.sqrt(1.0 - a_next)
