@@ -160,17 +160,9 @@ async def healthz(request: web.Request) -> web.Response:
             "ok": bool(health.get("ready", True)),
             "engine": service.engine.name,
             "label": service.engine.label,
-            "queue": await _queue_size(service),
+            "queue": await service.queue.size(),
         }
     )
-
-
-async def _queue_size(service: Huahua) -> int:
-    size = getattr(service.queue, "size", None)
-    if size is None:
-        return len(await service.queue.positions())
-    value = size()
-    return int(await value) if asyncio.iscoroutine(value) else int(value)
 
 
 async def post_message(request: web.Request) -> web.Response:
