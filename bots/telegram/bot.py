@@ -1,0 +1,361 @@
+"""The Telegram adapter: updates in, service calls, replies and job deliveries out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from telegram import BotCommand, Chat, Message, MessageEntity, Update
+from telegram.error import InvalidToken, NetworkError, TelegramError
+from telegram.ext import (
+    AIORateLimiter,
+    Application,
+    ApplicationBuilder,
+    CallbackQueryHandler,
+    ContextTypes,
+    filters,
+)
+from telegram.ext import MessageHandler as TgMessageHandler
+
+from bots.telegram import keyboards, messages
+from bots.telegram.delivery import Delivery, StatusRef, meta_for
+from core.errors import HuahuaError, InvalidOption, NotAllowed, ServiceUnavailable
+from core.service import Huahua, MessageContext, Reply
+from core.settings import Settings
+from core.types import Action, Job
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_COMMANDS = (
+    ("imagine", "Draw a picture: /imagine a cat under cherry blossoms --ar 3:2"),
+    ("settings", "Show or change this chat's settings"),
+    ("help", "How to use Huahua"),
+    ("start", "Say hello"),
+)
+COMMAND_DESCRIPTIONS = {
+    "story": "Start or continue a story",
+    "cast": "Describe the story's characters",
+    "illustrate": "Illustrate a story excerpt",
+}
+ADMIN_STATUSES = ("creator", "administrator")
+WORKING = "⏳ …"
+_COMMAND_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
+_SECRET = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A message the bot should answer: the text for the service and whether it asks for a picture."""
+
+    text: str
+    command: str
+
+
+class TelegramAdapter:
+    """Translates between python-telegram-bot and the Huahua service; holds no job state of its own."""
+
+    def __init__(self, service: Huahua, settings: Settings) -> None:
+        self.service = service
+        self.settings = settings
+        self.delivery = Delivery(service)
+
+    # incoming messages -------------------------------------------------------------------------
+
+    async def on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message, chat, sender = update.effective_message, update.effective_chat, update.effective_user
+        if message is None or chat is None or sender is None or sender.is_bot or not message.text:
+            return
+        incoming = self.incoming(message, chat, context.bot.username)
+        if incoming is None:
+            return
+        user, chat_key = f"tg:{sender.id}", f"tg:{chat.id}"
+        is_admin = await self._is_admin(context, chat, sender.id, incoming.command)
+        reply_to = message.reply_to_message
+        meta = meta_for(None, message.message_id)
+        if incoming.command == "imagine":
+            status = await message.reply_text(WORKING, do_quote=True)
+            meta = meta_for(status.message_id, message.message_id)
+            reply = await self.service.handle_message(
+                chat_key, user, incoming.text, MessageContext(is_admin=is_admin, meta=meta)
+            )
+            if reply.job is not None:
+                await self.delivery.track(
+                    reply.job, StatusRef(chat.id, status.message_id, message.message_id)
+                )
+            else:
+                await status.edit_text(
+                    messages.truncate("\n".join(reply.texts) or "🤷", messages.MESSAGE_LIMIT)
+                )
+            await self._send_attachments(message, reply)
+            return
+        context_ = MessageContext(
+            is_admin=is_admin,
+            reply_to_text=(reply_to.text or reply_to.caption) if reply_to else None,
+            meta=meta,
+        )
+        async with self.delivery.creating(chat.id):
+            reply = await self.service.handle_message(chat_key, user, incoming.text, context_)
+            await self._answer(message, reply)
+
+    def incoming(self, message: Message, chat: Chat, username: str) -> Incoming | None:
+        """What to pass to the service; None ignores it (group chatter, other bots' commands)."""
+        text = message.text or ""
+        stripped = text.strip()
+        if stripped.startswith("/"):
+            head, _, rest = stripped[1:].partition(" ")
+            name, _, target = head.partition("@")
+            if target and target.lower() != username.lower():
+                return None
+            return Incoming(f"/{name} {rest}".strip(), name.lower())
+        if chat.type == Chat.PRIVATE:
+            if "" in self.service._handlers:
+                return Incoming(stripped, "")
+            return Incoming(f"/imagine {stripped}", "imagine")
+        mentioned = _without_mention(message, username)
+        if mentioned is not None:
+            return Incoming(f"/imagine {mentioned}".strip(), "imagine")
+        if "" in self.service._handlers:
+            return Incoming(stripped, "")
+        return None
+
+    async def _is_admin(
+        self, context: ContextTypes.DEFAULT_TYPE, chat: Chat, user_id: int, command: str
+    ) -> bool:
+        if chat.type == Chat.PRIVATE:
+            return True
+        if command in ("imagine", "start", "help", ""):
+            return False
+        try:
+            member = await context.bot.get_chat_member(chat.id, user_id)
+        except TelegramError as err:
+            logger.warning("getChatMember failed in chat %s: %s", chat.id, type(err).__name__)
+            return False
+        return member.status in ADMIN_STATUSES
+
+    async def _answer(self, message: Message, reply: Reply) -> None:
+        texts = list(reply.texts)
+        if reply.job is not None:
+            first = texts.pop() if texts else WORKING
+            for text in texts:
+                for chunk in messages.split(text):
+                    await message.reply_text(chunk, do_quote=True)
+            status = await message.reply_text(
+                messages.truncate(first, messages.MESSAGE_LIMIT),
+                do_quote=True,
+                reply_markup=keyboards.cancel_keyboard(reply.job.id),
+            )
+            await self.delivery.track(
+                reply.job, StatusRef(message.chat_id, status.message_id, message.message_id)
+            )
+        else:
+            for text in texts:
+                for chunk in messages.split(text):
+                    await message.reply_text(chunk, do_quote=True)
+        await self._send_attachments(message, reply)
+
+    async def _send_attachments(self, message: Message, reply: Reply) -> None:
+        for name, data in reply.attachments:
+            await message.reply_document(data, filename=name, do_quote=True)
+
+    # buttons -----------------------------------------------------------------------------------
+
+    async def on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        query = update.callback_query
+        if query is None:
+            return
+        press = keyboards.decode(query.data)
+        if press is None:
+            await query.answer("That button no longer works.")
+            return
+        user = f"tg:{query.from_user.id}"
+        message = query.message if isinstance(query.message, Message) else None
+        try:
+            if press.action == Action.CANCEL:
+                await self._cancel(context, query.message.chat if query.message else None, press.job_id, user)
+                await query.answer("Cancelling…")
+                return
+            if message is None:
+                raise InvalidOption("That message is too old for its buttons; ask again with /imagine.")
+            async with self.delivery.creating(message.chat_id):
+                job = await self.service.act(press.job_id, press.action, press.index, user)
+                await query.answer(_ACK[press.action])
+                await self._status_for_button(message, job)
+        except HuahuaError as err:
+            await query.answer(messages.truncate(err.message, 200), show_alert=True)
+
+    async def _cancel(
+        self, context: ContextTypes.DEFAULT_TYPE, chat: Chat | None, job_id: str, user: str
+    ) -> None:
+        try:
+            await self.service.cancel(job_id, user)
+        except NotAllowed:
+            if chat is None or chat.type == Chat.PRIVATE:
+                raise
+            if not await self._is_admin(context, chat, int(user[3:]), "cancel"):
+                raise
+            await self.service.cancel(job_id, user, is_admin=True)
+
+    async def _status_for_button(self, message: Message, job: Job) -> None:
+        position = await self.service.position(job.id)
+        status = await message.reply_text(
+            messages.truncate(self.service.queued_text(job, position), messages.MESSAGE_LIMIT),
+            do_quote=True,
+            reply_markup=keyboards.cancel_keyboard(job.id),
+        )
+        await self.delivery.track(job, StatusRef(message.chat_id, status.message_id, message.message_id))
+
+    async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        err = context.error
+        network = _is_network(err)
+        logger.error("telegram handler failed: %s", type(err).__name__, exc_info=None if network else err)
+
+    # commands menu -----------------------------------------------------------------------------
+
+    def commands(self) -> list[BotCommand]:
+        """The /command menu: the built-in commands and the registered command families."""
+        menu = [BotCommand(name, description) for name, description in BUILTIN_COMMANDS]
+        for name in sorted(self.service._handlers):
+            if _COMMAND_NAME.match(name) and name not in dict(BUILTIN_COMMANDS):
+                menu.append(BotCommand(name, COMMAND_DESCRIPTIONS.get(name, f"/{name}")))
+        return menu
+
+
+_ACK = {
+    Action.REROLL: "Rerolling…",
+    Action.VARIATION: "Making a variation…",
+    Action.UPSCALE: "Upscaling…",
+    Action.CANCEL: "Cancelling…",
+}
+
+
+def _is_network(err: object) -> bool:
+    return isinstance(err, NetworkError)
+
+
+def _without_mention(message: Message, username: str) -> str | None:
+    """The text with the bot's @mention removed, or None when the bot is not mentioned."""
+    text = message.text or ""
+    target = f"@{username}".lower()
+    for entity in message.entities:
+        if entity.type != MessageEntity.MENTION:
+            continue
+        found = message.parse_entity(entity)
+        if found.lower() == target:
+            start = entity.offset
+            utf16 = text.encode("utf-16-le")
+            before = utf16[: start * 2].decode("utf-16-le")
+            after = utf16[(start + entity.length) * 2 :].decode("utf-16-le")
+            return f"{before} {after}".strip()
+    return None
+
+
+def build_application(service: Huahua, settings: Settings) -> Application:  # type: ignore[type-arg]
+    """A python-telegram-bot Application wired to the service; it does no I/O until started."""
+    if settings.telegram_token is None or not settings.telegram_token.get_secret_value().strip():
+        raise InvalidOption("Set HUAHUA_TELEGRAM_TOKEN to the token @BotFather gave you.")
+    root = settings.telegram_base_url.rstrip("/")
+    adapter = TelegramAdapter(service, settings)
+    app = (
+        ApplicationBuilder()
+        .token(settings.telegram_token.get_secret_value().strip())
+        .base_url(f"{root}/bot")
+        .base_file_url(f"{root}/file/bot")
+        .rate_limiter(AIORateLimiter(max_retries=2))
+        .concurrent_updates(True)
+        .build()
+    )
+    app.bot_data["adapter"] = adapter
+    app.add_handler(TgMessageHandler(filters.TEXT & ~filters.UPDATE.EDITED, adapter.on_message))
+    app.add_handler(CallbackQueryHandler(adapter.on_button))
+    app.add_error_handler(adapter.on_error)
+    service.listen("tg:", adapter.delivery.on_event)
+    return app
+
+
+def adapter_of(app: Application) -> TelegramAdapter:  # type: ignore[type-arg]
+    adapter = app.bot_data["adapter"]
+    assert isinstance(adapter, TelegramAdapter)
+    return adapter
+
+
+async def start_application(
+    app: Application,  # type: ignore[type-arg]
+    settings: Settings,
+    *,
+    webhook_listen: str = "0.0.0.0",
+    poll_timeout: int = 10,
+) -> None:
+    """Connect (getMe), publish the command menu, start delivering, then poll or serve the webhook."""
+    adapter = adapter_of(app)
+    secret = webhook_secret(settings) if settings.telegram_webhook_url else None
+    try:
+        await app.initialize()
+    except InvalidToken:
+        await app.bot.shutdown()
+        raise ServiceUnavailable("Telegram rejected the bot token: check HUAHUA_TELEGRAM_TOKEN.") from None
+    except NetworkError:
+        await app.bot.shutdown()
+        raise ServiceUnavailable(
+            f"I can't reach the Telegram Bot API at {settings.telegram_base_url}; is the network up?"
+        ) from None
+    await app.bot.set_my_commands(adapter.commands())
+    adapter.delivery.attach(app.bot)
+    await app.start()
+    assert app.updater is not None
+    if settings.telegram_webhook_url:
+        url_path = urlsplit(settings.telegram_webhook_url).path.lstrip("/")
+        await app.updater.start_webhook(
+            listen=webhook_listen,
+            port=settings.telegram_webhook_port,
+            url_path=url_path,
+            webhook_url=settings.telegram_webhook_url,
+            secret_token=secret,
+            allowed_updates=[Update.MESSAGE, Update.CALLBACK_QUERY],
+        )
+        logger.info("telegram webhook listening on port %d", settings.telegram_webhook_port)
+    else:
+        await app.updater.start_polling(
+            poll_interval=0.0, timeout=poll_timeout, allowed_updates=[Update.MESSAGE, Update.CALLBACK_QUERY]
+        )
+        logger.info("telegram long polling as @%s", app.bot.username)
+
+
+def webhook_secret(settings: Settings) -> str:
+    """The configured secret_token, or a random one for this run; Telegram allows A-Z a-z 0-9 _ -."""
+    if settings.telegram_webhook_secret is None:
+        return secrets.token_urlsafe(32)
+    secret = settings.telegram_webhook_secret.get_secret_value()
+    if not _SECRET.match(secret):
+        raise InvalidOption(
+            "HUAHUA_TELEGRAM_WEBHOOK_SECRET must be 1-256 characters of A-Z, a-z, 0-9, _ and -."
+        )
+    return secret
+
+
+async def stop_application(app: Application) -> None:  # type: ignore[type-arg]
+    """Stop receiving updates, stop delivering and close the connection pool."""
+    adapter_of(app).delivery.close()
+    if app.updater is not None and app.updater.running:
+        await app.updater.stop()
+    if app.running:
+        await app.stop()
+    await app.shutdown()
+
+
+async def run_telegram(service: Huahua, settings: Settings) -> None:
+    """Run the bot until cancelled.
+
+    The delivery listener is registered before the first await: call this right after `service.start()`
+    (or before it) so that recovered jobs' results reach their chats.
+    """
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    app = build_application(service, settings)
+    await start_application(app, settings)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await stop_application(app)

@@ -1,0 +1,281 @@
+"""Job events to Telegram: throttled status-message edits and the finished picture with its buttons.
+
+Where a job's status message and reply target live: in memory for jobs this process started, and in the
+job's `meta` ("tg_status", "tg_reply_to", "tg_job") so delivery works after a restart. Meta copied from a
+parent job (variations, upscales) is ignored unless "tg_job" names this job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from telegram import Bot, InlineKeyboardMarkup, ReplyParameters
+from telegram.error import BadRequest, TelegramError
+
+from bots.telegram import keyboards, messages
+from core import images, presenter
+from core.errors import HuahuaError
+from core.service import Huahua
+from core.types import EventType, Job, JobEvent
+
+logger = logging.getLogger(__name__)
+
+META_STATUS = "tg_status"
+META_REPLY = "tg_reply_to"
+META_JOB = "tg_job"
+PLATFORM = "tg:"
+READY_TIMEOUT_S = 30.0
+CREATION_WAIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class StatusRef:
+    """Where a job's updates go: the chat, its status message (if any) and the message to reply to."""
+
+    chat_id: int
+    status_id: int | None = None
+    reply_to: int | None = None
+
+
+def chat_id_of(chat: str) -> int | None:
+    """ "tg:-100123" -> -100123; None for chats of other platforms or malformed ids."""
+    if not chat.startswith(PLATFORM):
+        return None
+    try:
+        return int(chat[len(PLATFORM) :])
+    except ValueError:
+        return None
+
+
+def meta_for(status_id: int | None, reply_to: int | None, job_id: str | None = None) -> dict[str, str]:
+    meta = {}
+    if status_id is not None:
+        meta[META_STATUS] = str(status_id)
+    if reply_to is not None:
+        meta[META_REPLY] = str(reply_to)
+    if job_id is not None:
+        meta[META_JOB] = job_id
+    return meta
+
+
+def ref_from_meta(job: Job) -> StatusRef | None:
+    """The job's own Telegram ids from its meta, or None when the meta is missing or a parent's."""
+    chat_id = chat_id_of(job.chat)
+    if chat_id is None:
+        return None
+    owner = job.meta.get(META_JOB)
+    if owner != job.id and not (owner is None and job.parent_id is None):
+        return None
+    if META_STATUS not in job.meta and META_REPLY not in job.meta:
+        return None
+    return StatusRef(chat_id, _int(job.meta.get(META_STATUS)), _int(job.meta.get(META_REPLY)))
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class Delivery:
+    """The service listener for "tg:" chats. One edit per chat per `min_edit_interval` seconds."""
+
+    def __init__(self, service: Huahua, *, min_edit_interval: float = 1.0) -> None:
+        self.service = service
+        self.min_edit_interval = min_edit_interval
+        self._bot: Bot | None = None
+        self._ready = asyncio.Event()
+        self._closed = False
+        self._refs: dict[str, StatusRef] = {}
+        self._latest: dict[str, tuple[Job, JobEvent]] = {}
+        self._flushing: dict[str, asyncio.Task[None]] = {}
+        self._last_edit: dict[int, float] = {}
+        self._locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._creating: dict[int, int] = defaultdict(int)
+        self._created = asyncio.Condition()
+
+    # lifecycle ---------------------------------------------------------------------------------
+
+    def attach(self, bot: Bot) -> None:
+        """Start delivering through `bot` (after the application is initialised)."""
+        self._bot = bot
+        self._closed = False
+        self._ready.set()
+
+    def close(self) -> None:
+        """Stop delivering: later events are dropped, pending throttled edits are cancelled."""
+        self._closed = True
+        self._ready.set()
+        for task in self._flushing.values():
+            task.cancel()
+        self._flushing.clear()
+
+    # jobs started by the handlers -------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def creating(self, chat_id: int) -> AsyncIterator[None]:
+        """Wrap the creation of a job whose status message is not yet known; events wait for it."""
+        self._creating[chat_id] += 1
+        try:
+            yield
+        finally:
+            self._creating[chat_id] -= 1
+            async with self._created:
+                self._created.notify_all()
+
+    async def track(self, job: Job, ref: StatusRef) -> None:
+        """Remember a job's status message, here and in its meta (for restarts)."""
+        self._refs[job.id] = ref
+        async with self._created:
+            self._created.notify_all()
+        if ref_from_meta(job) != ref:
+            try:
+                await self.service.update_meta(job.id, meta_for(ref.status_id, ref.reply_to, job.id))
+            except HuahuaError as err:
+                logger.warning("could not keep Telegram ids on job %s: %s", job.id, err.message)
+
+    # the listener ------------------------------------------------------------------------------
+
+    async def on_event(self, job: Job, event: JobEvent) -> None:
+        if not self._ready.is_set():
+            try:
+                await asyncio.wait_for(self._ready.wait(), READY_TIMEOUT_S)
+            except TimeoutError:
+                logger.warning("telegram bot not started: dropped %s event of job %s", event.type, job.id)
+                return
+        if self._closed or self._bot is None:
+            return
+        ref = await self._ref(job)
+        if ref is None:
+            return
+        async with self._locks[ref.chat_id]:
+            try:
+                if event.type.final:
+                    await self._finish(self._bot, job, event, ref)
+                else:
+                    await self._progress(self._bot, job, event, ref)
+            except TelegramError as err:
+                logger.warning("telegram delivery of job %s failed: %s", job.id, type(err).__name__)
+
+    async def _ref(self, job: Job) -> StatusRef | None:
+        chat_id = chat_id_of(job.chat)
+        if chat_id is None:
+            return None
+        if job.id not in self._refs and self._creating[chat_id] > 0:
+            with contextlib.suppress(TimeoutError):
+                async with self._created:
+                    await asyncio.wait_for(
+                        self._created.wait_for(lambda: job.id in self._refs or self._creating[chat_id] == 0),
+                        CREATION_WAIT_S,
+                    )
+        if job.id in self._refs:
+            return self._refs[job.id]
+        ref = ref_from_meta(job)
+        if ref is None:
+            with contextlib.suppress(HuahuaError):
+                ref = ref_from_meta(await self.service.get_job(job.id))
+        return ref or StatusRef(chat_id)
+
+    async def _progress(self, bot: Bot, job: Job, event: JobEvent, ref: StatusRef) -> None:
+        if ref.status_id is None:
+            return
+        self._latest[job.id] = (job, event)
+        if job.id in self._flushing:
+            return
+        wait = self._edit_wait(ref.chat_id)
+        if wait > 0:
+            self._flushing[job.id] = asyncio.create_task(self._flush_later(job.id, ref.chat_id, wait))
+            return
+        await self._edit_latest(bot, job.id)
+
+    async def _flush_later(self, job_id: str, chat_id: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        async with self._locks[chat_id]:
+            self._flushing.pop(job_id, None)
+            if self._bot is None or self._closed or job_id not in self._latest:
+                return
+            try:
+                await self._edit_latest(self._bot, job_id)
+            except TelegramError as err:
+                logger.warning("status edit of job %s failed: %s", job_id, type(err).__name__)
+
+    async def _edit_latest(self, bot: Bot, job_id: str) -> None:
+        job, event = self._latest[job_id]
+        ref = self._refs.get(job_id) or ref_from_meta(job)
+        if ref is None or ref.status_id is None:
+            return
+        await self._edit(
+            bot, job_id, ref, messages.status_text(job, event), keyboards.cancel_keyboard(job_id)
+        )
+
+    def _edit_wait(self, chat_id: int) -> float:
+        last = self._last_edit.get(chat_id)
+        if last is None:
+            return 0.0
+        return max(0.0, last + self.min_edit_interval - time.monotonic())
+
+    async def _edit(
+        self, bot: Bot, job_id: str, ref: StatusRef, text: str, markup: InlineKeyboardMarkup | None
+    ) -> None:
+        assert ref.status_id is not None
+        self._last_edit[ref.chat_id] = time.monotonic()
+        try:
+            await bot.edit_message_text(
+                text, chat_id=ref.chat_id, message_id=ref.status_id, reply_markup=markup
+            )
+        except BadRequest as err:
+            if "not modified" in err.message.lower():
+                return
+            logger.info("status message of job %s is gone (%s); no more edits", job_id, err.message)
+            self._refs[job_id] = replace(ref, status_id=None)
+
+    async def _finish(self, bot: Bot, job: Job, event: JobEvent, ref: StatusRef) -> None:
+        self._latest.pop(job.id, None)
+        pending = self._flushing.pop(job.id, None)
+        if pending is not None:
+            pending.cancel()
+        text = messages.status_text(job, event)
+        if ref.status_id is not None:
+            await asyncio.sleep(self._edit_wait(ref.chat_id))
+            await self._edit(bot, job.id, ref, text, None)
+        elif event.type != EventType.DONE:
+            await bot.send_message(ref.chat_id, text, reply_parameters=_reply(ref.reply_to))
+        if event.type == EventType.DONE:
+            await self._send_result(bot, job, ref)
+        self._refs.pop(job.id, None)
+
+    async def _send_result(self, bot: Bot, job: Job, ref: StatusRef) -> None:
+        if not job.images:
+            job = await self.service.get_job(job.id)
+        if not job.images:
+            await bot.send_message(
+                ref.chat_id, "The job finished without a picture.", reply_parameters=_reply(ref.reply_to)
+            )
+            return
+        pngs = [await self.service.image(digest) for digest in job.images]
+        picture = pngs[0] if len(pngs) == 1 else images.grid(pngs)
+        width, height = images.png_size(picture)
+        caption = messages.truncate(presenter.describe(job), messages.CAPTION_LIMIT)
+        common = {
+            "caption": caption,
+            "reply_markup": keyboards.result_keyboard(job.id, len(pngs)),
+            "reply_parameters": _reply(ref.reply_to),
+            "filename": f"huahua-{job.id}.png",
+        }
+        if messages.fits_as_photo(len(picture), width, height):
+            await bot.send_photo(ref.chat_id, picture, **common)  # type: ignore[arg-type]
+        else:
+            await bot.send_document(ref.chat_id, picture, **common)  # type: ignore[arg-type]
+
+
+def _reply(message_id: int | None) -> ReplyParameters | None:
+    if message_id is None:
+        return None
+    return ReplyParameters(message_id=message_id, allow_sending_without_reply=True)

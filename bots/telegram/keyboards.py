@@ -1,0 +1,72 @@
+"""Inline keyboards and their callback data: "hh:<action>:<index>:<job id>", stateless and <= 64 bytes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from telegram import InlineKeyboardButton, InlineKeyboardMarkup
+
+from core.types import Action
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "hh"
+MAX_CALLBACK_BYTES = 64
+_CODES = {Action.REROLL: "r", Action.VARIATION: "v", Action.UPSCALE: "u", Action.CANCEL: "c"}
+_ACTIONS = {code: action for action, code in _CODES.items()}
+
+
+@dataclass(frozen=True)
+class ButtonPress:
+    """What a pressed button asks for; everything needed is in the callback data, nothing in memory."""
+
+    action: Action
+    index: int
+    job_id: str
+
+
+def encode(action: Action, index: int, job_id: str) -> str:
+    data = f"{PREFIX}:{_CODES[action]}:{index}:{job_id}"
+    if len(data.encode()) > MAX_CALLBACK_BYTES:
+        raise ValueError(f"callback data over {MAX_CALLBACK_BYTES} bytes for job {job_id!r}")
+    return data
+
+
+def decode(data: object) -> ButtonPress | None:
+    """Parse callback data; None for anything that is not one of our buttons."""
+    if not isinstance(data, str) or len(data.encode()) > MAX_CALLBACK_BYTES:
+        return None
+    parts = data.split(":")
+    if len(parts) != 4 or parts[0] != PREFIX or parts[1] not in _ACTIONS:
+        return None
+    _, code, index, job_id = parts
+    if not index.isdigit() or not job_id or not job_id.isalnum():
+        return None
+    return ButtonPress(_ACTIONS[code], int(index), job_id)
+
+
+def cancel_keyboard(job_id: str) -> InlineKeyboardMarkup:
+    """The ❌ button on a running job's status message."""
+    return InlineKeyboardMarkup(
+        [[InlineKeyboardButton("❌ Cancel", callback_data=encode(Action.CANCEL, 0, job_id))]]
+    )
+
+
+def result_keyboard(job_id: str, count: int) -> InlineKeyboardMarkup:
+    """🔄 reroll, then V1..Vn and U1..Un for the n pictures of a finished job."""
+    rows = [[InlineKeyboardButton("🔄", callback_data=encode(Action.REROLL, 0, job_id))]]
+    if count > 0:
+        rows.append(
+            [
+                InlineKeyboardButton(f"V{i + 1}", callback_data=encode(Action.VARIATION, i, job_id))
+                for i in range(count)
+            ]
+        )
+        rows.append(
+            [
+                InlineKeyboardButton(f"U{i + 1}", callback_data=encode(Action.UPSCALE, i, job_id))
+                for i in range(count)
+            ]
+        )
+    return InlineKeyboardMarkup(rows)
