@@ -140,10 +140,9 @@ class MemoryQueue(JobQueue):
             self._lanes.setdefault(job.user, deque()).append(job)
             self._waiting[job.id] = job.user
             self._pending[job.user] += 1
-            await self._notify()
-        position = await self.position(job.id)
-        assert position is not None
-        return position
+        position = await self.position(job.id)  # before waking getters, who may take the job
+        await self._notify()
+        return position or 1
 
     async def get(self) -> Job:
         async with self._changed:
