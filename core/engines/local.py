@@ -158,12 +158,14 @@ class LocalEngine(Engine):
         return self._pipe is not None
 
     @property
-    def latent_factor(self) -> int:
-        """Pixels per latent cell (8 for the official VAE)."""
-        factor = getattr(self._pipe, "latent_factor", None) or getattr(
-            getattr(self._pipe, "config", None), "latent_factor", None
-        )
-        return int(factor) if factor else 8
+    def config(self) -> Any:
+        """The pipeline's WukongConfig (None until loaded)."""
+        return getattr(self._pipe, "config", None)
+
+    @property
+    def image_multiple(self) -> int:
+        """Image sides must be multiples of this (64 for the official model)."""
+        return int(getattr(self.config, "image_multiple", 64))
 
     async def health(self) -> dict[str, Any]:
         return {
@@ -185,7 +187,7 @@ class LocalEngine(Engine):
     ) -> list[GeneratedImage]:
         await self._ensure_ready()
         validate_request(
-            request, max_steps=self.max_steps, max_area=self.max_area, multiple=self.latent_factor
+            request, max_steps=self.max_steps, max_area=self.max_area, multiple=self.image_multiple
         )
         if cancel.cancelled:
             raise JobCancelled()
@@ -293,13 +295,14 @@ class LocalEngine(Engine):
         pipe = self._pipe
         first = requests[0]
         width, height = first.width, first.height
-        factor = self.latent_factor
+        config = self.config
+        factor = config.latent_scale
         seeds = [r.seed + i for r in requests for i in range(r.n)]
         prompts = [r.prompt for r in requests for _ in range(r.n)]
         negatives = [r.negative_prompt for r in requests for _ in range(r.n)]
         cond = pipe.encode_tokens(pipe.tokenize(prompts))
         uncond = pipe.encode_tokens(pipe.tokenize(negatives))
-        x_T = initial_noise(seeds, (4, height // factor, width // factor))
+        x_T = initial_noise(seeds, (config.latent_channels, height // factor, width // factor))
         init_latents = None
         strength = 1.0
         if first.init_image is not None:
@@ -395,7 +398,9 @@ def tiny_engine(settings: Settings, *, seed: int = 0) -> LocalEngine:
                 f"The tokenizer vocabulary is not installed ({vocab}); download it with `{FETCH_COMMAND}`."
             )
         diffusion = _import_diffusion()
-        return diffusion.WukongPipeline.random(diffusion.WukongConfig.tiny(), vocab, seed=seed)
+        return diffusion.WukongPipeline.random(
+            diffusion.WukongConfig.tiny(), vocab, seed=seed, device=device, dtype=dtype
+        )
 
     return LocalEngine(
         load,
