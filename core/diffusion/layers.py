@@ -1,0 +1,121 @@
+"""Building blocks shared by the text encoder, the UNet and the VAE (MindSpore classic nn/ops API)."""
+
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+_bmm = ops.BatchMatMul()
+_bmm_t = ops.BatchMatMul(transpose_b=True)
+_ATTENTION_CHUNK_BYTES = 256 * 1024 * 1024
+"""Largest (chunk, n, m) float32 score block built at once; bounds attention memory at 512x512."""
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm that always normalises in float32 and returns the input dtype (params gamma/beta)."""
+
+    def __init__(self, groups: int, channels: int, eps: float) -> None:
+        super().__init__(num_groups=groups, num_channels=channels, eps=eps, affine=True)
+
+    def construct(self, x: Tensor) -> Tensor:
+        if x.dtype == ms.float32:
+            return super().construct(x)
+        return super().construct(x.astype(ms.float32)).astype(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm over the last axis, in float32 (params gamma/beta)."""
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__((width,), epsilon=eps)
+
+    def construct(self, x: Tensor) -> Tensor:
+        if x.dtype == ms.float32:
+            return super().construct(x)
+        return super().construct(x.astype(ms.float32)).astype(x.dtype)
+
+
+def conv2d(
+    c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int | tuple[int, ...] = 0
+) -> nn.Conv2d:
+    """A biased 2-D convolution with explicit padding."""
+    mode = "pad" if padding else "valid"
+    return nn.Conv2d(c_in, c_out, kernel, stride=stride, pad_mode=mode, padding=padding, has_bias=True)
+
+
+class WrappedConv(nn.Cell):
+    """A convolution one name level down (`<name>.conv.weight`), as the official UNet stores it."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv = conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class SiLU(nn.Cell):
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.silu(x)
+
+
+class Identity(nn.Cell):
+    """Holds a slot without parameters (the official layout's dropout) so indices match."""
+
+    def construct(self, x: Tensor) -> Tensor:
+        return x
+
+
+def upsample_nearest(x: Tensor) -> Tensor:
+    """Double height and width by nearest-neighbour repetition."""
+    _, _, h, w = x.shape
+    return ops.ResizeNearestNeighbor((h * 2, w * 2))(x)
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(b, n, heads*d) -> (b*heads, n, d)."""
+    b, n, width = x.shape
+    x = x.reshape(b, n, heads, width // heads).transpose(0, 2, 1, 3)
+    return x.reshape(b * heads, n, width // heads)
+
+
+def merge_heads(x: Tensor, heads: int) -> Tensor:
+    """(b*heads, n, d) -> (b, n, heads*d)."""
+    bh, n, d = x.shape
+    x = x.reshape(bh // heads, heads, n, d).transpose(0, 2, 1, 3)
+    return x.reshape(bh // heads, n, heads * d)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v over batched heads (bh, n, d); softmax in float32.
+
+    Large score blocks are computed in slices of the head axis to bound memory.
+    """
+    bh, n, d = q.shape
+    m = k.shape[1]
+    q = q * (1.0 / math.sqrt(d))
+    chunk = max(1, min(bh, _ATTENTION_CHUNK_BYTES // max(1, n * m * 4)))
+    outs = []
+    for start in range(0, bh, chunk):
+        stop = min(bh, start + chunk)
+        qs, ks, vs = (q, k, v) if chunk >= bh else (q[start:stop], k[start:stop], v[start:stop])
+        scores = _bmm_t(qs, ks).astype(ms.float32)
+        if mask is not None:
+            scores = scores + mask
+        weights = ops.softmax(scores, -1).astype(v.dtype)
+        outs.append(_bmm(weights, vs))
+    return outs[0] if len(outs) == 1 else ops.concat(outs, 0)
+
+
+def timestep_embedding(timesteps: np.ndarray, dim: int, max_period: float = 10000.0) -> np.ndarray:
+    """Sinusoidal embedding (n, dim), cos first then sin, as the official UNet uses."""
+    half = dim // 2
+    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float32) / half)
+    args = np.asarray(timesteps, dtype=np.float32)[:, None] * freqs[None, :]
+    emb = np.concatenate([np.cos(args), np.sin(args)], axis=-1)
+    if dim % 2:
+        emb = np.concatenate([emb, np.zeros_like(emb[:, :1])], axis=-1)
+    return emb.astype(np.float32)

@@ -1,0 +1,170 @@
+"""AutoencoderKL: images (n, 3, H, W) in [-1, 1] <-> latents (n, 4, H/8, W/8)."""
+
+from __future__ import annotations
+
+from mindspore import Tensor, nn, ops
+
+from core.diffusion.config import WukongConfig
+from core.diffusion.layers import GroupNorm, attention, conv2d, upsample_nearest
+
+NORM_EPS = 1e-6
+
+
+class ResnetBlock(nn.Cell):
+    def __init__(self, c_in: int, c_out: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = GroupNorm(groups, c_in, NORM_EPS)
+        self.conv1 = conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = GroupNorm(groups, c_out, NORM_EPS)
+        self.conv2 = conv2d(c_out, c_out, 3, padding=1)
+        self.has_shortcut = c_in != c_out
+        if self.has_shortcut:
+            self.nin_shortcut = conv2d(c_in, c_out, 1)
+
+    def construct(self, x: Tensor) -> Tensor:
+        h = self.conv1(ops.silu(self.norm1(x)))
+        h = self.conv2(ops.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if self.has_shortcut else x) + h
+
+
+class AttnBlock(nn.Cell):
+    """Single-head self-attention over all pixels, with 1x1-convolution projections."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm = GroupNorm(groups, channels, NORM_EPS)
+        self.q = conv2d(channels, channels, 1)
+        self.k = conv2d(channels, channels, 1)
+        self.v = conv2d(channels, channels, 1)
+        self.proj_out = conv2d(channels, channels, 1)
+
+    def construct(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        n = self.norm(x)
+
+        def tokens(t: Tensor) -> Tensor:
+            return t.reshape(b, c, h * w).transpose(0, 2, 1)
+
+        out = attention(tokens(self.q(n)), tokens(self.k(n)), tokens(self.v(n)))
+        return x + self.proj_out(out.transpose(0, 2, 1).reshape(b, c, h, w))
+
+
+class Downsample(nn.Cell):
+    """Stride-2 convolution with asymmetric padding (bottom and right only)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = conv2d(channels, channels, 3, stride=2, padding=(0, 1, 0, 1))
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Cell):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = conv2d(channels, channels, 3, padding=1)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.conv(upsample_nearest(x))
+
+
+class _Mid(nn.Cell):
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class _Level(nn.Cell):
+    """One resolution: its ResnetBlocks and a resampler.
+
+    The official checkpoint stores a resampler for every level, also the one that never runs
+    (the last encoder level, the first decoder level); it is kept so the names and shapes match.
+    """
+
+    def __init__(self, blocks: list[ResnetBlock], resampler: nn.Cell, name: str) -> None:
+        super().__init__()
+        self.block = nn.CellList(blocks)
+        self._resampler_name = name
+        setattr(self, name, resampler)
+
+    def construct(self, x: Tensor, resample: bool) -> Tensor:
+        for block in self.block:
+            x = block(x)
+        return getattr(self, self._resampler_name)(x) if resample else x
+
+
+class Encoder(nn.Cell):
+    def __init__(self, config: WukongConfig) -> None:
+        super().__init__()
+        ch, groups, mult = config.vae_channels, config.norm_groups, config.vae_channel_mult
+        self.conv_in = conv2d(3, ch, 3, padding=1)
+        levels = []
+        c_in = ch
+        for m in mult:
+            blocks = []
+            for _ in range(config.vae_res_blocks):
+                blocks.append(ResnetBlock(c_in, ch * m, groups))
+                c_in = ch * m
+            levels.append(_Level(blocks, Downsample(c_in), "downsample"))
+        self.down = nn.CellList(levels)
+        self.mid = _Mid(c_in, groups)
+        self.norm_out = GroupNorm(groups, c_in, NORM_EPS)
+        self.conv_out = conv2d(c_in, 2 * config.latent_channels, 3, padding=1)
+
+    def construct(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        last = len(self.down) - 1
+        for i, level in enumerate(self.down):
+            h = level(h, i != last)
+        h = self.mid(h)
+        return self.conv_out(ops.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Cell):
+    def __init__(self, config: WukongConfig) -> None:
+        super().__init__()
+        ch, groups, mult = config.vae_channels, config.norm_groups, config.vae_channel_mult
+        c_in = ch * mult[-1]
+        self.conv_in = conv2d(config.latent_channels, c_in, 3, padding=1)
+        self.mid = _Mid(c_in, groups)
+        levels: list[_Level] = []
+        for m in reversed(mult):
+            blocks = []
+            for _ in range(config.vae_res_blocks + 1):
+                blocks.append(ResnetBlock(c_in, ch * m, groups))
+                c_in = ch * m
+            levels.insert(0, _Level(blocks, Upsample(c_in), "upsample"))
+        self.up = nn.CellList(levels)
+        self.norm_out = GroupNorm(groups, c_in, NORM_EPS)
+        self.conv_out = conv2d(c_in, 3, 3, padding=1)
+
+    def construct(self, z: Tensor) -> Tensor:
+        h = self.mid(self.conv_in(z))
+        for i in reversed(range(len(self.up))):
+            h = self.up[i](h, i != 0)
+        return self.conv_out(ops.silu(self.norm_out(h)))
+
+
+class AutoencoderKL(nn.Cell):
+    def __init__(self, config: WukongConfig) -> None:
+        super().__init__()
+        z = config.latent_channels
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = conv2d(2 * z, 2 * z, 1)
+        self.post_quant_conv = conv2d(z, z, 1)
+
+    def encode_mean(self, x: Tensor) -> Tensor:
+        """The posterior mean (unscaled) of images in [-1, 1]."""
+        moments = self.quant_conv(self.encoder(x))
+        return moments[:, : moments.shape[1] // 2]
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Unscaled latents -> images (not clipped)."""
+        return self.decoder(self.post_quant_conv(z))
