@@ -212,6 +212,18 @@ async def test_close_wakes_getters(make_queue: MakeQueue, make_job) -> None:
         await queue.get()
 
 
+async def test_cancelled_getter_loses_no_job(make_queue: MakeQueue, make_job) -> None:
+    queue = await make_queue()
+    getter = asyncio.create_task(queue.get())
+    await asyncio.sleep(0.1)
+    getter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await getter
+    job = make_job()
+    await queue.put(job)
+    assert await _drain(queue, 1) == [job.id]
+
+
 async def test_bad_limits_are_refused(make_queue: MakeQueue) -> None:
     for limits in ({"max_size": 0}, {"user_max_pending": -1}, {"user_concurrency": 1.5}):
         with pytest.raises(InvalidOption):
@@ -276,6 +288,22 @@ async def test_redis_queues_share_work_between_processes(redis_url: str, make_jo
     finally:
         await producer.close()
         await worker.close()
+
+
+async def test_redis_waiting_jobs_survive_a_restart(redis_url: str, make_job) -> None:
+    name = f"r{uuid.uuid4().hex[:8]}"
+    before = await _redis_queue(redis_url, name, "w1")
+    jobs = [make_job("web:a"), make_job("web:b"), make_job("web:a")]
+    for job in jobs:
+        await before.put(job)
+    await before.close()
+    after = await _redis_queue(redis_url, name, "w1")
+    try:
+        assert await after.size() == 3
+        assert await after.positions() == {jobs[0].id: 1, jobs[1].id: 2, jobs[2].id: 3}
+        assert await _drain(after, 3) == [job.id for job in jobs]
+    finally:
+        await after.close()
 
 
 async def test_redis_crashed_worker_job_is_reclaimed(redis_url: str, make_job) -> None:
