@@ -1,0 +1,85 @@
+"""The Discord client: slash commands, persistent buttons and job delivery wired to the Huahua service."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+
+from bots.discord.commands import SlashCommands
+from bots.discord.delivery import Delivery
+from bots.discord.views import JobButton
+from core.errors import HuahuaError
+from core.settings import Settings
+from core.types import Action
+
+if TYPE_CHECKING:
+    from core.service import Huahua
+
+logger = logging.getLogger(__name__)
+
+CHAT_PREFIX = "dc:"
+
+
+class HuahuaBot(discord.Client):
+    """Slash commands only, so it needs no privileged intents (no message content)."""
+
+    def __init__(self, service: Huahua, settings: Settings, *, edit_interval: float = 1.0) -> None:
+        super().__init__(
+            intents=discord.Intents(guilds=True), allowed_mentions=discord.AllowedMentions.none()
+        )
+        self.service = service
+        self.guild_id = settings.discord_guild_id
+        self.tree: app_commands.CommandTree[HuahuaBot] = app_commands.CommandTree(self)
+        self.delivery = Delivery(self, service, edit_interval=edit_interval)
+        self.commands = SlashCommands(service, self.delivery)
+        self.commands.install(self.tree)
+        service.listen(CHAT_PREFIX, self.delivery.on_event)
+
+    async def setup_hook(self) -> None:
+        self.add_dynamic_items(JobButton)
+        await self.sync_commands()
+        self.delivery.open()
+
+    async def sync_commands(self) -> None:
+        """Publish the commands: to one guild (instant) when HUAHUA_DISCORD_GUILD_ID is set, else globally."""
+        try:
+            if self.guild_id:
+                guild = discord.Object(id=self.guild_id)
+                self.tree.copy_global_to(guild=guild)
+                synced = await self.tree.sync(guild=guild)
+            else:
+                synced = await self.tree.sync()
+            logger.info("synced %d slash commands", len(synced))
+        except discord.HTTPException as err:
+            logger.error("could not sync slash commands (HTTP %s, code %s)", err.status, err.code)
+
+    async def on_job_button(
+        self, interaction: discord.Interaction[Any], action: Action, index: int, job_id: str
+    ) -> None:
+        await self.commands.on_job_button(interaction, action, index, job_id)
+
+    async def close(self) -> None:
+        self.delivery.close()
+        await super().close()
+
+
+def build_client(service: Huahua, settings: Settings, *, edit_interval: float = 1.0) -> HuahuaBot:
+    """A client ready to `login`/`start`; it already listens to the service's "dc:" job events."""
+    return HuahuaBot(service, settings, edit_interval=edit_interval)
+
+
+async def run_discord(service: Huahua, settings: Settings) -> None:
+    """Run the bot until cancelled; closing logs out and stops delivering."""
+    if settings.discord_token is None or not settings.discord_token.get_secret_value().strip():
+        raise HuahuaError("Set HUAHUA_DISCORD_TOKEN to your Discord application's bot token.")
+    client = build_client(service, settings)
+    async with client:
+        try:
+            await client.start(settings.discord_token.get_secret_value().strip())
+        except discord.LoginFailure:
+            raise HuahuaError("Discord refused the bot token: check HUAHUA_DISCORD_TOKEN.") from None
+        except discord.PrivilegedIntentsRequired:
+            raise HuahuaError("Discord refused the gateway intents requested by the bot.") from None

@@ -1,0 +1,256 @@
+"""A fake Discord REST API on loopback: records every call and answers with plausible payloads.
+
+discord.py is pointed at it by setting `discord.http.Route.BASE` to `FakeDiscord.base`. It understands
+the routes the Huahua adapter uses: login, application info, command sync, interaction callbacks,
+webhook (interaction) messages and channel messages. Tokens in `expired_tokens` get the 401 Discord
+sends for a dead interaction token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+APP_ID = 1100000000000000001
+BOT_ID = 1100000000000000002
+OWNER_ID = 1100000000000000003
+
+_ids = itertools.count(1300000000000000000)
+
+
+def snowflake() -> int:
+    return next(_ids)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a multipart request: `payload_json` or a file."""
+
+    name: str
+    filename: str | None
+    content_type: str
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    path: str
+    """The path after /api/v10, e.g. /channels/5/messages."""
+    query: dict[str, str]
+    json: Any
+    parts: tuple[Part, ...] = ()
+
+    @property
+    def files(self) -> tuple[Part, ...]:
+        return tuple(part for part in self.parts if part.filename is not None)
+
+    def custom_ids(self) -> list[str]:
+        """Every component custom id in the message body."""
+        found: list[str] = []
+        for row in (self.json or {}).get("components") or []:
+            for component in row.get("components", []):
+                if "custom_id" in component:
+                    found.append(component["custom_id"])
+        return found
+
+
+def user_payload(user_id: int, name: str, *, bot: bool = False) -> dict[str, Any]:
+    return {
+        "id": str(user_id),
+        "username": name,
+        "global_name": name,
+        "discriminator": "0",
+        "avatar": None,
+        "bot": bot,
+        "flags": 0,
+    }
+
+
+class FakeDiscord:
+    """The fake API server; `async with FakeDiscord() as api:` then point discord.py at `api.base`."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.expired_tokens: set[str] = set()
+        self.forbidden_channels: set[int] = set()
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v10"
+
+    async def __aenter__(self) -> FakeDiscord:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/api/v10/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # queries -----------------------------------------------------------------------------------
+
+    def find(self, method: str, pattern: str) -> list[Call]:
+        """Calls with this method whose path fully matches the regex `pattern`."""
+        regex = re.compile(pattern)
+        return [c for c in self.calls if c.method == method and regex.fullmatch(c.path)]
+
+    async def wait_for(self, predicate: Callable[[], Any], limit_s: float = 5.0) -> Any:
+        """Wait until `predicate()` is truthy (re-checked after every call) and return its value."""
+
+        async def check() -> Any:
+            async with self._changed:
+                while not (value := predicate()):
+                    await self._changed.wait()
+                return value
+
+        return await asyncio.wait_for(check(), limit_s)
+
+    # the API -----------------------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = "/" + request.match_info["tail"]
+        body, parts = await self._read_body(request)
+        call = Call(request.method, path, dict(request.query), body, parts)
+        self.calls.append(call)
+        async with self._changed:
+            self._changed.notify_all()
+        return self._answer(call)
+
+    @staticmethod
+    async def _read_body(request: web.Request) -> tuple[Any, tuple[Part, ...]]:
+        if request.content_type.startswith("multipart/"):
+            parts: list[Part] = []
+            body: Any = None
+            reader = await request.multipart()
+            async for part in reader:
+                data = await part.read()  # type: ignore[union-attr]
+                parts.append(
+                    Part(part.name or "", part.filename, part.headers.get("Content-Type", ""), bytes(data))
+                )
+                if part.name == "payload_json":
+                    body = json.loads(data)
+            return body, tuple(parts)
+        if request.can_read_body:
+            raw = await request.read()
+            return (json.loads(raw) if raw else None), ()
+        return None, ()
+
+    def _answer(self, call: Call) -> web.Response:
+        method, path = call.method, call.path
+        if path == "/users/@me":
+            return web.json_response(user_payload(BOT_ID, "huahua", bot=True))
+        if path == "/oauth2/applications/@me":
+            return web.json_response(_application())
+        if re.fullmatch(r"/applications/\d+(/guilds/\d+)?/commands", path) and method == "PUT":
+            return web.json_response(
+                [
+                    {**cmd, "id": str(snowflake()), "application_id": str(APP_ID), "version": "1"}
+                    for cmd in call.json
+                ]
+            )
+        if match := re.fullmatch(r"/interactions/(\d+)/([^/]+)/callback", path):
+            return self._callback(int(match[1]), match[2], call)
+        if match := re.fullmatch(r"/webhooks/(\d+)/([^/]+)(/messages/(@original|\d+))?", path):
+            token = match[2]
+            if token in self.expired_tokens:
+                return web.json_response({"message": "Invalid Webhook Token", "code": 50027}, status=401)
+            if method == "DELETE":
+                return web.Response(status=204)
+            return web.json_response(_message(call.json, channel_id=0, parts=call.files, webhook=True))
+        if match := re.fullmatch(r"/channels/(\d+)/messages", path):
+            channel_id = int(match[1])
+            if channel_id in self.forbidden_channels:
+                return web.json_response({"message": "Missing Access", "code": 50001}, status=403)
+            return web.json_response(_message(call.json, channel_id=channel_id, parts=call.files))
+        return web.json_response({"message": f"404: Not Found ({method} {path})", "code": 0}, status=404)
+
+    def _callback(self, interaction_id: int, token: str, call: Call) -> web.Response:
+        if token in self.expired_tokens:
+            return web.json_response({"message": "Unknown interaction", "code": 10062}, status=404)
+        kind = int((call.json or {}).get("type", 0))
+        data = (call.json or {}).get("data") or {}
+        answer: dict[str, Any] = {
+            "interaction": {
+                "id": str(interaction_id),
+                "type": 2,
+                "response_message_loading": kind == 5,
+                "response_message_ephemeral": bool(int(data.get("flags", 0)) & 64),
+            },
+            "resource": {"type": kind},
+        }
+        if kind == 4:
+            message = _message(data, channel_id=0, parts=call.files, webhook=True)
+            answer["interaction"]["response_message_id"] = message["id"]
+            answer["resource"]["message"] = message
+        return web.json_response(answer)
+
+
+def _application() -> dict[str, Any]:
+    return {
+        "id": str(APP_ID),
+        "name": "Huahua",
+        "description": "",
+        "icon": None,
+        "bot_public": True,
+        "bot_require_code_grant": False,
+        "owner": user_payload(OWNER_ID, "owner"),
+        "verify_key": "0" * 64,
+        "flags": 0,
+        "summary": "",
+    }
+
+
+def _message(body: Any, *, channel_id: int, parts: tuple[Part, ...], webhook: bool = False) -> dict[str, Any]:
+    body = body or {}
+    now = datetime.datetime.now(datetime.UTC).isoformat()
+    attachments = [
+        {
+            "id": str(snowflake()),
+            "filename": part.filename,
+            "size": len(part.data),
+            "url": f"https://cdn.example/{part.filename}",
+            "proxy_url": f"https://cdn.example/{part.filename}",
+        }
+        for part in parts
+    ]
+    message: dict[str, Any] = {
+        "id": str(snowflake()),
+        "channel_id": str(channel_id),
+        "type": 0,
+        "content": body.get("content") or "",
+        "author": user_payload(BOT_ID, "huahua", bot=True),
+        "attachments": attachments,
+        "embeds": body.get("embeds") or [],
+        "mentions": [],
+        "mention_roles": [],
+        "mention_everyone": False,
+        "pinned": False,
+        "tts": False,
+        "timestamp": now,
+        "edited_timestamp": None,
+        "flags": int(body.get("flags") or 0),
+        "components": body.get("components") or [],
+    }
+    if webhook:
+        message["webhook_id"] = str(APP_ID)
+        message["application_id"] = str(APP_ID)
+    return message
