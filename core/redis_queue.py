@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from core.codec import job_from_json, job_to_json
-from core.errors import ServiceUnavailable
+from core.errors import ServiceUnavailable, StorageError
 from core.queue import JobQueue, QueueClosed, check_limits, fair_order, queue_full, too_many_jobs
 from core.types import Job
 
@@ -212,6 +212,7 @@ class RedisStreamsQueue(JobQueue):
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
         self._inflight: dict[str, str] = {}
+        self._handoff: list[Job] = []
         self._wakeup = asyncio.Event()
         self._closed = False
         self._heartbeat: asyncio.Task[None] | None = None
@@ -268,8 +269,15 @@ class RedisStreamsQueue(JobQueue):
         while True:
             self._check_open()
             self._wakeup.clear()
+            if self._handoff:
+                return self._handoff.pop(0)
+            fetch = asyncio.ensure_future(self._next_job())
             try:
-                job = await self._next_job()
+                job = await asyncio.shield(fetch)
+            except asyncio.CancelledError:
+                # the script may already have handed us a job: keep it for the next get()
+                fetch.add_done_callback(self._keep_for_later)
+                raise
             except ServiceUnavailable:
                 if self._closed:
                     raise QueueClosed() from None
@@ -281,18 +289,28 @@ class RedisStreamsQueue(JobQueue):
             except TimeoutError:
                 delay = min(delay * 2, self.max_poll_s)
 
-    async def _next_job(self) -> Job | None:
-        claimed = await self._reclaim()
-        if claimed is not None:
-            return claimed
-        found = await self._run("dispatch", self.consumer, self.user_concurrency, GROUP)
-        if not found:
-            return None
-        job_id, dispatch_id, payload = found
-        self._inflight[job_id] = dispatch_id
-        return job_from_json(payload)
+    def _keep_for_later(self, fetch: asyncio.Future[Job | None]) -> None:
+        if not fetch.cancelled() and fetch.exception() is None and (job := fetch.result()) is not None:
+            self._handoff.append(job)
 
-    async def _reclaim(self) -> Job | None:
+    async def _next_job(self) -> Job | None:
+        """A reclaimed job, else the next fair one; None if nothing can run now."""
+        while True:
+            found = await self._reclaim()
+            if found is None:
+                found = await self._run("dispatch", self.consumer, self.user_concurrency, GROUP)
+            if not found:
+                return None
+            job_id, dispatch_id, payload = found
+            self._inflight[job_id] = dispatch_id
+            try:
+                return job_from_json(payload)
+            except StorageError:
+                logger.error("dropped queue entry %s: its job record is corrupt", dispatch_id)
+                await self.task_done(job_id)
+                await self._call(self._require_client().xack(self._key("dispatch"), GROUP, dispatch_id))
+
+    async def _reclaim(self) -> tuple[str, str, str] | None:
         """Take over one handed-out job whose worker stopped refreshing it (crashed)."""
         client = self._require_client()
         reply = await self._call(
@@ -301,11 +319,9 @@ class RedisStreamsQueue(JobQueue):
             )
         )
         for dispatch_id, fields in reply[1]:
-            if not fields:
-                continue
-            logger.warning("reclaimed job %s from a worker that stopped", fields["id"])
-            self._inflight[fields["id"]] = dispatch_id
-            return job_from_json(fields["job"])
+            if fields:
+                logger.warning("reclaimed job %s from a worker that stopped", fields.get("id"))
+                return fields.get("id", ""), dispatch_id, fields.get("job", "")
         return None
 
     async def task_done(self, job_id: str) -> None:

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
+import redis.asyncio
 
 from core.errors import InvalidOption, QueueFull, ServiceUnavailable, TooManyJobs
 from core.queue import JobQueue, MemoryQueue, QueueClosed, fair_order
@@ -326,6 +327,34 @@ async def test_redis_crashed_worker_job_is_reclaimed(redis_url: str, make_job) -
     finally:
         await alive.close()
         await other.close()
+
+
+async def test_redis_corrupt_entry_is_dropped_and_frees_the_slot(redis_url: str, make_job) -> None:
+    name = f"x{uuid.uuid4().hex[:8]}"
+    queue = await _redis_queue(redis_url, name, "w1")
+    raw = redis.asyncio.from_url(redis_url, decode_responses=True)
+    try:
+        entry = await raw.xadd(f"{name}:u:web:x", {"id": "bad", "job": "{truncated"})
+        await raw.hset(f"{name}:entry", "bad", entry)
+        await raw.hset(f"{name}:owner", "bad", "web:x")
+        await raw.incr(f"{name}:waiting")
+        await raw.hincrby(f"{name}:pending", "web:x", 1)
+        await raw.rpush(f"{name}:rotation", "web:x")
+        good = make_job("web:y")
+        await queue.put(good)
+        assert (await asyncio.wait_for(queue.get(), 5)).id == good.id
+        assert await queue.size() == 0
+        assert await raw.xpending(f"{name}:dispatch", "workers") == {
+            "pending": 1,
+            "min": (await raw.hget(f"{name}:inflight", good.id)),
+            "max": (await raw.hget(f"{name}:inflight", good.id)),
+            "consumers": [{"name": "w1", "pending": 1}],
+        }
+        for _ in range(5):
+            await queue.put(make_job("web:x"))  # the corrupt job no longer counts against web:x
+    finally:
+        await raw.aclose()
+        await queue.close()
 
 
 async def test_redis_unreachable_is_a_friendly_error() -> None:
