@@ -25,7 +25,8 @@ def settings() -> Settings:
     ("text", "expected"),
     [
         (
-            "一只在月球上看书的猫 --ar 3:2 --seed 7 --steps 30 --n 2 --no 模糊, 文字 --style 水墨画 --guidance 9",
+            "一只在月球上看书的猫 --ar 3:2 --seed 7 --steps 30 --n 2 --no 模糊, 文字"
+            " --style 水墨画 --guidance 9",
             ImagineOptions("一只在月球上看书的猫", "3:2", 7, 30, 2, "模糊, 文字", "水墨画", 9.0),
         ),
         (
@@ -119,7 +120,9 @@ def test_size_for_ratio(ratio: str, area: int, size: tuple[int, int]) -> None:
     assert width % 64 == 0 and height % 64 == 0 and max(width, height) <= 1024
 
 
-@pytest.mark.parametrize("ratio", ["5:1", "1:5", "0:1", "3:0", "3/2", "wide", "", "1:1:1", "-3:2", "1000:999"])
+@pytest.mark.parametrize(
+    "ratio", ["5:1", "1:5", "0:1", "3:0", "3/2", "wide", "", "1:1:1", "-3:2", "1000:999"]
+)
 def test_bad_ratios(ratio: str) -> None:
     with pytest.raises(InvalidOption, match=r"^--ar must look like 3:2, with each side between 1 and 4"):
         size_for_ratio(ratio, 512 * 512)

@@ -1,4 +1,4 @@
-"""PromptBuilder end to end with the shipped prompt data and the real tokenizer; language and normalisation."""
+"""PromptBuilder end to end with the shipped data and the real tokenizer; language, normalisation."""
 
 from __future__ import annotations
 
@@ -100,7 +100,9 @@ async def test_traditional_and_full_width(builder: PromptBuilder) -> None:
     assert built.source_text == "一隻在月球上看書的貓，ＨＤ"
 
 
-async def test_english_goes_through_the_translator(builder: PromptBuilder, translator: RecordingTranslator) -> None:
+async def test_english_goes_through_the_translator(
+    builder: PromptBuilder, translator: RecordingTranslator
+) -> None:
     built = await builder.build("A red fox in the snow, at night", style="ink")
     assert translator.calls == [("A red fox in the snow, at night", "en")]
     assert built.prompt == "红色狐狸在雪中，夜晚，水墨画，中国画，留白，写意，高清，细节丰富"
@@ -149,8 +151,13 @@ async def test_unknown_style(builder: PromptBuilder) -> None:
         await builder.build("猫", style="vaporwave")
 
 
-async def test_style_tags_are_cut_before_the_subject(builder: PromptBuilder, tokenizer: WordPieceTokenizer) -> None:
-    subject = "一只戴着红色帽子的橘猫坐在古老的木桥上，远处是连绵的雪山和金色的晚霞，桥下流水潺潺，岸边开满了桃花，一只白鹭在天空中飞过"
+async def test_style_tags_are_cut_before_the_subject(
+    builder: PromptBuilder, tokenizer: WordPieceTokenizer
+) -> None:
+    subject = (
+        "一只戴着红色帽子的橘猫坐在古老的木桥上，远处是连绵的雪山和金色的晚霞，"
+        "桥下流水潺潺，岸边开满了桃花，一只白鹭在天空中飞过"
+    )
     built = await builder.build(subject, style="水墨画")
     assert tokenizer.count(built.prompt) <= 75 == builder.limit
     assert built.prompt.startswith(subject)
@@ -160,7 +167,9 @@ async def test_style_tags_are_cut_before_the_subject(builder: PromptBuilder, tok
     assert any("left out" in note for note in built.notes)
 
 
-async def test_trailing_details_go_after_the_tags(builder: PromptBuilder, tokenizer: WordPieceTokenizer) -> None:
+async def test_trailing_details_go_after_the_tags(
+    builder: PromptBuilder, tokenizer: WordPieceTokenizer
+) -> None:
     head = "一只在月球上看书的猫"
     details = [f"细节描写第{i}段很长很长" for i in range(12)]
     built = await builder.build("，".join([head, *details]), style="像素风")
@@ -187,6 +196,8 @@ async def test_user_negative_is_translated_and_first(builder: PromptBuilder) -> 
 
 async def test_works_without_the_vocabulary(translator: RecordingTranslator) -> None:
     data = load_prompt_data()
-    builder = PromptBuilder(data.glossary, data.styles, BasicTokenCounter(), translator, data.default_negative)
+    builder = PromptBuilder(
+        data.glossary, data.styles, BasicTokenCounter(), translator, data.default_negative
+    )
     built = await builder.build("一只猫", style="anime")
     assert built.prompt == "一只猫，动漫风格，日系插画，精致线条，明亮色彩，高清，细节丰富"

@@ -119,18 +119,21 @@ def test_malformed_styles(tmp_path: Path, content: str, message: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "style"),
-    [("ink", "水墨画"), ("INK-WASH", "水墨画"), ("水墨", "水墨画"), ("賽博朋克", "赛博朋克"), ("Cyber Punk", "赛博朋克"),
-     ("picture book", "儿童绘本"), ("pixel_art", "像素风"), ("ｏｉｌ", "油画"), ("photo", "写实摄影"), ("anime", "动漫")],
+    [("ink", "水墨画"), ("INK-WASH", "水墨画"), ("水墨", "水墨画"), ("賽博朋克", "赛博朋克"),
+     ("Cyber Punk", "赛博朋克"), ("picture book", "儿童绘本"), ("pixel_art", "像素风"), ("ｏｉｌ", "油画"),
+     ("photo", "写实摄影"), ("anime", "动漫")],
 )  # fmt: skip
 def test_style_names_and_aliases(name: str, style: str) -> None:
     assert load_prompt_data().styles.get(name).name == style
 
 
 def test_unknown_style_lists_the_choices() -> None:
-    with pytest.raises(InvalidOption, match=r"^--style must be one of: 水墨画 \(ink\), 赛博朋克 \(cyberpunk\)"):
+    with pytest.raises(
+        InvalidOption, match=r"^--style must be one of: 水墨画 \(ink\), 赛博朋克 \(cyberpunk\)"
+    ):
         load_prompt_data().styles.get("vaporwave")
 
 
 def test_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(PromptDataError, match="negative.txt is missing"):
+    with pytest.raises(PromptDataError, match=r"negative\.txt is missing"):
         load_prompt_data(tmp_path)
