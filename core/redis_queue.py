@@ -222,7 +222,7 @@ class RedisStreamsQueue(JobQueue):
         pool = aioredis.BlockingConnectionPool.from_url(
             self._url, max_connections=16, timeout=20, socket_connect_timeout=5, decode_responses=True
         )
-        self._client = aioredis.Redis(connection_pool=pool)
+        self._client = aioredis.Redis.from_pool(pool)
         for key, source in (
             ("put", _PUT),
             ("dispatch", _DISPATCH),
