@@ -242,11 +242,13 @@ class SlashCommands:
 
         async def run(interaction: Interaction, text: app_commands.Range[str, 0, 2000] = "") -> None:
             await interaction.response.defer(thinking=True)
-            meta = Target.from_interaction(interaction, edit_status=False).to_meta()
-            context = MessageContext(is_admin=is_admin(interaction), meta=meta)
+            target = Target.from_interaction(interaction, edit_status=False)
+            context = MessageContext(is_admin=is_admin(interaction), meta=target.to_meta())
             reply = await self.service.handle_message(
                 chat_of(interaction), user_of(interaction), f"/{name} {text}".strip(), context
             )
+            for job in _jobs_of(reply):
+                await self._route(job.id, target)
             files = [
                 discord.File(io.BytesIO(data), filename=filename) for filename, data in reply.attachments
             ]
@@ -276,8 +278,22 @@ class SlashCommands:
         except HuahuaError as err:
             await say(interaction, err.message)
             return
-        self.delivery.remember(job.id, target)  # before any await: the job's first events see it
+        if action.value == "choose":
+            await say(interaction, f"⭐ Picture {index + 1} is now the storybook's panel.")
+            return
+        await self._route(job.id, target)
+
+    async def _route(self, job_id: str, target: Target) -> None:
+        """Deliver a job the service made without our meta (buttons, plug-in commands) to `target`."""
+        self.delivery.remember(job_id, target)  # in memory first: the job's next events see it
         try:
-            await self.service.update_meta(job.id, target.to_meta())
+            await self.service.update_meta(job_id, target.to_meta())
         except HuahuaError as err:
-            logger.info("could not keep the Discord target on job %s: %s", job.id, err.message)
+            logger.info("could not keep the Discord target on job %s: %s", job_id, err.message)
+
+
+def _jobs_of(reply: Any) -> tuple[Any, ...]:
+    jobs = getattr(reply, "jobs", None)
+    if jobs is not None:
+        return tuple(jobs)
+    return (reply.job,) if getattr(reply, "job", None) is not None else ()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from core.types import Action, Job
+from core.types import Action, Job, JobKind
 
 if TYPE_CHECKING:
     from bots.discord.bot import HuahuaBot
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CUSTOM_ID = re.compile(
-    r"hh:(?P<action>reroll|variation|upscale|cancel):(?P<index>[0-9]):(?P<job>[A-Za-z0-9_-]{1,64})"
+    r"hh:(?P<action>reroll|variation|upscale|cancel|choose):(?P<index>[0-9]):(?P<job>[A-Za-z0-9_-]{1,64})"
 )
 MAX_BUTTON_IMAGES = 4
 
@@ -31,6 +31,10 @@ def _button(action: Action, index: int, job_id: str) -> discord.ui.Button[Any]:
         return discord.ui.Button(emoji="🔄", style=discord.ButtonStyle.secondary, custom_id=cid, row=2)
     if action == Action.CANCEL:
         return discord.ui.Button(label="Cancel", emoji="❌", style=discord.ButtonStyle.danger, custom_id=cid)
+    if action.value == "choose":
+        return discord.ui.Button(
+            label=f"{index + 1}", emoji="⭐", style=discord.ButtonStyle.primary, custom_id=cid, row=3
+        )
     letter, row = ("V", 0) if action == Action.VARIATION else ("U", 1)
     return discord.ui.Button(
         label=f"{letter}{index + 1}", style=discord.ButtonStyle.secondary, custom_id=cid, row=row
@@ -76,4 +80,6 @@ def result_view(job: Job) -> discord.ui.View:
     items = [JobButton(Action.VARIATION, i, job.id) for i in range(count)]
     items += [JobButton(Action.UPSCALE, i, job.id) for i in range(count)]
     items.append(JobButton(Action.REROLL, 0, job.id))
+    if job.kind == JobKind.SCENE and "choose" in Action.__members__.values():
+        items += [JobButton(Action("choose"), i, job.id) for i in range(count)]
     return _view(*items)
