@@ -56,6 +56,8 @@ class Delivery:
         self._last_edit: dict[str, float] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._last_result: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._orphans: OrderedDict[str, tuple[Job, JobEvent]] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # lifecycle ---------------------------------------------------------------------------------
 
@@ -70,8 +72,15 @@ class Delivery:
     # what adapters tell it ---------------------------------------------------------------------
 
     def remember(self, job_id: str, target: Target) -> None:
-        """Route a job started by a button here (its meta may still carry the parent's target)."""
+        """Route a job the service made without our meta (a button, a plug-in command) to `target`.
+
+        A final event that came before this call (a fast job) is delivered now."""
         _bounded_put(self._targets, job_id, target)
+        orphan = self._orphans.pop(job_id, None)
+        if orphan is not None:
+            task = asyncio.create_task(self.on_event(*orphan))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def last_result(self, chat: str, user: str) -> str | None:
         return self._last_result.get((chat, user))
@@ -93,6 +102,8 @@ class Delivery:
             return
         target = self.target_of(job)
         if target is None:
+            if event.type.final:
+                _bounded_put(self._orphans, job.id, (job, event))
             return
         lock = self._locks.setdefault(job.id, asyncio.Lock())
         async with lock:
