@@ -201,3 +201,16 @@ async def test_works_without_the_vocabulary(translator: RecordingTranslator) -> 
     )
     built = await builder.build("一只猫", style="anime")
     assert built.prompt == "一只猫，动漫风格，日系插画，精致线条，明亮色彩，高清，细节丰富"
+
+
+def test_load_prompt_builder_follows_the_settings(tmp_path: Path) -> None:
+    from core.prompting import LlmTranslator, load_prompt_builder
+    from core.settings import Settings
+
+    glossary_settings = Settings(_env_file=None, vocab_path=VOCAB)  # type: ignore[call-arg]
+    builder = load_prompt_builder(glossary_settings)
+    assert isinstance(builder.translator, GlossaryTranslator)
+    assert isinstance(builder.tokenizer, WordPieceTokenizer if VOCAB.exists() else BasicTokenCounter)
+    llm_settings = Settings(_env_file=None, translator="llm", vocab_path=tmp_path / "none.txt")  # type: ignore[call-arg]
+    builder = load_prompt_builder(llm_settings)
+    assert isinstance(builder.translator, LlmTranslator) and isinstance(builder.tokenizer, BasicTokenCounter)
