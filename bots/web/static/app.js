@@ -112,7 +112,7 @@ function renderActions(card, job) {
     return;
   }
   if (job.status !== "done" && job.status !== "failed") return;
-  const reroll = button("🔄", "Reroll: same prompt, new seed", () => act(job, "reroll", 0));
+  const reroll = button("🔄 Reroll", "Reroll: same prompt, new seed", () => act(job, "reroll", 0));
   reroll.className = "reroll";
   actions.append(reroll);
   if (job.status !== "done") return;
