@@ -227,7 +227,12 @@ def load_weights(model: WukongModel, path: str | Path, dtype: str = "float32") -
             "ignoring %d unknown checkpoint entries (e.g. %s)", len(report.extra), ", ".join(report.extra[:3])
         )
     for name, param in params.items():
-        _assign(name, param, source.take(name), dtype)
+        array = source.take(name)
+        if not np.isfinite(array).all():
+            raise CheckpointError(
+                f"The checkpoint {path.name} is corrupt: parameter {name} holds NaN or infinite values."
+            )
+        _assign(name, param, array, dtype)
     return report
 
 
