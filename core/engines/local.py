@@ -300,8 +300,8 @@ class LocalEngine(Engine):
         seeds = [r.seed + i for r in requests for i in range(r.n)]
         prompts = [r.prompt for r in requests for _ in range(r.n)]
         negatives = [r.negative_prompt for r in requests for _ in range(r.n)]
-        cond = pipe.encode_tokens(pipe.tokenize(prompts))
-        uncond = pipe.encode_tokens(pipe.tokenize(negatives))
+        both = pipe.encode_tokens(pipe.tokenize(prompts + negatives))  # one text-encoder call
+        cond, uncond = both[: len(prompts)], both[len(prompts) :]
         x_T = initial_noise(seeds, (config.latent_channels, height // factor, width // factor))
         init_latents = None
         strength = 1.0
