@@ -13,6 +13,7 @@ import datetime
 import itertools
 import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,8 @@ class Call:
     query: dict[str, str]
     json: Any
     parts: tuple[Part, ...] = ()
+    at: float = 0.0
+    """time.monotonic() when the call arrived."""
 
     @property
     def files(self) -> tuple[Part, ...]:
@@ -129,7 +132,7 @@ class FakeDiscord:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = "/" + request.match_info["tail"]
         body, parts = await self._read_body(request)
-        call = Call(request.method, path, dict(request.query), body, parts)
+        call = Call(request.method, path, dict(request.query), body, parts, time.monotonic())
         self.calls.append(call)
         async with self._changed:
             self._changed.notify_all()
@@ -157,11 +160,11 @@ class FakeDiscord:
     def _answer(self, call: Call) -> web.Response:
         method, path = call.method, call.path
         if path == "/users/@me":
-            return web.json_response(user_payload(BOT_ID, "huahua", bot=True))
+            return _json(user_payload(BOT_ID, "huahua", bot=True))
         if path == "/oauth2/applications/@me":
-            return web.json_response(_application())
+            return _json(_application())
         if re.fullmatch(r"/applications/\d+(/guilds/\d+)?/commands", path) and method == "PUT":
-            return web.json_response(
+            return _json(
                 [
                     {**cmd, "id": str(snowflake()), "application_id": str(APP_ID), "version": "1"}
                     for cmd in call.json
@@ -172,20 +175,20 @@ class FakeDiscord:
         if match := re.fullmatch(r"/webhooks/(\d+)/([^/]+)(/messages/(@original|\d+))?", path):
             token = match[2]
             if token in self.expired_tokens:
-                return web.json_response({"message": "Invalid Webhook Token", "code": 50027}, status=401)
+                return _json({"message": "Invalid Webhook Token", "code": 50027}, status=401)
             if method == "DELETE":
                 return web.Response(status=204)
-            return web.json_response(_message(call.json, channel_id=0, parts=call.files, webhook=True))
+            return _json(message_payload(call.json, channel_id=0, parts=call.files, webhook=True))
         if match := re.fullmatch(r"/channels/(\d+)/messages", path):
             channel_id = int(match[1])
             if channel_id in self.forbidden_channels:
-                return web.json_response({"message": "Missing Access", "code": 50001}, status=403)
-            return web.json_response(_message(call.json, channel_id=channel_id, parts=call.files))
-        return web.json_response({"message": f"404: Not Found ({method} {path})", "code": 0}, status=404)
+                return _json({"message": "Missing Access", "code": 50001}, status=403)
+            return _json(message_payload(call.json, channel_id=channel_id, parts=call.files))
+        return _json({"message": f"404: Not Found ({method} {path})", "code": 0}, status=404)
 
     def _callback(self, interaction_id: int, token: str, call: Call) -> web.Response:
         if token in self.expired_tokens:
-            return web.json_response({"message": "Unknown interaction", "code": 10062}, status=404)
+            return _json({"message": "Unknown interaction", "code": 10062}, status=404)
         kind = int((call.json or {}).get("type", 0))
         data = (call.json or {}).get("data") or {}
         answer: dict[str, Any] = {
@@ -198,10 +201,17 @@ class FakeDiscord:
             "resource": {"type": kind},
         }
         if kind == 4:
-            message = _message(data, channel_id=0, parts=call.files, webhook=True)
+            message = message_payload(data, channel_id=0, parts=call.files, webhook=True)
             answer["interaction"]["response_message_id"] = message["id"]
             answer["resource"]["message"] = message
-        return web.json_response(answer)
+        return _json(answer)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    """JSON the way Discord sends it: discord.py wants exactly `application/json`, without a charset."""
+    return web.Response(
+        body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"}
+    )
 
 
 def _application() -> dict[str, Any]:
@@ -219,7 +229,9 @@ def _application() -> dict[str, Any]:
     }
 
 
-def _message(body: Any, *, channel_id: int, parts: tuple[Part, ...], webhook: bool = False) -> dict[str, Any]:
+def message_payload(
+    body: Any, *, channel_id: int, parts: tuple[Part, ...], webhook: bool = False
+) -> dict[str, Any]:
     body = body or {}
     now = datetime.datetime.now(datetime.UTC).isoformat()
     attachments = [

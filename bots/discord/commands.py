@@ -136,7 +136,7 @@ class SlashCommands:
             style: str | None = None,
             quota: app_commands.Range[int, 0, 10_000] | None = None,
             enabled: bool | None = None,
-            gallery: discord.TextChannel | None = None,
+            gallery: app_commands.AppCommandChannel | None = None,
             clear_gallery: bool = False,
         ) -> None:
             await interaction.response.defer(ephemeral=True, thinking=True)
@@ -150,6 +150,9 @@ class SlashCommands:
             if enabled is not None:
                 changes.append((chat, f"enabled {'on' if enabled else 'off'}"))
             if gallery is not None:
+                if gallery.type not in (discord.ChannelType.text, discord.ChannelType.news):
+                    await say(interaction, "The gallery must be a text channel.")
+                    return
                 changes.append((guild, f"gallery {gallery.id}"))
             elif clear_gallery:
                 changes.append((guild, "gallery off"))
@@ -248,7 +251,7 @@ class SlashCommands:
                 chat_of(interaction), user_of(interaction), f"/{name} {text}".strip(), context
             )
             for job in _jobs_of(reply):
-                await self._route(job.id, target)
+                self._route(job.id, target)
             files = [
                 discord.File(io.BytesIO(data), filename=filename) for filename, data in reply.attachments
             ]
@@ -281,15 +284,15 @@ class SlashCommands:
         if action.value == "choose":
             await say(interaction, f"⭐ Picture {index + 1} is now the storybook's panel.")
             return
-        await self._route(job.id, target)
+        self._route(job.id, target)
 
-    async def _route(self, job_id: str, target: Target) -> None:
-        """Deliver a job the service made without our meta (buttons, plug-in commands) to `target`."""
-        self.delivery.remember(job_id, target)  # in memory first: the job's next events see it
-        try:
-            await self.service.update_meta(job_id, target.to_meta())
-        except HuahuaError as err:
-            logger.info("could not keep the Discord target on job %s: %s", job_id, err.message)
+    def _route(self, job_id: str, target: Target) -> None:
+        """Deliver a job the service made without our meta (buttons, plug-in commands) to `target`.
+
+        Kept in memory only: `Huahua.update_meta` rewrites the whole job and would race the worker
+        (a job could go back to "queued" after it finished), so these jobs are not re-delivered after
+        a restart until `Huahua.act` takes a `meta` argument."""
+        self.delivery.remember(job_id, target)
 
 
 def _jobs_of(reply: Any) -> tuple[Any, ...]:
