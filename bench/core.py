@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (sys.path is fixed before the project imports, see below)
 """Core overhead benchmark: /imagine through the real web app and service with an engine that costs nothing.
 
 Run: `python bench/core.py [--users 1,100,1000] [--workers 4]`. Each simulated user posts one /imagine
@@ -18,6 +19,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+# Run as `python bench/core.py`, this file's folder comes first on sys.path and its name would hide
+# the `core` package: look for packages from the repository root instead.
+_HERE = str(Path(__file__).resolve().parent)
+while _HERE in sys.path:
+    sys.path.remove(_HERE)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp
 from aiohttp import web

@@ -224,18 +224,35 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     heartbeat = request.app[HEARTBEAT_KEY]
+    checked = False
     try:
         async for event in _with_heartbeats(service.subscribe(job.id), heartbeat):
             if event is None:
                 await response.write(b": keep-alive\n\n")
                 continue
+            if not checked and not event.type.final:
+                event = await _catch_up(service, job.id, event)
+            checked = True
             job = await _job_after(service, job, event)
             payload = json.dumps(job_json(job, event.position), ensure_ascii=False)
             await response.write(f"event: {event.type.value}\ndata: {payload}\n\n".encode())
-    except (ConnectionResetError, asyncio.CancelledError):
+            if event.type.final:
+                break
+    except ConnectionResetError:
         logger.debug("event stream client for job %s went away", job.id)
-        raise
     return response
+
+
+async def _catch_up(service: Huahua, job_id: str, first: JobEvent) -> JobEvent:
+    """Once subscribed, make sure the job did not end between the snapshot and the subscription.
+
+    `Huahua.subscribe` reads the job's state before its queue is registered with the event bus, so a
+    final event published in between would be lost and the stream would never close.
+    """
+    latest = await service.get_job(job_id)
+    if not latest.status.finished:
+        return first
+    return JobEvent(job_id, EventType(latest.status.value), progress=latest.progress, error=latest.error)
 
 
 async def _job_after(service: Huahua, job: Job, event: JobEvent) -> Job:
