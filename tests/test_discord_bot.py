@@ -343,6 +343,16 @@ async def test_blocked_prompt_gets_an_ephemeral_sentence_and_no_job(env: Env) ->
     assert not followups(env.api, sent) and not env.engine.requests
 
 
+async def test_an_unexpected_error_still_answers_one_sentence(env: Env) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("disk on fire")
+
+    env.service.imagine = broken  # type: ignore[method-assign]
+    sent = slash(env, "imagine", prompt="a cat")
+    text = await answer_text(env.api, sent)
+    assert "went wrong" in text and "disk" not in text
+
+
 async def test_invalid_option_is_one_sentence(env: Env) -> None:
     sent = slash(env, "imagine", prompt="a cat", ar="banana")
     text = await answer_text(env.api, sent)
@@ -503,3 +513,41 @@ def test_custom_ids_round_trip_through_the_template() -> None:
     assert match and (match["action"], match["index"], match["job"]) == ("variation", "3", "abcdef0123456789")
     assert len(cid) <= 100
     assert not re.fullmatch(CUSTOM_ID, "hh:delete:0:abc")
+
+
+async def test_story_commands_reply_and_their_pictures_are_delivered(env: Env) -> None:
+    if "story" not in env.service._handlers or "illustrate" not in env.service._handlers:
+        pytest.skip("the service registers no story commands")
+    if not hasattr(env.service.store, "active_story"):
+        pytest.skip("the store does not keep stories yet (core/story is still landing)")
+    started = slash(env, "story", text="new The Fox and the Moon")
+    assert "The Fox and the Moon" in await answer_text(env.api, started)
+    assert callbacks(env.api, started)[0].json["type"] == 5
+    assert "flags" not in (callbacks(env.api, started)[0].json.get("data") or {})  # public reply
+
+    added = slash(env, "story", text="add A red fox looks at the full moon over a snowy forest.")
+    await answer_text(env.api, added)
+    drawn = slash(env, "illustrate")
+    (result,) = await env.api.wait_for(lambda: followups(env.api, drawn))
+    job = await env.service.get_job(job_id_in(result))
+    assert job.kind == JobKind.SCENE and job.chat == f"dc:{CHANNEL}"
+    assert result.files[0].data == await env.service.image(job.images[0])
+    assert custom_id(Action("choose"), 0, job.id) in result.custom_ids()
+    assert all("Drawing" not in c.json["content"] for c in edits(env.api, drawn))  # the reply stays
+
+
+async def test_the_tiny_model_draws_through_discord(tmp_path: Path, api: FakeDiscord) -> None:
+    pytest.importorskip("mindspore")
+    settings = make_settings(tmp_path, discord_guild_id=GUILD)
+    service = await make_service(tmp_path)  # engine "tiny": the real model code at a tiny size
+    client = build_client(service, settings, edit_interval=0.0)
+    await client.login("fake-bot-token")
+    env = Env(api, service, client, PatternEngine())
+    try:
+        sent = slash(env, "imagine", prompt="一只猫", steps=2, seed=3)
+        (result,) = await api.wait_for(lambda: followups(api, sent), limit_s=50)
+        image = Image.open(io.BytesIO(result.files[0].data))
+        job = await service.get_job(job_id_in(result))
+        assert image.format == "PNG" and image.size == (job.request.width, job.request.height)
+    finally:
+        await stop_bot(env)

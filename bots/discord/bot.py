@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 
-from bots.discord.commands import SlashCommands
+from bots.discord.commands import SlashCommands, answer
 from bots.discord.delivery import Delivery
 from bots.discord.views import JobButton
 from core.errors import HuahuaError
@@ -36,6 +36,7 @@ class HuahuaBot(discord.Client):
         self.delivery = Delivery(self, service, edit_interval=edit_interval)
         self.commands = SlashCommands(service, self.delivery)
         self.commands.install(self.tree)
+        self.tree.on_error = self.on_command_error  # type: ignore[method-assign]
         service.listen(CHAT_PREFIX, self.delivery.on_event)
 
     async def setup_hook(self) -> None:
@@ -56,10 +57,21 @@ class HuahuaBot(discord.Client):
         except discord.HTTPException as err:
             logger.error("could not sync slash commands (HTTP %s, code %s)", err.status, err.code)
 
+    async def on_command_error(
+        self, interaction: discord.Interaction[Any], error: app_commands.AppCommandError
+    ) -> None:
+        """A bug or an outage must still end in one sentence, never a spinning "thinking…"."""
+        logger.error("slash command /%s failed", getattr(interaction.command, "name", "?"), exc_info=error)
+        await answer(interaction, "Something went wrong on my side; please try again in a moment.")
+
     async def on_job_button(
         self, interaction: discord.Interaction[Any], action: Action, index: int, job_id: str
     ) -> None:
-        await self.commands.on_job_button(interaction, action, index, job_id)
+        try:
+            await self.commands.on_job_button(interaction, action, index, job_id)
+        except Exception:
+            logger.exception("the %s button of job %s failed", action.value, job_id)
+            await answer(interaction, "Something went wrong on my side; please try again in a moment.")
 
     async def close(self) -> None:
         self.delivery.close()

@@ -57,6 +57,18 @@ async def say(interaction: Interaction, text: str, files: list[discord.File] | N
         logger.info("could not answer an interaction: %s", type(err).__name__)
 
 
+async def answer(interaction: Interaction, text: str) -> None:
+    """An ephemeral sentence, whether or not the interaction was already deferred."""
+    if interaction.response.is_done():
+        await say(interaction, text)
+        return
+    try:
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            await interaction.response.send_message(clip(text), ephemeral=True)
+    except (discord.HTTPException, TimeoutError) as err:
+        logger.info("could not answer an interaction: %s", type(err).__name__)
+
+
 class SlashCommands:
     """Installs /imagine, /settings, /share, /help and the service's plug-in commands on a tree."""
 
@@ -166,7 +178,7 @@ class SlashCommands:
                 )
                 return
             context = MessageContext(is_admin=True)
-            answers = []
+            answers: list[str] = []
             for scope, args in changes:
                 reply = await self.service.handle_message(
                     scope, user_of(interaction), f"/settings {args}", context

@@ -187,8 +187,8 @@ class Delivery:
             return False
         try:
             async with asyncio.timeout(CALL_TIMEOUT_S):
-                await self._webhook(target).edit_message(
-                    "@original",  # type: ignore[arg-type]
+                await self._webhook(target).edit_message(  # type: ignore[call-overload]
+                    "@original",  # the interaction's original response, as Discord names it
                     content=clip(content),
                     view=view,
                     allowed_mentions=NO_MENTIONS,
