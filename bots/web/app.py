@@ -226,18 +226,19 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     heartbeat = request.app[HEARTBEAT_KEY]
     checked = False
     try:
-        async for event in _with_heartbeats(service.subscribe(job.id), heartbeat):
-            if event is None:
-                await response.write(b": keep-alive\n\n")
-                continue
-            if not checked and not event.type.final:
-                event = await _catch_up(service, job.id, event)
-            checked = True
-            job = await _job_after(service, job, event)
-            payload = json.dumps(job_json(job, event.position), ensure_ascii=False)
-            await response.write(f"event: {event.type.value}\ndata: {payload}\n\n".encode())
-            if event.type.final:
-                break
+        async with contextlib.aclosing(_with_heartbeats(service.subscribe(job.id), heartbeat)) as events:
+            async for event in events:
+                if event is None:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                if not checked and not event.type.final:
+                    event = await _catch_up(service, job.id, event)
+                checked = True
+                job = await _job_after(service, job, event)
+                payload = json.dumps(job_json(job, event.position), ensure_ascii=False)
+                await response.write(f"event: {event.type.value}\ndata: {payload}\n\n".encode())
+                if event.type.final:
+                    break
     except ConnectionResetError:
         logger.debug("event stream client for job %s went away", job.id)
     return response
