@@ -269,7 +269,7 @@ def build_application(service: Huahua, settings: Settings) -> Application:  # ty
         .build()
     )
     app.bot_data["adapter"] = adapter
-    app.add_handler(TgMessageHandler(filters.TEXT & ~filters.UPDATE.EDITED, adapter.on_message))
+    app.add_handler(TgMessageHandler(filters.TEXT & ~filters.UpdateType.EDITED, adapter.on_message))
     app.add_handler(CallbackQueryHandler(adapter.on_button))
     app.add_error_handler(adapter.on_error)
     service.listen("tg:", adapter.delivery.on_event)
