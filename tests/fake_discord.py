@@ -23,6 +23,7 @@ from aiohttp import web
 APP_ID = 1100000000000000001
 BOT_ID = 1100000000000000002
 OWNER_ID = 1100000000000000003
+VALID_TOKEN = "fake-bot-token"
 
 _ids = itertools.count(1300000000000000000)
 
@@ -116,7 +117,7 @@ class FakeDiscord:
         regex = re.compile(pattern)
         return [c for c in self.calls if c.method == method and regex.fullmatch(c.path)]
 
-    async def wait_for(self, predicate: Callable[[], Any], limit_s: float = 5.0) -> Any:
+    async def wait_for(self, predicate: Callable[[], Any], limit_s: float = 20.0) -> Any:
         """Wait until `predicate()` is truthy (re-checked after every call) and return its value."""
 
         async def check() -> Any:
@@ -136,7 +137,7 @@ class FakeDiscord:
         self.calls.append(call)
         async with self._changed:
             self._changed.notify_all()
-        return self._answer(call)
+        return self._answer(call, request.headers.get("Authorization", ""))
 
     @staticmethod
     async def _read_body(request: web.Request) -> tuple[Any, tuple[Part, ...]]:
@@ -157,9 +158,11 @@ class FakeDiscord:
             return (json.loads(raw) if raw else None), ()
         return None, ()
 
-    def _answer(self, call: Call) -> web.Response:
+    def _answer(self, call: Call, authorization: str) -> web.Response:
         method, path = call.method, call.path
         if path == "/users/@me":
+            if authorization != f"Bot {VALID_TOKEN}":
+                return _json({"message": "401: Unauthorized", "code": 0}, status=401)
             return _json(user_payload(BOT_ID, "huahua", bot=True))
         if path == "/oauth2/applications/@me":
             return _json(_application())
