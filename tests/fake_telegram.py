@@ -150,7 +150,12 @@ class FakeTelegram:
         ]
 
     async def wait_for(
-        self, method: str, count: int = 1, *, chat_id: int | None = None, timeout: float = 10.0
+        self,
+        method: str,
+        count: int = 1,
+        *,
+        chat_id: int | None = None,
+        timeout: float = 10.0,  # noqa: ASYNC109
     ) -> list[Call]:
         """Wait until the bot has called `method` at least `count` times; returns those calls."""
 

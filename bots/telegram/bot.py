@@ -257,6 +257,7 @@ def build_application(service: Huahua, settings: Settings) -> Application:  # ty
     """A python-telegram-bot Application wired to the service; it does no I/O until started."""
     if settings.telegram_token is None or not settings.telegram_token.get_secret_value().strip():
         raise InvalidOption("Set HUAHUA_TELEGRAM_TOKEN to the token @BotFather gave you.")
+    _redact_in_logs(settings.telegram_token.get_secret_value().strip())
     root = settings.telegram_base_url.rstrip("/")
     adapter = TelegramAdapter(service, settings)
     app = (
@@ -274,6 +275,30 @@ def build_application(service: Huahua, settings: Settings) -> Application:  # ty
     app.add_error_handler(adapter.on_error)
     service.listen("tg:", adapter.delivery.on_event)
     return app
+
+
+class _RedactToken(logging.Filter):
+    """Replaces the bot token in log records (python-telegram-bot logs its API URLs at DEBUG)."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token = token
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.token in message:
+            record.msg, record.args = message.replace(self.token, "<token>"), ()
+        return True
+
+
+LOGGERS_SEEING_THE_TOKEN = ("httpx", "telegram.Bot", "telegram.ext.ExtBot", "telegram.ext.Updater")
+
+
+def _redact_in_logs(token: str) -> None:
+    for name in LOGGERS_SEEING_THE_TOKEN:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _RedactToken) and f.token == token for f in target.filters):
+            target.addFilter(_RedactToken(token))
 
 
 def adapter_of(app: Application) -> TelegramAdapter:  # type: ignore[type-arg]
