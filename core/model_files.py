@@ -134,9 +134,17 @@ async def fetch_model(
             downloaded.append(vocab)
         if not checkpoint.is_file():
             await download(session, checkpoint_url, checkpoint, progress=progress, retries=retries)
-            part = _part(checkpoint)
-            report = await asyncio.to_thread(check_model, part, settings, config=config)
-            _finish(checkpoint, None if report.ok else f"the downloaded checkpoint is not usable:\n{report}")
+            # readers pick the format by suffix, so the file is checked under `<stem>.checking<suffix>`
+            checking = checkpoint.with_name(f"{checkpoint.stem}.checking{checkpoint.suffix}")
+            _part(checkpoint).replace(checking)
+            report = await asyncio.to_thread(check_model, checking, settings, config=config)
+            if not report.ok:
+                checking.unlink(missing_ok=True)
+                raise CheckpointError(
+                    f"The downloaded {checkpoint.name} is not usable, so it was deleted:\n{report}"
+                )
+            checking.replace(checkpoint)
+            logger.info("installed %s", checkpoint)
             downloaded.append(checkpoint)
     return FetchResult(checkpoint, vocab, tuple(downloaded))
 
@@ -155,7 +163,9 @@ def _finish(dest: Path, problem: str | None) -> None:
     part = _part(dest)
     if problem:
         part.unlink(missing_ok=True)
-        raise CheckpointError(f"Download of {dest.name} failed: {problem}. The file was deleted; try again.")
+        raise CheckpointError(
+            f"Download of {dest.name} failed: {problem.rstrip('.')}. It was deleted; try again."
+        )
     part.replace(dest)
     logger.info("installed %s", dest)
 

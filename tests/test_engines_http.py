@@ -26,7 +26,7 @@ from core.worker_server import create_app
 VOCAB = Path(__file__).resolve().parents[2] / "shared/wukong/vocab_zh.txt"
 needs_vocab = pytest.mark.skipif(not VOCAB.is_file(), reason="shared vocab_zh.txt is not available")
 SECRET = "another-s3cret"
-REQUEST = GenerationRequest(prompt="山水画", width=128, height=128, steps=3, seed=9, n=1)
+REQUEST = GenerationRequest(prompt="山水画", width=64, height=64, steps=3, seed=9, n=1)
 
 
 def _ignore(step: int, total: int) -> None:
@@ -104,7 +104,7 @@ async def test_remote_images_equal_local_ones(remote: HttpEngine, local: LocalEn
 
 @needs_vocab
 async def test_worker_errors_come_back_as_core_errors(remote: HttpEngine) -> None:
-    bad = GenerationRequest(prompt="猫", width=100, height=128, steps=3)
+    bad = GenerationRequest(prompt="猫", width=72, height=64, steps=3)
     with pytest.raises(InvalidOption, match="multiples of 16"):
         await remote.generate(bad, _ignore, CancelToken())
 
@@ -120,7 +120,7 @@ async def test_cancel_closes_the_stream_and_the_worker_stops(remote: HttpEngine,
 
     with pytest.raises(JobCancelled):
         await remote.generate(
-            GenerationRequest(prompt="猫", width=128, height=128, steps=total), on_progress, cancel
+            GenerationRequest(prompt="猫", width=64, height=64, steps=total), on_progress, cancel
         )
     for _ in range(200):
         if local.stats.cancelled:

@@ -162,3 +162,71 @@ def test_check_model_on_a_missing_file(tmp_path: Path) -> None:
     report = check_model(tmp_path / "absent.ckpt")
     assert not report.ok
     assert "no such file" in str(report)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    from core.diffusion import WukongConfig, WukongPipeline, save_checkpoint
+
+    path = tmp_path_factory.mktemp("ck") / "tiny.ckpt"
+    save_checkpoint(WukongPipeline.random(WukongConfig.tiny(), None, seed=0), path)
+    return path.read_bytes()
+
+
+@needs_vocab
+async def test_fetch_installs_checked_files_and_resumes(
+    files: FileServer, tmp_path: Path, tiny_checkpoint: bytes
+) -> None:
+    from core.diffusion import WukongConfig
+
+    settings = _settings(tmp_path)
+    files.files["vocab.txt"] = VOCAB.read_bytes()
+    files.files["tiny.ckpt"] = tiny_checkpoint
+    files.drop_after["tiny.ckpt"] = len(tiny_checkpoint) // 3
+    result = await fetch_model(
+        settings,
+        False,
+        vocab_url=files.url("vocab.txt"),
+        checkpoint_url=files.url("tiny.ckpt"),
+        config=WukongConfig.tiny(),
+    )
+    assert result.downloaded == (settings.resolved_vocab_path, settings.checkpoint_path)
+    assert settings.checkpoint_path.read_bytes() == tiny_checkpoint
+    assert settings.resolved_vocab_path.read_bytes() == VOCAB.read_bytes()
+    assert sorted(p.name for p in settings.model_dir.iterdir()) == ["vocab_zh.txt", "wukong-huahua-ms.ckpt"]
+    resumed_at = int(str(files.ranges[-1]).removeprefix("bytes=").removesuffix("-"))
+    assert 0 < resumed_at <= len(tiny_checkpoint) // 3  # the second request continued the first
+    report = check_model(settings.checkpoint_path, settings, config=WukongConfig.tiny())
+    assert report.ok and "OK" in report.text
+
+
+@needs_vocab
+async def test_a_checkpoint_for_another_model_is_refused_and_deleted(
+    files: FileServer, tmp_path: Path, tiny_checkpoint: bytes
+) -> None:
+    settings = _settings(tmp_path)
+    files.files["vocab.txt"] = VOCAB.read_bytes()
+    files.files["tiny.ckpt"] = tiny_checkpoint
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        await fetch_model(
+            settings, False, vocab_url=files.url("vocab.txt"), checkpoint_url=files.url("tiny.ckpt")
+        )
+    assert not settings.checkpoint_path.exists()
+    assert sorted(p.name for p in settings.model_dir.iterdir()) == ["vocab_zh.txt"]
+    assert settings.resolved_vocab_path.is_file()
+
+
+def test_check_model_reports_problems_by_name(tmp_path: Path, tiny_checkpoint: bytes) -> None:
+    path = tmp_path / "tiny.ckpt"
+    path.write_bytes(tiny_checkpoint)
+    report = check_model(path)  # against the official model
+    assert not report.ok
+    assert "wrong shape" in report.text and "model.diffusion_model." in report.text
+    assert report.text.endswith("NOT usable.")
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x00\x01garbage" * 1000)
+    report = check_model(garbage)
+    assert not report.ok and "corrupt" in report.text
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(tiny_checkpoint[: len(tiny_checkpoint) // 2])
+    assert not check_model(truncated).ok
