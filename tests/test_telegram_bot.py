@@ -7,10 +7,12 @@ import contextlib
 import io
 import itertools
 import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from PIL import Image
 
@@ -288,3 +290,60 @@ async def test_tiny_model_draws_through_telegram(tmp_path: Path, fake: FakeTeleg
     with Image.open(io.BytesIO(photo.files["photo"])) as image:
         assert image.size[0] * image.size[1] == 64 * 64
     assert "seed 3" in photo.params["caption"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_webhook_mode_checks_the_secret_token(tmp_path: Path, fake: FakeTelegram) -> None:
+    port = free_port()
+    settings = make_settings(
+        tmp_path,
+        telegram_token=fake.token,
+        telegram_base_url=fake.root,
+        telegram_webhook_url="https://bot.example.org/tg/hook",
+        telegram_webhook_secret="s3cret_Value-1",
+        telegram_webhook_port=port,
+    )
+    service = await build_service(settings, engine=PatternEngine())
+    app = build_application(service, settings)
+    await service.start()
+    await start_application(app, settings, webhook_listen="127.0.0.1")
+    try:
+        hook = (await fake.wait_for("setWebhook"))[0].params
+        assert hook["url"] == "https://bot.example.org/tg/hook" and hook["secret_token"] == "s3cret_Value-1"
+        update = {"update_id": 1, "message": fake.send_text(USER, USER, "/help")}
+        url = f"http://127.0.0.1:{port}/tg/hook"
+        async with aiohttp.ClientSession() as http:
+            wrong = {"X-Telegram-Bot-Api-Secret-Token": "guess"}
+            async with http.post(url, json=update, headers=wrong) as response:
+                assert response.status == 403
+            right = {"X-Telegram-Bot-Api-Secret-Token": "s3cret_Value-1"}
+            async with http.post(url, json=update, headers=right) as response:
+                assert response.status == 200
+        answer = (await fake.wait_for("sendMessage", chat_id=USER))[0]
+        assert answer.params["text"].startswith("Huahua turns your words")
+        assert len(fake.calls_of("sendMessage")) == 1
+    finally:
+        await stop_application(app)
+        await service.stop()
+
+
+async def test_webhook_secret_with_bad_characters_is_refused(tmp_path: Path, fake: FakeTelegram) -> None:
+    settings = make_settings(
+        tmp_path,
+        telegram_token=fake.token,
+        telegram_base_url=fake.root,
+        telegram_webhook_url="https://bot.example.org/hook",
+        telegram_webhook_secret="no spaces allowed!",
+    )
+    service = await build_service(settings, engine=PatternEngine())
+    try:
+        with pytest.raises(InvalidOption, match="WEBHOOK_SECRET"):
+            await start_application(build_application(service, settings), settings)
+    finally:
+        await service.stop()
+    assert not fake.calls
