@@ -153,3 +153,31 @@ async def test_client_disconnect_cancels_sampling(
     async with client.get(worker.make_url("/v1/health")) as health:
         info = await health.json()
     assert info["load"]["busy"] is False and info["load"]["requests"] == 0
+
+
+async def test_serve_worker_listens_until_cancelled(settings: Settings) -> None:
+    import socket
+
+    from core.worker_server import serve_worker
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = settings.model_copy(update={"worker_port": port, "worker_secret": None})
+    task = asyncio.create_task(serve_worker(config))
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/v1/health") as resp:
+                        info = await resp.json()
+                        break
+                except aiohttp.ClientConnectorError:
+                    await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the worker did not start listening")
+        assert info["engine"] == "tiny" and info["ready"] is True
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
