@@ -1,3 +1,4 @@
+import asyncio
 import io
 import threading
 import time
@@ -220,3 +221,19 @@ async def test_waiting_requests_of_one_size_share_a_batch(tiny: LocalEngine) -> 
 async def test_bad_requests_are_invalid_option(tiny: LocalEngine, values: dict, message: str) -> None:
     with pytest.raises(InvalidOption, match=message):
         await tiny.generate(_request(**values), _ignore, CancelToken())
+
+
+@needs_vocab
+async def test_a_caller_that_stops_waiting_stops_the_run(tiny: LocalEngine) -> None:
+    started = asyncio.Event()
+    before = tiny.stats.steps
+    task = asyncio.create_task(tiny.generate(_request(steps=40), lambda s, t: started.set(), CancelToken()))
+    await asyncio.wait_for(started.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):
+        if not (await tiny.health())["load"]["busy"]:
+            break
+        await asyncio.sleep(0.05)
+    assert tiny.stats.steps - before < 40

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -125,7 +124,7 @@ class LocalEngine(Engine):
         self._loading: asyncio.Future[None] | None = None
         self._pending: list[_Pending] = []
         self._busy = False
-        self._lock = threading.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # lifecycle
 
@@ -225,9 +224,11 @@ class LocalEngine(Engine):
                     self._pending.remove(pending)
         self._busy = True
         task = asyncio.get_running_loop().create_task(self._run_jobs(jobs))
+        self._tasks.add(task)
         task.add_done_callback(self._after_batch)
 
-    def _after_batch(self, _task: asyncio.Task[None]) -> None:
+    def _after_batch(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
         self._busy = False
         self._dispatch()
 
@@ -247,7 +248,8 @@ class LocalEngine(Engine):
                 loop.call_soon_threadsafe(_safe_progress, job.on_progress, step, total)
 
         def cancelled() -> bool:
-            return all(job.cancel.cancelled for job in live)
+            # a job whose caller stopped waiting (its future was cancelled) counts as cancelled
+            return all(job.cancel.cancelled or job.future.done() for job in live)
 
         requests = [job.request for job in live]
         try:
