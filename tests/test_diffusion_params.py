@@ -15,7 +15,13 @@ from mindspore import Tensor  # noqa: E402
 
 from core.diffusion import WukongConfig  # noqa: E402
 from core.diffusion.checkpoint import build_model, expected_shapes, randomize  # noqa: E402
-from core.diffusion.layers import GroupNorm, LayerNorm, attention, timestep_embedding  # noqa: E402
+from core.diffusion.layers import (  # noqa: E402
+    GroupNorm,
+    LayerNorm,
+    attention,
+    gelu_tanh,
+    timestep_embedding,
+)
 from core.diffusion.text_encoder import MultiheadAttention  # noqa: E402
 from core.diffusion.vae import Downsample  # noqa: E402
 
@@ -164,3 +170,9 @@ def test_vae_downsample_pads_only_bottom_and_right() -> None:
     x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
     out = down(Tensor(x)).asnumpy()
     np.testing.assert_array_equal(out[0, 0], x[0, 0, ::2, ::2])
+
+
+def test_gelu_is_the_tanh_approximation() -> None:
+    x = np.linspace(-6, 6, 49, dtype=np.float32)
+    ref = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    np.testing.assert_allclose(gelu_tanh(Tensor(x)).asnumpy(), ref, rtol=1e-5, atol=1e-6)

@@ -10,8 +10,10 @@ from mindspore import Tensor, nn, ops
 
 _bmm = ops.BatchMatMul()
 _bmm_t = ops.BatchMatMul(transpose_b=True)
-_ATTENTION_CHUNK_BYTES = 256 * 1024 * 1024
-"""Largest (chunk, n, m) float32 score block built at once; bounds attention memory at 512x512."""
+_ATTENTION_CHUNK_BYTES = 1024 * 1024 * 1024
+"""Largest (chunk, n, m) float32 score block built at once: one guided 512x512 step runs unsliced
+(slicing costs time on CPU), larger batches are sliced along the heads to bound memory."""
+_GELU_2_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -67,6 +69,12 @@ class Identity(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         return x
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU, tanh approximation (MindSpore's `GeLU` primitive, as the reference uses), via
+    0.5 * (1 + tanh(z)) = sigmoid(2z): several times faster on CPU than `ops.gelu`."""
+    return x * ops.sigmoid((x + 0.044715 * x * x * x) * _GELU_2_SQRT_2_OVER_PI)
 
 
 def upsample_nearest(x: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from core.diffusion.layers import (
     WrappedConv,
     attention,
     conv2d,
+    gelu_tanh,
     merge_heads,
     split_heads,
     timestep_embedding,
@@ -68,7 +69,7 @@ class GEGLU(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         value, gate = ops.split(self.proj(x), self.inner, axis=-1)
-        return value * ops.gelu(gate, approximate="none")
+        return value * gelu_tanh(gate)
 
 
 class FeedForward(nn.Cell):
