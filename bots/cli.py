@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="serve the engine over HTTP for `HUAHUA_ENGINE=http` bots")
     worker.add_argument("--host")
     worker.add_argument("--port", type=int)
-    imagine = sub.add_parser("imagine", help="one picture, no chat: huahua imagine 'text --ar 3:2' -o out.png")
+    imagine = sub.add_parser(
+        "imagine", help="one picture, no chat: huahua imagine 'text --ar 3:2' -o out.png"
+    )
     imagine.add_argument("text")
     imagine.add_argument("-o", "--output", type=Path, default=Path("huahua.png"))
     model = sub.add_parser("model", help="fetch or check the official weights")

@@ -42,9 +42,11 @@ class Engine(abc.ABC):
 
     async def start(self) -> None:
         """Load weights or open connections; must not raise for missing weights (see `ready`)."""
+        return None
 
     async def close(self) -> None:
         """Release resources."""
+        return None
 
     async def health(self) -> dict[str, Any]:
         return {"engine": self.name, "ready": True}

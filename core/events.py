@@ -7,11 +7,12 @@ import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from core.types import Job, JobEvent
+from core.types import EventType, Job, JobEvent
 
 logger = logging.getLogger(__name__)
 
 Listener = Callable[[Job, JobEvent], Awaitable[None]]
+ALL_EVENTS = frozenset(EventType)
 
 
 class EventBus:
@@ -19,18 +20,18 @@ class EventBus:
 
     def __init__(self) -> None:
         self._subscribers: dict[str, set[asyncio.Queue[JobEvent]]] = defaultdict(set)
-        self._listeners: list[tuple[str, Listener]] = []
+        self._listeners: list[tuple[str, frozenset[EventType], Listener]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def listen(self, chat_prefix: str, listener: Listener) -> None:
-        """Call `listener` for every event of jobs whose chat id starts with `chat_prefix`."""
-        self._listeners.append((chat_prefix, listener))
+    def listen(self, chat_prefix: str, listener: Listener, types: frozenset[EventType] = ALL_EVENTS) -> None:
+        """Call `listener` for the events (of `types`) of jobs whose chat id starts with `chat_prefix`."""
+        self._listeners.append((chat_prefix, types, listener))
 
     def publish(self, job: Job, event: JobEvent) -> None:
         for queue in self._subscribers.get(job.id, ()):
             queue.put_nowait(event)
-        for prefix, listener in self._listeners:
-            if job.chat.startswith(prefix):
+        for prefix, types, listener in self._listeners:
+            if event.type in types and job.chat.startswith(prefix):
                 task = asyncio.create_task(self._call(listener, job, event))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -42,12 +43,19 @@ class EventBus:
         except Exception:
             logger.exception("listener failed on %s event of job %s", event.type, job.id)
 
-    async def subscribe(self, job_id: str, first: JobEvent | None = None) -> AsyncIterator[JobEvent]:
-        """Yield the job's events until a final one; `first` is yielded before the live ones."""
+    async def subscribe(
+        self, job_id: str, snapshot: Callable[[], Awaitable[JobEvent]] | None = None
+    ) -> AsyncIterator[JobEvent]:
+        """Yield the job's events until a final one.
+
+        `snapshot` builds an event from the job's current state; it runs after the subscription is in
+        place, so an event published meanwhile is queued rather than lost.
+        """
         queue: asyncio.Queue[JobEvent] = asyncio.Queue()
         self._subscribers[job_id].add(queue)
         try:
-            if first is not None:
+            if snapshot is not None:
+                first = await snapshot()
                 yield first
                 if first.type.final:
                     return
@@ -63,11 +71,13 @@ class EventBus:
                 if not subscribers:
                     del self._subscribers[job_id]
 
-    def wants(self, job: Job) -> bool:
-        """Whether anyone would receive an event of this job."""
+    def wants(self, job: Job, event_type: EventType) -> bool:
+        """Whether anyone would receive an event of this type for this job."""
         if self._subscribers.get(job.id):
             return True
-        return any(job.chat.startswith(prefix) for prefix, _ in self._listeners)
+        return any(
+            event_type in types and job.chat.startswith(prefix) for prefix, types, _ in self._listeners
+        )
 
     async def drain(self) -> None:
         """Wait for listener calls in flight (used at shutdown and in tests)."""

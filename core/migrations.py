@@ -51,6 +51,19 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        2,
+        """
+        CREATE TABLE stories (
+            id TEXT PRIMARY KEY,
+            chat TEXT NOT NULL,
+            active INTEGER NOT NULL,
+            updated_at REAL NOT NULL,
+            data TEXT NOT NULL
+        );
+        CREATE UNIQUE INDEX stories_one_active_per_chat ON stories (chat) WHERE active = 1;
+        """,
+    ),
 )
 
 

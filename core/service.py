@@ -22,7 +22,7 @@ from core.errors import (
     NotFound,
     QuotaExceeded,
 )
-from core.events import EventBus, Listener
+from core.events import ALL_EVENTS, EventBus, Listener
 from core.settings import Settings
 from core.types import (
     Action,
@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 VARIATION_STRENGTH = 0.6
 UPSCALE_STRENGTH = 0.35
 MAX_UPSCALED_SIDE = 1536
+CARRIED_META_PREFIX = "story"
+"""Job meta keys that rerolls, variations and upscales inherit (platform ids are per job)."""
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,14 @@ class Reply:
     """What an adapter posts back for one incoming message: sentences, and the job it started if any."""
 
     texts: tuple[str, ...] = ()
-    job: Job | None = None
+    jobs: tuple[Job, ...] = ()
     attachments: tuple[tuple[str, bytes], ...] = ()
-    """(file name, bytes) pairs, e.g. an exported storybook."""
+    """(file name, bytes) pairs, e.g. an exported storybook or the latest story panels."""
+
+    @property
+    def job(self) -> Job | None:
+        """The first job started, for the common one-job reply."""
+        return self.jobs[0] if self.jobs else None
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,9 @@ class CommandHandler(Protocol):
 
     commands: tuple[str, ...]
 
-    async def handle(self, chat: str, user: str, command: str, args: str, context: MessageContext) -> Reply: ...
+    async def handle(
+        self, chat: str, user: str, command: str, args: str, context: MessageContext
+    ) -> Reply: ...
 
 
 @dataclass(frozen=True)
@@ -85,7 +94,7 @@ class MessageContext:
 
 
 class Huahua:
-    """Built by `core.app.build_service`; adapters call `handle_message`, `imagine`, `act` and listen to events."""
+    """Built by `core.app.build_service`; adapters call `handle_message`, `imagine` and `act`, and listen."""
 
     def __init__(
         self,
@@ -113,6 +122,7 @@ class Huahua:
         self._workers: list[asyncio.Task[None]] = []
         self._stopping = False
         self._handlers: dict[str, CommandHandler] = {}
+        self.on_choose: Callable[[Job, int, str], Awaitable[Any]] | None = None
         self._submit_lock = asyncio.Lock()
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -187,7 +197,7 @@ class Huahua:
             from core.options import parse_imagine
 
             job = await self.imagine(chat, user, parse_imagine(args), meta=context.meta)
-            return Reply(texts=(self.queued_text(job, await self.position(job.id)),), job=job)
+            return Reply(texts=(self.queued_text(job, await self.position(job.id)),), jobs=(job,))
         if command == "settings":
             return await self._settings_command(chat, args, context)
         handler = self._handlers.get(command)
@@ -255,8 +265,8 @@ class Huahua:
         built: BuiltPrompt = await self.builder.build(
             resolved.text, style=resolved.style, negative=resolved.negative
         )
-        self._moderate(built.prompt)
-        request = GenerationRequest(
+        request = replace(
+            self.default_request(),
             prompt=built.prompt,
             negative_prompt=built.negative_prompt,
             width=resolved.width,
@@ -265,9 +275,38 @@ class Huahua:
             guidance_scale=resolved.guidance_scale,
             seed=resolved.seed,
             n=resolved.n,
+        )
+        return await self.submit_request(
+            user, chat, JobKind.IMAGINE, options.text, request, notes=built.notes, meta=meta
+        )
+
+    def default_request(self) -> GenerationRequest:
+        return GenerationRequest(
+            prompt="",
+            steps=self.settings.default_steps,
+            guidance_scale=self.settings.default_guidance,
             sampler=self.settings.sampler,
         )
-        job = self._new_job(user, chat, JobKind.IMAGINE, options.text, request, notes=built.notes, meta=meta)
+
+    @property
+    def model_name(self) -> str:
+        """The model behind the pictures, kept with story panels as provenance."""
+        return f"{self.engine.name}" + (f" ({self.engine.label})" if self.engine.label else "")
+
+    async def submit_request(
+        self,
+        user: str,
+        chat: str,
+        kind: JobKind,
+        source_text: str,
+        request: GenerationRequest,
+        *,
+        notes: tuple[str, ...] = (),
+        meta: dict[str, str] | None = None,
+    ) -> Job:
+        """Moderate an already built request and queue it (the story planner builds its own prompts)."""
+        self._moderate(request.prompt)
+        job = self._new_job(user, chat, kind, source_text, request, notes=notes, meta=meta)
         return await self.submit(job)
 
     def _moderate(self, text: str) -> None:
@@ -338,19 +377,36 @@ class Huahua:
                 f"You have used your {quota} images for today ({left} left); the quota resets at 00:00 UTC."
             )
 
-    async def act(self, job_id: str, action: Action | str, index: int, user: str) -> Job:
-        """A button: reroll, variation or upscale make a new job; cancel stops this one."""
+    async def act(
+        self,
+        job_id: str,
+        action: Action | str,
+        index: int,
+        user: str,
+        meta: dict[str, str] | None = None,
+        *,
+        is_admin: bool = False,
+    ) -> Job:
+        """A button: reroll, variation or upscale make a new job (with the adapter's `meta`); cancel stops
+        this one; choose picks a story picture for the book."""
         try:
             action = Action(action)
         except ValueError:
-            raise InvalidOption("The action must be reroll, variation, upscale or cancel.") from None
+            raise InvalidOption("The action must be reroll, variation, upscale, cancel or choose.") from None
         parent = await self.get_job(job_id)
         if action == Action.CANCEL:
-            return await self.cancel(job_id, user)
+            return await self.cancel(job_id, user, is_admin=is_admin)
+        if action == Action.CHOOSE:
+            if self.on_choose is None:
+                raise InvalidOption("Only story pictures can be chosen for a storybook.")
+            await self.on_choose(parent, index, user)
+            return parent
+        carried = {key: value for key, value in parent.meta.items() if key.startswith(CARRIED_META_PREFIX)}
+        carried.update(meta or {})
         if action == Action.REROLL:
             request = replace(parent.request, seed=secrets.randbelow(2**32))
             job = self._new_job(
-                user, parent.chat, JobKind.REROLL, parent.source_text, request, notes=(), parent=parent
+                user, parent.chat, JobKind.REROLL, parent.source_text, request, parent=parent, meta=carried
             )
             return await self.submit(job)
         if parent.status != JobStatus.DONE or not parent.images:
@@ -359,17 +415,15 @@ class Huahua:
             raise InvalidOption(f"Choose a picture from 1 to {len(parent.images)}.")
         image = parent.images[index]
         if action == Action.VARIATION:
-            request = replace(
-                parent.request, n=1, seed=secrets.randbelow(2**32), strength=VARIATION_STRENGTH
-            )
+            request = replace(parent.request, n=1, seed=secrets.randbelow(2**32), strength=VARIATION_STRENGTH)
             kind = JobKind.VARIATION
         else:
             width, height = parent.request.width * 2, parent.request.height * 2
             if max(width, height) > MAX_UPSCALED_SIDE:
-                raise InvalidOption(f"That picture is already as large as I can upscale ({MAX_UPSCALED_SIDE}px).")
-            request = replace(
-                parent.request, n=1, width=width, height=height, strength=UPSCALE_STRENGTH
-            )
+                raise InvalidOption(
+                    f"That picture is already as large as I can upscale ({MAX_UPSCALED_SIDE}px)."
+                )
+            request = replace(parent.request, n=1, width=width, height=height, strength=UPSCALE_STRENGTH)
             kind = JobKind.UPSCALE
         job = self._new_job(
             user,
@@ -380,7 +434,7 @@ class Huahua:
             parent=parent,
             parent_index=index,
             init_image=image,
-            meta=parent.meta,
+            meta=carried,
         )
         return await self.submit(job)
 
@@ -412,22 +466,29 @@ class Huahua:
     async def image(self, digest: str) -> bytes:
         return await self.store.get_image(digest)
 
-    def listen(self, chat_prefix: str, listener: Listener) -> None:
-        self.events.listen(chat_prefix, listener)
+    def listen(self, chat_prefix: str, listener: Listener, types: frozenset[EventType] = ALL_EVENTS) -> None:
+        """Deliver job events to an adapter; survives restarts, since recovered jobs emit events too."""
+        self.events.listen(chat_prefix, listener, types)
+
+    def commands(self) -> tuple[str, ...]:
+        """Every command the service answers, for platform command menus ("" = plain messages)."""
+        return ("start", "help", "imagine", "settings", *self._handlers)
 
     async def subscribe(self, job_id: str) -> AsyncIterator[JobEvent]:
         """Events of one job until it ends, starting with its current state."""
-        job = await self.get_job(job_id)
-        first = _current_event(job, await self.position(job_id))
-        async for event in self.events.subscribe(job_id, first):
+        await self.get_job(job_id)
+
+        async def snapshot() -> JobEvent:
+            return _current_event(await self.get_job(job_id), await self.position(job_id))
+
+        async for event in self.events.subscribe(job_id, snapshot):
             yield event
 
     async def update_meta(self, job_id: str, meta: dict[str, str]) -> Job:
-        """Adapters keep platform ids (status message, reply target) on the job, so delivery survives restarts."""
-        job = await self.get_job(job_id)
-        job = replace(job, meta={**job.meta, **meta})
-        await self.store.update_job(job)
-        return job
+        """Keep platform ids (status message, reply target) on the job, so delivery survives restarts."""
+        if not isinstance(job_id, str) or await self.store.get_job(job_id) is None:
+            raise NotFound("I can't find that job; it may have been removed.")
+        return await self.store.merge_meta(job_id, meta)
 
     # the worker loop ---------------------------------------------------------------------------
 
@@ -467,7 +528,9 @@ class Huahua:
             await self._finish(job, JobStatus.FAILED, error=err.message)
         except Exception:
             logger.exception("job %s failed", job.id)
-            await self._finish(job, JobStatus.FAILED, error="Something went wrong while drawing; please try again.")
+            await self._finish(
+                job, JobStatus.FAILED, error="Something went wrong while drawing; please try again."
+            )
         finally:
             self._running.pop(job.id, None)
             self._progress.pop(job.id, None)
@@ -508,7 +571,7 @@ class Huahua:
         return done
 
     async def _announce_positions(self) -> None:
-        watched = [job for job in self._waiting.values() if self.events.wants(job)]
+        watched = [job for job in self._waiting.values() if self.events.wants(job, EventType.POSITION)]
         if not watched:
             return
         positions = await self.queue.positions()

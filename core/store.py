@@ -18,6 +18,7 @@ import re
 import sqlite3
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,10 @@ class Store(abc.ABC):
         """Replace the stored job with the same id; NotFound if there is none."""
 
     @abc.abstractmethod
+    async def merge_meta(self, job_id: str, meta: dict[str, str]) -> Job:
+        """Add platform ids to a job's meta atomically; NotFound if there is no such job."""
+
+    @abc.abstractmethod
     async def get_job(self, job_id: str) -> Job | None: ...
 
     @abc.abstractmethod
@@ -59,6 +64,17 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def recent_jobs(self, chat: str, limit: int = 20) -> list[Job]:
         """The chat's newest jobs, newest first."""
+
+    @abc.abstractmethod
+    async def save_story(self, story_id: str, chat: str, active: bool, data: dict[str, Any]) -> None:
+        """Insert or replace a story document (see core.story.model)."""
+
+    @abc.abstractmethod
+    async def get_story(self, story_id: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def active_story(self, chat: str) -> dict[str, Any] | None:
+        """The chat's active story, if any (at most one per chat)."""
 
     @abc.abstractmethod
     async def put_image(self, png: bytes) -> str:
@@ -145,21 +161,36 @@ class SqliteStore(Store):
                 raise StorageError(f"A job with id {job.id!r} already exists.") from err
 
     async def update_job(self, job: Job) -> None:
-        data = job_to_json(job)
+        """Replace the job; meta keys stored meanwhile (by `merge_meta`) are kept, never dropped."""
         async with self._write_lock:
-            cursor = await self._conn.execute(
-                "UPDATE jobs SET user = ?, chat = ?, status = ?, created_at = ?, n = ?, data = ? "
-                "WHERE id = ?",
-                (job.user, job.chat, job.status.value, job.created_at, job.request.n, data, job.id),
-            )
-            updated = cursor.rowcount
-            await cursor.close()
-        if updated == 0:
-            raise NotFound(f"There is no job with id {job.id!r}.")
+            stored = await self._get_job(job.id)
+            if stored is None:
+                raise NotFound(f"There is no job with id {job.id!r}.")
+            if stored.meta:
+                job = replace(job, meta={**job.meta, **stored.meta})
+            await self._write_job(job)
 
-    async def get_job(self, job_id: str) -> Job | None:
+    async def merge_meta(self, job_id: str, meta: dict[str, str]) -> Job:
+        async with self._write_lock:
+            stored = await self._get_job(job_id)
+            if stored is None:
+                raise NotFound(f"There is no job with id {job_id!r}.")
+            job = replace(stored, meta={**stored.meta, **meta})
+            await self._write_job(job)
+        return job
+
+    async def _write_job(self, job: Job) -> None:
+        await self._conn.execute(
+            "UPDATE jobs SET user = ?, chat = ?, status = ?, created_at = ?, n = ?, data = ? WHERE id = ?",
+            (job.user, job.chat, job.status.value, job.created_at, job.request.n, job_to_json(job), job.id),
+        )
+
+    async def _get_job(self, job_id: str) -> Job | None:
         rows = await self._jobs("SELECT data FROM jobs WHERE id = ?", (job_id,))
         return rows[0] if rows else None
+
+    async def get_job(self, job_id: str) -> Job | None:
+        return await self._get_job(job_id)
 
     async def unfinished_jobs(self) -> list[Job]:
         return await self._jobs(
@@ -174,6 +205,40 @@ class SqliteStore(Store):
             "SELECT data FROM jobs WHERE chat = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",
             (chat, limit),
         )
+
+    # stories ----------------------------------------------------------------------------------
+
+    async def save_story(self, story_id: str, chat: str, active: bool, data: dict[str, Any]) -> None:
+        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        async with self._write_lock:
+            try:
+                await self._conn.execute(
+                    "INSERT INTO stories (id, chat, active, updated_at, data) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET chat = excluded.chat, active = excluded.active, "
+                    "updated_at = excluded.updated_at, data = excluded.data",
+                    (story_id, chat, int(active), time.time(), text),
+                )
+            except sqlite3.IntegrityError as err:
+                raise InvalidOption("This chat already has an active story: /story end it first.") from err
+
+    async def get_story(self, story_id: str) -> dict[str, Any] | None:
+        return await self._story("SELECT data FROM stories WHERE id = ?", (story_id,))
+
+    async def active_story(self, chat: str) -> dict[str, Any] | None:
+        return await self._story("SELECT data FROM stories WHERE chat = ? AND active = 1", (chat,))
+
+    async def _story(self, sql: str, params: tuple[Any, ...]) -> dict[str, Any] | None:
+        async with self._conn.execute(sql, params) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        try:
+            data = json.loads(row[0])
+        except ValueError as err:
+            raise StorageError("A stored story is not valid JSON.") from err
+        if not isinstance(data, dict):
+            raise StorageError("A stored story is not a JSON object.")
+        return data
 
     async def _jobs(self, sql: str, params: tuple[Any, ...]) -> list[Job]:
         async with self._conn.execute(sql, params) as cursor:

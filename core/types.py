@@ -35,6 +35,8 @@ class Action(enum.StrEnum):
     VARIATION = "variation"
     UPSCALE = "upscale"
     CANCEL = "cancel"
+    CHOOSE = "choose"
+    """⭐: a story picture becomes the book's panel."""
 
 
 @dataclass(frozen=True)

@@ -70,10 +70,14 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-async def make_service(tmp_path: Path, engine: Engine | None = None, **overrides: Any):  # type: ignore[no-untyped-def]
-    """A started service on a real SQLite file; the caller stops it."""
+async def make_service(  # type: ignore[no-untyped-def]
+    tmp_path: Path, engine: Engine | None = None, *, engine_name: str | None = None, **overrides: Any
+):
+    """A started service on a real SQLite file; the caller stops it. `engine_name` sets HUAHUA_ENGINE."""
     from core.app import build_service
 
+    if engine_name is not None:
+        overrides["engine"] = engine_name
     service = await build_service(make_settings(tmp_path, **overrides), engine=engine)
     await service.start()
     return service

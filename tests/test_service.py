@@ -16,9 +16,11 @@ async def _events(service, job_id):
 
 
 async def test_imagine_runs_to_done_with_prompt_and_params(tmp_path):
-    service = await make_service(tmp_path, engine=PatternEngine())
+    service = await make_service(tmp_path, engine=PatternEngine(), engine_name="wukong")
     try:
-        reply = await service.handle_message("web:room", "web:ann", "/imagine 一只在月球上看书的猫 --ar 3:2 --seed 7")
+        reply = await service.handle_message(
+            "web:room", "web:ann", "/imagine 一只在月球上看书的猫 --ar 3:2 --seed 7"
+        )
         assert reply.job is not None
         events = await _events(service, reply.job.id)
         assert events[-1].type == EventType.DONE
@@ -41,7 +43,9 @@ async def test_imagine_runs_to_done_with_prompt_and_params(tmp_path):
 async def test_english_text_is_translated_to_chinese(tmp_path):
     service = await make_service(tmp_path, engine=PatternEngine())
     try:
-        reply = await service.handle_message("web:room", "web:ann", "/imagine a cat reading a book on the moon")
+        reply = await service.handle_message(
+            "web:room", "web:ann", "/imagine a cat reading a book on the moon"
+        )
         assert reply.job is not None
         prompt = reply.job.request.prompt
         assert "猫" in prompt and "月" in prompt
@@ -52,7 +56,13 @@ async def test_english_text_is_translated_to_chinese(tmp_path):
 
 @pytest.mark.parametrize(
     "text",
-    ["/imagine", "/imagine    ", "/imagine a cat --n 9", "/imagine a cat --ar banana", "/imagine cat --bogus 3"],
+    [
+        "/imagine",
+        "/imagine    ",
+        "/imagine a cat --n 9",
+        "/imagine a cat --ar banana",
+        "/imagine cat --bogus 3",
+    ],
 )
 async def test_bad_options_answer_one_sentence_and_queue_nothing(tmp_path, text):
     service = await make_service(tmp_path, engine=PatternEngine())
@@ -91,7 +101,7 @@ def _first_blocklist_term(service) -> str:
     path = service.settings.prompts_dir / "blocklist.txt"
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()
-        if line and not line.startswith("#"):
+        if line and not line.startswith(("#", "[")):
             return line
     raise AssertionError("the blocklist is empty")
 
@@ -165,14 +175,14 @@ async def test_reroll_variation_and_upscale(tmp_path):
         assert reroll.request.init_image is None
         done_parent = await service.get_job(parent.id)
         by_prompt = {id(r): r for r in engine.requests}
-        variation_request = [r for r in by_prompt.values() if r.strength == variation.request.strength][0]
+        variation_request = next(r for r in by_prompt.values() if r.strength == variation.request.strength)
         assert variation_request.init_image == await service.image(done_parent.images[1])
         assert 0 < variation.request.strength < 1 and variation.request.n == 1
         assert upscale.request.width == 2 * parent.request.width
         assert upscale.parent_id == parent.id and upscale.parent_index == 0
         with pytest.raises(Exception, match="from 1 to 2"):
             await service.act(parent.id, Action.UPSCALE, 5, "web:ann")
-        with pytest.raises(Exception, match="reroll, variation"):
+        with pytest.raises(Exception, match="reroll, variation, upscale"):
             await service.act(parent.id, "explode", 0, "web:ann")
     finally:
         await service.stop()

@@ -72,13 +72,13 @@ async def test_new_migration_is_applied_to_an_existing_db(tmp_path: Path, monkey
     await store.add_job(make_job())
     await store.close()
     extra = Migration(
-        latest_version() + 1, "CREATE TABLE stories (id TEXT PRIMARY KEY, title TEXT NOT NULL);"
+        latest_version() + 1, "CREATE TABLE bookmarks (id TEXT PRIMARY KEY, title TEXT NOT NULL);"
     )
     monkeypatch.setattr(migrations, "MIGRATIONS", (*MIGRATIONS, extra))
     await (await SqliteStore.open(db, tmp_path / "img")).close()
     assert _version(db) == extra.version
     with sqlite3.connect(db) as conn:
-        conn.execute("INSERT INTO stories VALUES ('s1', 't')")
+        conn.execute("INSERT INTO bookmarks VALUES ('s1', 't')")
         assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
 
 
@@ -229,3 +229,38 @@ async def test_thousand_concurrent_add_job(store: SqliteStore, make_job) -> None
     await asyncio.gather(*(store.add_job(job) for job in jobs))
     unfinished = await store.unfinished_jobs()
     assert [job.id for job in unfinished] == [job.id for job in jobs]
+
+
+async def test_merged_meta_survives_a_stale_full_update(tmp_path: Path, make_job) -> None:
+    store = await SqliteStore.open(tmp_path / "h.sqlite3", tmp_path / "img")
+    try:
+        job = make_job()
+        await store.add_job(job)
+        await store.merge_meta(job.id, {"tg_status": "42"})
+        await store.update_job(replace(job, status=JobStatus.DONE))
+        stored = await store.get_job(job.id)
+        assert stored is not None and stored.status == JobStatus.DONE
+        assert stored.meta["tg_status"] == "42"
+        with pytest.raises(NotFound):
+            await store.merge_meta("nope", {"a": "b"})
+    finally:
+        await store.close()
+
+
+async def test_stories_one_active_per_chat(tmp_path: Path) -> None:
+    db = tmp_path / "h.sqlite3"
+    store = await SqliteStore.open(db, tmp_path / "img")
+    await store.save_story("s1", "tg:1", True, {"id": "s1", "title": "月亮"})
+    with pytest.raises(InvalidOption, match="already has an active story"):
+        await store.save_story("s2", "tg:1", True, {"id": "s2"})
+    await store.save_story("s1", "tg:1", False, {"id": "s1", "title": "月亮", "ended": True})
+    await store.save_story("s2", "tg:1", True, {"id": "s2"})
+    await store.close()
+    store = await SqliteStore.open(db, tmp_path / "img")
+    try:
+        assert (await store.active_story("tg:1")) == {"id": "s2"}
+        assert (await store.get_story("s1")) == {"id": "s1", "title": "月亮", "ended": True}
+        assert await store.get_story("missing") is None
+        assert await store.active_story("tg:2") is None
+    finally:
+        await store.close()
