@@ -1,6 +1,7 @@
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -209,3 +210,37 @@ async def test_slow_worker_times_out() -> None:
     finally:
         await engine.close()
         await server.close()
+
+
+@needs_vocab
+async def test_cancel_while_queued_behind_another_job(remote: HttpEngine, local: LocalEngine) -> None:
+    started = asyncio.Event()
+    first_cancel, second_cancel = CancelToken(), CancelToken()
+    first = asyncio.create_task(
+        remote.generate(
+            GenerationRequest(prompt="猫", width=64, height=64, steps=50),
+            lambda s, t: started.set(),
+            first_cancel,
+        )
+    )
+    await asyncio.wait_for(started.wait(), 30)
+    second = asyncio.create_task(
+        remote.generate(
+            GenerationRequest(prompt="狗", width=128, height=128, steps=3), _ignore, second_cancel
+        )
+    )
+    await asyncio.sleep(0.2)  # the second request now waits on the worker, with no stream yet
+    second_cancel.cancel()
+    began = time.perf_counter()
+    with pytest.raises(JobCancelled):
+        await second
+    assert time.perf_counter() - began < 2.0
+    assert not first.done()
+    first_cancel.cancel()
+    with pytest.raises(JobCancelled):
+        await first
+    for _ in range(200):
+        if local.stats.cancelled == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert local.stats.cancelled == 2 and local.stats.images == 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import logging
 from typing import Any
@@ -201,12 +200,29 @@ class HttpEngine(Engine):
     ) -> list[GeneratedImage]:
         if cancel.cancelled:
             raise JobCancelled()
+        exchange = asyncio.create_task(self._exchange(request, on_progress, cancel))
+        watcher = asyncio.create_task(_wait_for_cancel(cancel))
+        try:
+            await asyncio.wait({exchange, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # cancelling the exchange closes the connection: the worker sees it and stops sampling
+            watcher.cancel()
+            if not exchange.done():
+                exchange.cancel()
+            await asyncio.gather(exchange, watcher, return_exceptions=True)
+        if exchange.cancelled():
+            raise JobCancelled()
+        return exchange.result()
+
+    async def _exchange(
+        self, request: GenerationRequest, on_progress: ProgressCallback, cancel: CancelToken
+    ) -> list[GeneratedImage]:
         body = request_to_wire(request)
         try:
             async with self._client().post(f"{self.url}/v1/generate", json=body) as resp:
                 if resp.status != 200:
                     raise await _error_response(resp)
-                return await self._read_stream(resp, on_progress, cancel)
+                return await _read_stream(resp, on_progress)
         except HuahuaError:
             raise
         except TimeoutError:
@@ -218,40 +234,29 @@ class HttpEngine(Engine):
                 raise JobCancelled() from None
             raise EngineUnavailable("The connection to the image worker broke off.") from None
 
-    async def _read_stream(
-        self, resp: aiohttp.ClientResponse, on_progress: ProgressCallback, cancel: CancelToken
-    ) -> list[GeneratedImage]:
-        watcher = asyncio.create_task(_close_on_cancel(resp, cancel))
-        try:
-            while True:
-                raw = await resp.content.readuntil(b"\n", max_size=MAX_LINE_BYTES)
-                if cancel.cancelled:
-                    raise JobCancelled()
-                if not raw:
-                    raise EngineUnavailable("The image worker stopped before sending a result.")
-                line = _parse_line(raw)
-                kind = line.get("type")
-                if kind == "progress":
-                    on_progress(int(line.get("step", 0)), int(line.get("total", 0)))
-                elif kind == "result":
-                    return [image_from_wire(item) for item in line.get("images") or []]
-                elif kind == "error":
-                    raise error_from_wire(line)
-        finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+
+async def _read_stream(resp: aiohttp.ClientResponse, on_progress: ProgressCallback) -> list[GeneratedImage]:
+    while True:
+        raw = await resp.content.readuntil(b"\n", max_size=MAX_LINE_BYTES)
+        if not raw:
+            raise EngineUnavailable("The image worker stopped before sending a result.")
+        line = _parse_line(raw)
+        kind = line.get("type")
+        if kind == "progress":
+            on_progress(int(line.get("step", 0)), int(line.get("total", 0)))
+        elif kind == "result":
+            return [image_from_wire(item) for item in line.get("images") or []]
+        elif kind == "error":
+            raise error_from_wire(line)
 
 
-_SECRET_REFUSED = "The image worker refused our secret; set the same HUAHUA_WORKER_SECRET on both sides."
-
-
-async def _close_on_cancel(resp: aiohttp.ClientResponse, cancel: CancelToken) -> None:
-    """Close the stream as soon as the token is set: the worker sees the disconnect and stops."""
+async def _wait_for_cancel(cancel: CancelToken) -> None:
     # the token is a threading.Event (set from any thread), so it is polled rather than awaited
     while not cancel.cancelled:  # noqa: ASYNC110
         await asyncio.sleep(CANCEL_POLL_S)
-    resp.close()
+
+
+_SECRET_REFUSED = "The image worker refused our secret; set the same HUAHUA_WORKER_SECRET on both sides."
 
 
 def _parse_line(raw: bytes) -> dict[str, Any]:
