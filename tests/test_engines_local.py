@@ -85,14 +85,19 @@ async def test_wukong_without_weights_starts_and_says_how_to_fetch(tmp_path: Pat
     await engine.close()
 
 
-async def test_wukong_with_a_corrupt_checkpoint_is_unavailable(tmp_path: Path) -> None:
+async def test_wukong_loads_again_only_when_its_files_change(tmp_path: Path) -> None:
     settings = _settings(tmp_path, engine="wukong")
-    settings.model_dir.mkdir()
-    settings.checkpoint_path.write_bytes(b"\x00garbage" * 100)
     engine = wukong_engine(settings)
     await engine.start()
-    with pytest.raises(EngineUnavailable, match="huahua model fetch"):
+    with pytest.raises(EngineUnavailable, match="not installed"):
         await engine.generate(_request(), _ignore, CancelToken())
+    assert engine.stats.loads == 1
+    settings.model_dir.mkdir()
+    settings.checkpoint_path.write_bytes(b"\x00garbage" * 100)  # a (bad) file appears
+    for _ in range(2):
+        with pytest.raises(EngineUnavailable, match=r"corrupt.*huahua model fetch"):
+            await engine.generate(_request(), _ignore, CancelToken())
+    assert engine.stats.loads == 2
     await engine.close()
 
 

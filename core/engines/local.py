@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,7 @@ class EngineStats:
     cancelled: int = 0
     failed: int = 0
     steps: int = 0
+    loads: int = 0
 
 
 class LocalEngine(Engine):
@@ -108,7 +110,9 @@ class LocalEngine(Engine):
         dtype: str = "float32",
         max_steps: int = 200,
         max_area: int = 512 * 512,
+        reload_if: Callable[[], bool] | None = None,
     ) -> None:
+        """`reload_if`, when given, is asked before a request while unloaded: True loads again."""
         self.name = name
         self.label = label
         self.model = model
@@ -118,6 +122,7 @@ class LocalEngine(Engine):
         self.max_area = max_area
         self.stats = EngineStats()
         self._loader = loader
+        self._reload_if = reload_if
         self._pipe: Any = None
         self._error: str | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"huahua-{name}")
@@ -134,6 +139,7 @@ class LocalEngine(Engine):
         await self._loading
 
     def _load(self) -> None:
+        self.stats.loads += 1
         try:
             self._pipe = self._loader()
             self._error = None
@@ -204,6 +210,10 @@ class LocalEngine(Engine):
 
     async def _ensure_ready(self) -> None:
         if self._loading is None or not self._loading.done():
+            await self.start()
+        if self._pipe is None and self._reload_if is not None and self._reload_if():
+            logger.info("engine %s: model files changed; loading again", self.name)
+            self._loading = None
             await self.start()
         if self._pipe is None:
             raise EngineUnavailable(self._error or "The image model is not loaded.")
@@ -361,9 +371,11 @@ def wukong_engine(settings: Settings) -> LocalEngine:
     """The official model: weights from `settings.checkpoint_path`, loaded at `start()`."""
     device = settings.device
     dtype = resolve_dtype(device, settings.dtype)
+    checkpoint, vocab = settings.checkpoint_path, settings.resolved_vocab_path
+    tried: list[tuple[object, ...]] = []  # the files as they were at the last load
 
     def load() -> Any:
-        checkpoint, vocab = settings.checkpoint_path, settings.resolved_vocab_path
+        tried[:] = [_files_state(checkpoint, vocab)]
         for path, what in ((checkpoint, "model weights"), (vocab, "tokenizer vocabulary")):
             if not path.is_file():
                 raise EngineUnavailable(
@@ -385,6 +397,8 @@ def wukong_engine(settings: Settings) -> LocalEngine:
         dtype=dtype,
         max_steps=settings.max_steps,
         max_area=settings.image_area * 4,
+        # load again once the files change, e.g. after `huahua model fetch`, not on every request
+        reload_if=lambda: bool(tried) and _files_state(checkpoint, vocab) != tried[0],
     )
 
 
@@ -414,6 +428,11 @@ def tiny_engine(settings: Settings, *, seed: int = 0) -> LocalEngine:
         max_steps=settings.max_steps,
         max_area=settings.tiny_image_area * 4,
     )
+
+
+def _files_state(*paths: Path) -> tuple[object, ...]:
+    """Size and modification time of each file (None when absent)."""
+    return tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None for p in paths)
 
 
 def _import_diffusion() -> Any:
