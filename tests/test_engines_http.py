@@ -244,3 +244,24 @@ async def test_cancel_while_queued_behind_another_job(remote: HttpEngine, local:
             break
         await asyncio.sleep(0.05)
     assert local.stats.cancelled == 2 and local.stats.images == 0
+
+
+async def test_a_worker_without_weights_says_how_to_fetch_them(tmp_path: Path) -> None:
+    from core.engines.local import wukong_engine
+
+    settings = Settings(model_dir=tmp_path, vocab_path=VOCAB, _env_file=None)  # type: ignore[call-arg]
+    local = wukong_engine(settings)
+    await local.start()
+    server = TestServer(create_app(local), host="127.0.0.1")
+    await server.start_server()
+    engine = HttpEngine(str(server.make_url("/")), timeout_s=10)
+    try:
+        await engine.start()  # must not raise
+        health = await engine.health()
+        assert health["ready"] is False and "huahua model fetch" in health["error"]
+        with pytest.raises(EngineUnavailable, match="huahua model fetch"):
+            await engine.generate(REQUEST, _ignore, CancelToken())
+    finally:
+        await engine.close()
+        await server.close()
+        await local.close()
