@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 
 from core.engine import Engine
+from core.prompting.builder import PromptBuilder
 from core.service import Huahua
 from core.settings import Settings
+from core.story.planner import ScenePlanner
 
 logger = logging.getLogger(__name__)
 
@@ -16,6 +18,7 @@ async def build_service(settings: Settings, *, engine: Engine | None = None) -> 
     from core.moderation import Moderator
     from core.prompting import load_prompt_builder
     from core.store import SqliteStore
+    from core.story.book import StoryBook
 
     store = await SqliteStore.open(settings.database_path, settings.images_dir)
     queue = await _build_queue(settings)
@@ -25,7 +28,7 @@ async def build_service(settings: Settings, *, engine: Engine | None = None) -> 
         engine = build_engine(settings)
     builder = load_prompt_builder(settings)
     moderator = Moderator.from_file(settings.prompts_dir / "blocklist.txt")
-    return Huahua(
+    service = Huahua(
         settings,
         store=store,
         queue=queue,
@@ -33,6 +36,20 @@ async def build_service(settings: Settings, *, engine: Engine | None = None) -> 
         builder=builder,
         moderator=moderator,
         styles=builder.styles,
+    )
+    service.register(StoryBook(service, build_scene_planner(settings, builder)))
+    return service
+
+
+def build_scene_planner(settings: Settings, builder: PromptBuilder) -> ScenePlanner:
+    from core.story.planner import Lexicon
+
+    return ScenePlanner(
+        Lexicon.from_file(settings.prompts_dir / "story.toml"),
+        builder.translator,
+        builder.tokenizer,
+        builder.styles,
+        builder.limit,
     )
 
 

@@ -23,6 +23,17 @@ class PromptPart:
     required: bool = False
 
 
+def dedupe_parts(parts: list[PromptPart]) -> list[PromptPart]:
+    """Drop empty parts and repeats of an earlier part's text (the first one stays)."""
+    seen: set[str] = set()
+    unique: list[PromptPart] = []
+    for part in parts:
+        if part.text and part.text not in seen:
+            seen.add(part.text)
+            unique.append(part)
+    return unique
+
+
 def fit_parts(
     parts: list[PromptPart], tokenizer: TokenCounter, limit: int = DEFAULT_LIMIT, sep: str = "，"
 ) -> tuple[list[PromptPart], list[PromptPart]]:

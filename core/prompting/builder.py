@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable
 
 from core.errors import EmptyPrompt
-from core.prompting.budget import DEFAULT_LIMIT, PromptPart, TokenCounter, fit_parts
+from core.prompting.budget import DEFAULT_LIMIT, PromptPart, TokenCounter, dedupe_parts, fit_parts
 from core.prompting.glossary import Glossary
 from core.prompting.language import detect_language
 from core.prompting.normalize import clean_text, normalize_chinese
@@ -78,7 +78,7 @@ class PromptBuilder:
         if preset is not None:
             parts += [PromptPart(tag, _STYLE - i) for i, tag in enumerate(preset.tags)]
         parts += [PromptPart(tag, _QUALITY - i) for i, tag in enumerate(self.styles.quality)]
-        kept, cut = fit_parts(_dedupe(parts), self.tokenizer, self.limit, SEPARATOR)
+        kept, cut = fit_parts(dedupe_parts(parts), self.tokenizer, self.limit, SEPARATOR)
         prompt = SEPARATOR.join(part.text for part in kept)
         if cut:
             notes.append(_cut_note(cut, self.limit))
@@ -109,18 +109,8 @@ class PromptBuilder:
             parts += [PromptPart(term, _USER_NEGATIVE - i) for i, term in enumerate(terms)]
         parts += [PromptPart(term, _STYLE_NEGATIVE - i) for i, term in enumerate(style_terms)]
         parts += [PromptPart(term, _DEFAULT_NEGATIVE - i) for i, term in enumerate(self.default_negative)]
-        kept, cut = fit_parts(_dedupe(parts), self.tokenizer, self.limit, SEPARATOR)
+        kept, cut = fit_parts(dedupe_parts(parts), self.tokenizer, self.limit, SEPARATOR)
         return SEPARATOR.join(part.text for part in kept), cut
-
-
-def _dedupe(parts: list[PromptPart]) -> list[PromptPart]:
-    seen: set[str] = set()
-    unique = []
-    for part in parts:
-        if part.text not in seen:
-            seen.add(part.text)
-            unique.append(part)
-    return unique
 
 
 def _cut_note(cut: list[PromptPart], limit: int) -> str:

@@ -1,0 +1,1 @@
+"""Story-thread illustration: cast, scene planning, continuity, panels and the storybook."""

@@ -1,0 +1,485 @@
+"""Story-thread illustration: the /story, /cast and /illustrate commands, scenes and their panels."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+import uuid
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from core.errors import InvalidOption, NotAllowed, NotFound
+from core.options import resolve
+from core.story.model import CastMember, Scene, Story, story_from_dict, story_to_dict
+from core.story.planner import ScenePlanner, next_continuity
+from core.types import EventType, ImagineOptions, Job, JobEvent, JobKind, JobStatus
+
+if TYPE_CHECKING:
+    from core.service import Huahua, MessageContext, Reply
+
+logger = logging.getLogger(__name__)
+
+MAX_CAST = 12
+MAX_ILLUSTRATE = 4
+MAX_EXCERPTS = 500
+SEED_STRIDE = 7919
+STORY_HELP = """Story commands:
+/story new <title> [--style <preset>] — start this chat's story
+/story add <excerpt> — add a passage
+/illustrate — draw the latest passage (or the message you reply to); /illustrate 3 — the last three
+/cast add <name>: <description> · /cast list · /cast remove <name>
+/story show · /story style <preset> · /story auto on|off · /story choose <panel> <picture>
+/story rerender <panel> · /story export · /story end"""
+
+
+class StoryBook:
+    """A command family registered with the service. Stories live in the store as JSON documents."""
+
+    commands = ("story", "cast", "illustrate", "")
+
+    def __init__(self, service: Huahua, planner: ScenePlanner) -> None:
+        self.service = service
+        self.planner = planner
+        service.listen("", self._on_event, frozenset({EventType.DONE}))
+        service.on_choose = self.choose
+
+    # storage -----------------------------------------------------------------------------------
+
+    async def active(self, chat: str) -> Story | None:
+        data = await self.service.store.active_story(chat)
+        return story_from_dict(data) if data else None
+
+    async def get(self, story_id: str) -> Story:
+        data = await self.service.store.get_story(story_id) if isinstance(story_id, str) else None
+        if data is None:
+            raise NotFound("I can't find that story.")
+        return story_from_dict(data)
+
+    async def save(self, story: Story) -> None:
+        await self.service.store.save_story(story.id, story.chat, story.active, story_to_dict(story))
+
+    async def _require_active(self, chat: str) -> Story:
+        story = await self.active(chat)
+        if story is None:
+            raise NotFound("There is no story in this chat yet: start one with /story new <title>.")
+        return story
+
+    # commands ----------------------------------------------------------------------------------
+
+    async def handle(self, chat: str, user: str, command: str, args: str, context: MessageContext) -> Reply:
+        from core.service import Reply
+
+        if command == "":
+            return await self._auto_excerpt(chat, user, args)
+        if command == "illustrate":
+            return await self._illustrate_command(chat, user, args, context)
+        sub, _, rest = args.partition(" ")
+        sub, rest = sub.lower(), rest.strip()
+        if command == "cast":
+            handlers = {"add": self._cast_add, "list": self._cast_list, "remove": self._cast_remove}
+        else:
+            handlers = {
+                "new": self._new,
+                "add": self._add,
+                "show": self._show,
+                "style": self._style,
+                "auto": self._auto,
+                "choose": self._choose_command,
+                "export": self._export,
+                "end": self._end,
+                "rerender": self._rerender_command,
+            }
+        handler = handlers.get(sub)
+        if handler is None:
+            return Reply(texts=(STORY_HELP,))
+        return await handler(chat, user, rest)
+
+    async def _new(self, chat: str, user: str, args: str) -> Reply:
+        from core.service import Reply
+
+        title, style = _split_style(args)
+        if not title:
+            raise InvalidOption("Give the story a title: /story new <title> [--style <preset>].")
+        if len(title) > 100:
+            raise InvalidOption("Keep the title under 100 characters.")
+        current = await self.active(chat)
+        if current is not None:
+            raise InvalidOption(f"This chat already has a story, “{current.title}”: /story end it first.")
+        if style is None:
+            style = (await self.service.chat_settings(chat)).style
+        preset = self.service.styles.get(style).name if style else None
+        story = Story(
+            id=uuid.uuid4().hex[:12],
+            chat=chat,
+            title=title,
+            style=preset,
+            base_seed=secrets.randbelow(2**31),
+            created_by=user,
+            created_at=time.time(),
+        )
+        await self.save(story)
+        style_text = f" in the {preset} style" if preset else ""
+        return Reply(
+            texts=(
+                f"📖 Started “{title}”{style_text}. Add characters with /cast add <name>: <description>, "
+                "passages with /story add <text>, then /illustrate.",
+            )
+        )
+
+    async def _add(self, chat: str, user: str, args: str) -> Reply:
+        from core.service import Reply
+
+        story = await self._require_active(chat)
+        story = await self._append_excerpt(story, args)
+        return Reply(texts=(f"Added passage {len(story.excerpts)}. /illustrate draws it.",))
+
+    async def _append_excerpt(self, story: Story, text: str) -> Story:
+        excerpt = text.strip()
+        if not excerpt:
+            raise InvalidOption("Write the passage after the command: /story add <text>.")
+        if len(story.excerpts) >= MAX_EXCERPTS:
+            raise InvalidOption(f"A story holds at most {MAX_EXCERPTS} passages; start a new one.")
+        self.service.moderator.check(excerpt)
+        story = replace(story, excerpts=(*story.excerpts, excerpt))
+        await self.save(story)
+        return story
+
+    async def _auto_excerpt(self, chat: str, user: str, text: str) -> Reply:
+        from core.service import Reply
+
+        if not text or not (await self.service.chat_settings(chat)).story_auto:
+            return Reply()
+        story = await self.active(chat)
+        if story is None:
+            return Reply()
+        await self._append_excerpt(story, text)
+        return Reply()
+
+    async def _auto(self, chat: str, user: str, args: str) -> Reply:
+        from core.service import Reply
+
+        value = args.lower()
+        if value not in ("on", "off"):
+            raise InvalidOption("Use /story auto on (every message is a passage) or /story auto off.")
+        await self.service.update_chat_settings(chat, {"story_auto": value == "on"})
+        meaning = (
+            "every message in this chat is now a passage"
+            if value == "on"
+            else "only /story add adds passages"
+        )
+        return Reply(texts=(f"Saved: {meaning}.",))
+
+    async def _style(self, chat: str, user: str, args: str) -> Reply:
+        from core.service import Reply
+
+        story = await self._require_active(chat)
+        if story.scenes:
+            raise InvalidOption(
+                "The style is locked once the first panel is drawn, so the book stays one piece."
+            )
+        preset = self.service.styles.get(args).name if args else None
+        await self.save(replace(story, style=preset))
+        return Reply(texts=(f"Story style: {preset or 'none'}.",))
+
+    async def _cast_add(self, chat: str, user: str, args: str) -> Reply:
+        from core.service import Reply
+
+        story = await self._require_active(chat)
+        name, sep, description = args.partition(":")
+        if not sep:
+            name, sep, description = args.partition("：")
+        name, description = name.strip(), description.strip()
+        if not name or not description:
+            raise InvalidOption(
+                "Use /cast add <name>: <description>, for example /cast add 莉莉: 穿红斗篷的小女孩."
+            )
+        if len(name) > 30 or len(description) > 200:
+            raise InvalidOption("Keep names under 30 characters and descriptions under 200.")
+        if story.member(name) is not None:
+            raise InvalidOption(f"{name} is already in the cast; /cast remove {name} first to change them.")
+        if len(story.cast) >= MAX_CAST:
+            raise InvalidOption(f"A story has at most {MAX_CAST} characters.")
+        self.service.moderator.check(f"{name} {description}")
+        chinese, _, notes = await self.planner.to_chinese(description)
+        self.service.moderator.check(chinese)
+        offset = (len(story.cast) + 1) * SEED_STRIDE
+        member = CastMember(name=name, description=chinese, seed_offset=offset)
+        await self.save(replace(story, cast=(*story.cast, member)))
+        return Reply(texts=(f"Cast: {name} — {chinese}", *notes))
+
+    async def _cast_list(self, chat: str, user: str, args: str) -> Reply:
+        from core.service import Reply
+
+        story = await self._require_active(chat)
+        if not story.cast:
+            return Reply(texts=("No characters yet: /cast add <name>: <description>.",))
+        return Reply(texts=("\n".join(f"• {m.name}: {m.description}" for m in story.cast),))
+
+    async def _cast_remove(self, chat: str, user: str, args: str) -> Reply:
+        from core.service import Reply
+
+        story = await self._require_active(chat)
+        member = story.member(args)
+        if member is None:
+            raise NotFound(f"There is no {args or 'such character'} in the cast.")
+        await self.save(replace(story, cast=tuple(m for m in story.cast if m is not member)))
+        return Reply(texts=(f"Removed {member.name} from the cast.",))
+
+    async def _illustrate_command(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
+        from core.service import Reply
+
+        story = await self._require_active(chat)
+        if context.reply_to_text:
+            story = await self._append_excerpt(story, context.reply_to_text)
+            excerpts = [len(story.excerpts) - 1]
+        else:
+            count = 1
+            if args:
+                if not args.isdigit() or not 1 <= int(args) <= MAX_ILLUSTRATE:
+                    raise InvalidOption(
+                        f"/illustrate takes how many recent passages to draw, 1 to {MAX_ILLUSTRATE}."
+                    )
+                count = int(args)
+            if not story.excerpts:
+                raise InvalidOption("Add a passage first: /story add <text>.")
+            excerpts = list(range(max(0, len(story.excerpts) - count), len(story.excerpts)))
+        jobs: list[Job] = []
+        texts: list[str] = []
+        for excerpt_index in excerpts:
+            story, job = await self.illustrate(story, story.excerpts[excerpt_index], user)
+            jobs.append(job)
+            texts.append(f"🖼 Panel {len(story.scenes)}: {job.request.prompt}")
+        return Reply(texts=tuple(texts), jobs=tuple(jobs))
+
+    async def illustrate(self, story: Story, excerpt: str, user: str) -> tuple[Story, Job]:
+        """Plan one excerpt into a scene, queue its picture and record the scene on the story."""
+        plan = await self.planner.plan(excerpt, story)
+        prompt, cut = self.planner.compose(plan, story)
+        service = self.service
+        resolved = resolve(ImagineOptions(text=excerpt, style=story.style), service.settings, service.styles)
+        negative = (await service.builder.build("画", style=story.style)).negative_prompt
+        lead = story.member(plan.characters[0]) if plan.characters else None
+        request = replace(
+            service.default_request(),
+            prompt=prompt,
+            negative_prompt=negative,
+            width=resolved.width,
+            height=resolved.height,
+            steps=resolved.steps,
+            guidance_scale=resolved.guidance_scale,
+            seed=(story.base_seed + (lead.seed_offset if lead else 0)) % 2**32,
+        )
+        index = len(story.scenes) + 1
+        notes = plan.notes + ((f"Left out to fit the model's limit: {'、'.join(cut)}.",) if cut else ())
+        job = await service.submit_request(
+            user,
+            story.chat,
+            JobKind.SCENE,
+            excerpt,
+            request,
+            notes=notes,
+            meta={"story_id": story.id, "story_scene": str(index)},
+        )
+        scene = Scene(
+            index=index,
+            excerpt=excerpt,
+            plan=plan,
+            request=request,
+            model=service.model_name,
+            job_ids=(job.id,),
+        )
+        story = replace(
+            story, scenes=(*story.scenes, scene), continuity=next_continuity(plan, story.continuity)
+        )
+        await self.save(story)
+        return story, job
+
+    async def rerender(self, story_id: str, scene_index: int, user: str) -> Job:
+        """Queue the scene's stored request again: the same prompt, seed and parameters."""
+        story = await self.get(story_id)
+        scene = story.scene(scene_index)
+        if scene is None:
+            raise NotFound(f"The story has no panel {scene_index}.")
+        return await self.service.submit_request(
+            user,
+            story.chat,
+            JobKind.SCENE,
+            scene.excerpt,
+            scene.request,
+            meta={"story_id": story.id, "story_scene": str(scene.index)},
+        )
+
+    async def _rerender_command(self, chat: str, user: str, args: str) -> Reply:
+        from core.service import Reply
+
+        story = await self._require_active(chat)
+        job = await self.rerender(story.id, _panel_number(args, story), user)
+        return Reply(texts=(f"Re-drawing panel {args} exactly as before.",), jobs=(job,))
+
+    async def choose(self, job: Job, image_index: int, user: str) -> Story:
+        """The group's choice (⭐) of one picture of a scene's variants becomes the book's panel."""
+        story_id, scene_text = job.meta.get("story_id"), job.meta.get("story_scene", "")
+        if not story_id or not scene_text.isdigit():
+            raise InvalidOption("Only story pictures can be chosen for the book.")
+        if job.status != JobStatus.DONE or not 0 <= image_index < len(job.images):
+            raise InvalidOption("Choose a finished picture.")
+        story = await self.get(story_id)
+        scene = story.scene(int(scene_text))
+        if scene is None:
+            raise NotFound("That panel is no longer in the story.")
+        job_ids = scene.job_ids if job.id in scene.job_ids else (*scene.job_ids, job.id)
+        chosen = replace(scene, job_ids=job_ids, chosen=(job.id, image_index))
+        story = replace(story, scenes=tuple(chosen if s.index == scene.index else s for s in story.scenes))
+        await self.save(story)
+        return story
+
+    async def _choose_command(self, chat: str, user: str, args: str) -> Reply:
+        from core.service import Reply
+
+        story = await self._require_active(chat)
+        panel_text, _, picture_text = args.partition(" ")
+        scene = story.scene(_panel_number(panel_text, story))
+        assert scene is not None
+        variants = await self.variants(scene)
+        picture = picture_text.strip()
+        if not picture.isdigit() or not 1 <= int(picture) <= len(variants):
+            raise InvalidOption(
+                f"Panel {scene.index} has pictures 1 to {len(variants)}: "
+                f"/story choose {scene.index} <picture>."
+            )
+        job, image_index = variants[int(picture) - 1]
+        await self.choose(job, image_index, user)
+        return Reply(texts=(f"⭐ Panel {scene.index} now uses picture {picture}.",))
+
+    async def variants(self, scene: Scene) -> list[tuple[Job, int]]:
+        """Every finished picture of the scene, in the order its jobs were made."""
+        found: list[tuple[Job, int]] = []
+        for job_id in scene.job_ids:
+            job = await self.service.store.get_job(job_id)
+            if job is not None and job.status == JobStatus.DONE:
+                found.extend((job, i) for i in range(len(job.images)))
+        return found
+
+    async def panel_image(self, scene: Scene) -> str | None:
+        """The chosen picture's digest, else the first finished one."""
+        if scene.chosen is not None:
+            job = await self.service.store.get_job(scene.chosen[0])
+            if job is not None and scene.chosen[1] < len(job.images):
+                return job.images[scene.chosen[1]]
+        variants = await self.variants(scene)
+        return variants[0][0].images[variants[0][1]] if variants else None
+
+    async def _show(self, chat: str, user: str, args: str) -> Reply:
+        from core.service import Reply
+
+        story = await self._require_active(chat)
+        lines = [f"📖 {story.title}" + (f" · {story.style}" if story.style else "")]
+        if story.cast:
+            lines.append("Cast: " + ", ".join(m.name for m in story.cast))
+        attachments = []
+        for scene in story.scenes[-4:]:
+            digest = await self.panel_image(scene)
+            state = "" if digest else " (still drawing)"
+            lines.append(f"{scene.index}. {scene.excerpt[:80]}{state}")
+            if digest:
+                attachments.append((f"panel-{scene.index}.png", await self.service.image(digest)))
+        if not story.scenes:
+            lines.append(f"{len(story.excerpts)} passage(s), no panels yet: /illustrate draws the latest.")
+        return Reply(texts=("\n".join(lines),), attachments=tuple(attachments))
+
+    async def _export(self, chat: str, user: str, args: str) -> Reply:
+        from core.service import Reply
+        from core.story.export import export_html, export_pdf
+
+        story = await self._require_active(chat)
+        html = await export_html(self, story)
+        pdf = await export_pdf(self, story)
+        slug = _slug(story.title)
+        return Reply(
+            texts=(f"📚 The storybook “{story.title}”: {len(story.scenes)} panels, as HTML and PDF.",),
+            attachments=((f"{slug}.html", html), (f"{slug}.pdf", pdf)),
+        )
+
+    async def _end(self, chat: str, user: str, args: str) -> Reply:
+        from core.service import Reply
+
+        story = await self._require_active(chat)
+        if user != story.created_by and not args == "--force":
+            raise NotAllowed(
+                "Only the person who started the story can end it (or an admin with /story end --force)."
+            )
+        await self.save(replace(story, active=False))
+        return Reply(
+            texts=(f"📕 “{story.title}” is finished: {len(story.scenes)} panels. /story new starts another.",)
+        )
+
+    # events ------------------------------------------------------------------------------------
+
+    async def _on_event(self, job: Job, event: JobEvent) -> None:
+        """Rerolls and variations of a scene's picture become that scene's variants."""
+        if event.type != EventType.DONE or "story_id" not in job.meta:
+            return
+        scene_text = job.meta.get("story_scene", "")
+        try:
+            story = await self.get(job.meta["story_id"])
+        except NotFound:
+            return
+        scene = story.scene(int(scene_text)) if scene_text.isdigit() else None
+        if scene is None or job.id in scene.job_ids:
+            return
+        updated = replace(scene, job_ids=(*scene.job_ids, job.id))
+        await self.save(
+            replace(story, scenes=tuple(updated if s.index == scene.index else s for s in story.scenes))
+        )
+
+
+def _split_style(args: str) -> tuple[str, str | None]:
+    match = re.search(r"(?:^|\s)(?:--|—)style\s+(\S+)", args)
+    if match is None:
+        return args.strip(), None
+    return (args[: match.start()] + args[match.end() :]).strip(), match.group(1)
+
+
+def _panel_number(text: str, story: Story) -> int:
+    text = text.strip()
+    if not text.isdigit() or story.scene(int(text)) is None:
+        raise InvalidOption(
+            f"Choose a panel from 1 to {len(story.scenes)}." if story.scenes else "No panels yet."
+        )
+    return int(text)
+
+
+def _slug(title: str) -> str:
+    return re.sub(r"[^\w-]+", "-", title, flags=re.UNICODE).strip("-")[:60] or "storybook"
+
+
+def story_json(story: Story, images: dict[int, list[str]], chosen: dict[int, str | None]) -> dict[str, Any]:
+    """The web API's view of a story."""
+    return {
+        "id": story.id,
+        "title": story.title,
+        "style": story.style,
+        "active": story.active,
+        "cast": [{"name": m.name, "description": m.description} for m in story.cast],
+        "scenes": [
+            {
+                "index": scene.index,
+                "excerpt": scene.excerpt,
+                "prompt_zh": scene.request.prompt,
+                "seed": scene.request.seed,
+                "params": {
+                    "width": scene.request.width,
+                    "height": scene.request.height,
+                    "steps": scene.request.steps,
+                    "guidance_scale": scene.request.guidance_scale,
+                    "sampler": scene.request.sampler,
+                },
+                "model": scene.model,
+                "images": images.get(scene.index, []),
+                "chosen": chosen.get(scene.index),
+            }
+            for scene in story.scenes
+        ],
+    }

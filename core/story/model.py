@@ -1,0 +1,131 @@
+"""The story's values: cast, continuity, scenes (panels) and the story itself. Stored as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.types import GenerationRequest
+
+_REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name != "init_image")
+
+
+@dataclass(frozen=True)
+class CastMember:
+    """A character: a fixed description injected into every prompt and a fixed seed offset."""
+
+    name: str
+    description: str
+    seed_offset: int
+
+
+@dataclass(frozen=True)
+class Continuity:
+    """What carries over from one scene to the next until an excerpt changes it."""
+
+    location: str | None = None
+    time_of_day: str | None = None
+    season: str | None = None
+    last_character: str | None = None
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    characters: tuple[str, ...]
+    action: str
+    location: str | None = None
+    time_of_day: str | None = None
+    season: str | None = None
+    mood: str | None = None
+    language: str = "zh"
+    planner: str = "offline"
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One panel and its provenance: re-rendering `request` with `model` reproduces it exactly."""
+
+    index: int
+    excerpt: str
+    plan: ScenePlan
+    request: GenerationRequest
+    model: str
+    job_ids: tuple[str, ...] = ()
+    chosen: tuple[str, int] | None = None
+    """(job id, image index) of the picture the group chose for the book."""
+
+
+@dataclass(frozen=True)
+class Story:
+    id: str
+    chat: str
+    title: str
+    style: str | None
+    base_seed: int
+    created_by: str
+    created_at: float
+    cast: tuple[CastMember, ...] = ()
+    excerpts: tuple[str, ...] = ()
+    scenes: tuple[Scene, ...] = ()
+    continuity: Continuity = field(default_factory=Continuity)
+    active: bool = True
+
+    def member(self, name: str) -> CastMember | None:
+        folded = name.strip().casefold()
+        return next((m for m in self.cast if m.name.casefold() == folded), None)
+
+    def scene(self, index: int) -> Scene | None:
+        return next((s for s in self.scenes if s.index == index), None)
+
+
+def request_to_dict(request: GenerationRequest) -> dict[str, Any]:
+    return {name: getattr(request, name) for name in _REQUEST_FIELDS}
+
+
+def request_from_dict(data: dict[str, Any]) -> GenerationRequest:
+    return GenerationRequest(**{name: data[name] for name in _REQUEST_FIELDS})
+
+
+def story_to_dict(story: Story) -> dict[str, Any]:
+    data = dataclasses.asdict(story)
+    data["scenes"] = [
+        {**dataclasses.asdict(scene), "request": request_to_dict(scene.request)} for scene in story.scenes
+    ]
+    return data
+
+
+def story_from_dict(data: dict[str, Any]) -> Story:
+    scenes = tuple(
+        Scene(
+            index=s["index"],
+            excerpt=s["excerpt"],
+            plan=ScenePlan(
+                **{
+                    **s["plan"],
+                    "characters": tuple(s["plan"]["characters"]),
+                    "notes": tuple(s["plan"]["notes"]),
+                }
+            ),
+            request=request_from_dict(s["request"]),
+            model=s["model"],
+            job_ids=tuple(s["job_ids"]),
+            chosen=tuple(s["chosen"]) if s["chosen"] else None,  # type: ignore[arg-type]
+        )
+        for s in data["scenes"]
+    )
+    return Story(
+        id=data["id"],
+        chat=data["chat"],
+        title=data["title"],
+        style=data["style"],
+        base_seed=data["base_seed"],
+        created_by=data["created_by"],
+        created_at=data["created_at"],
+        cast=tuple(CastMember(**m) for m in data["cast"]),
+        excerpts=tuple(data["excerpts"]),
+        scenes=scenes,
+        continuity=Continuity(**data["continuity"]),
+        active=data["active"],
+    )
