@@ -470,6 +470,10 @@ class Huahua:
         """Deliver job events to an adapter; survives restarts, since recovered jobs emit events too."""
         self.events.listen(chat_prefix, listener, types)
 
+    def handler(self, command: str) -> CommandHandler | None:
+        """The plug-in registered for a command (e.g. "story" -> the StoryBook), if any."""
+        return self._handlers.get(command)
+
     def commands(self) -> tuple[str, ...]:
         """Every command the service answers, for platform command menus ("" = plain messages)."""
         return ("start", "help", "imagine", "settings", *self._handlers)

@@ -89,8 +89,9 @@ class StoryBook:
                 "choose": self._choose_command,
                 "export": self._export,
                 "end": self._end,
-                "rerender": self._rerender_command,
             }
+        if sub == "rerender":
+            return await self._rerender_command(chat, user, rest, context)
         handler = handlers.get(sub)
         if handler is None:
             return Reply(texts=(STORY_HELP,))
@@ -248,13 +249,17 @@ class StoryBook:
         jobs: list[Job] = []
         texts: list[str] = []
         for excerpt_index in excerpts:
-            story, job = await self.illustrate(story, story.excerpts[excerpt_index], user)
+            story, job = await self.illustrate(story, story.excerpts[excerpt_index], user, context.meta)
             jobs.append(job)
             texts.append(f"🖼 Panel {len(story.scenes)}: {job.request.prompt}")
         return Reply(texts=tuple(texts), jobs=tuple(jobs))
 
-    async def illustrate(self, story: Story, excerpt: str, user: str) -> tuple[Story, Job]:
-        """Plan one excerpt into a scene, queue its picture and record the scene on the story."""
+    async def illustrate(
+        self, story: Story, excerpt: str, user: str, meta: dict[str, str] | None = None
+    ) -> tuple[Story, Job]:
+        """Plan one excerpt into a scene, queue its picture and record the scene on the story.
+
+        `meta` holds the adapter's platform ids for the job, beside the story's own keys."""
         plan = await self.planner.plan(excerpt, story)
         prompt, cut = self.planner.compose(plan, story)
         service = self.service
@@ -280,7 +285,7 @@ class StoryBook:
             excerpt,
             request,
             notes=notes,
-            meta={"story_id": story.id, "story_scene": str(index)},
+            meta={**(meta or {}), "story_id": story.id, "story_scene": str(index)},
         )
         scene = Scene(
             index=index,
@@ -296,7 +301,9 @@ class StoryBook:
         await self.save(story)
         return story, job
 
-    async def rerender(self, story_id: str, scene_index: int, user: str) -> Job:
+    async def rerender(
+        self, story_id: str, scene_index: int, user: str, meta: dict[str, str] | None = None
+    ) -> Job:
         """Queue the scene's stored request again: the same prompt, seed and parameters."""
         story = await self.get(story_id)
         scene = story.scene(scene_index)
@@ -308,14 +315,14 @@ class StoryBook:
             JobKind.SCENE,
             scene.excerpt,
             scene.request,
-            meta={"story_id": story.id, "story_scene": str(scene.index)},
+            meta={**(meta or {}), "story_id": story.id, "story_scene": str(scene.index)},
         )
 
-    async def _rerender_command(self, chat: str, user: str, args: str) -> Reply:
+    async def _rerender_command(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
 
         story = await self._require_active(chat)
-        job = await self.rerender(story.id, _panel_number(args, story), user)
+        job = await self.rerender(story.id, _panel_number(args, story), user, context.meta)
         return Reply(texts=(f"Re-drawing panel {args} exactly as before.",), jobs=(job,))
 
     async def choose(self, job: Job, image_index: int, user: str) -> Story:
