@@ -6,6 +6,7 @@ import logging
 
 from core.engine import Engine
 from core.prompting.builder import PromptBuilder
+from core.queue import JobQueue, MemoryQueue
 from core.service import Huahua
 from core.settings import Settings
 from core.story.planner import ScenePlanner
@@ -53,18 +54,16 @@ def build_scene_planner(settings: Settings, builder: PromptBuilder) -> ScenePlan
     )
 
 
-async def _build_queue(settings: Settings):  # type: ignore[no-untyped-def]
-    limits = {
-        "max_size": settings.queue_max_size,
-        "user_max_pending": settings.user_max_pending,
-        "user_concurrency": settings.user_concurrency,
-    }
+async def _build_queue(settings: Settings) -> JobQueue:
     if settings.queue == "redis":
         from core.redis_queue import RedisStreamsQueue
 
-        queue = RedisStreamsQueue(settings.redis_url, **limits)
+        queue = RedisStreamsQueue(
+            settings.redis_url,
+            max_size=settings.queue_max_size,
+            user_max_pending=settings.user_max_pending,
+            user_concurrency=settings.user_concurrency,
+        )
         await queue.connect()
         return queue
-    from core.queue import MemoryQueue
-
-    return MemoryQueue(**limits)
+    return MemoryQueue(settings.queue_max_size, settings.user_max_pending, settings.user_concurrency)

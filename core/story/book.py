@@ -37,7 +37,7 @@ STORY_HELP = """Story commands:
 class StoryBook:
     """A command family registered with the service. Stories live in the store as JSON documents."""
 
-    commands = ("story", "cast", "illustrate", "")
+    commands: tuple[str, ...] = ("story", "cast", "illustrate", "")
 
     def __init__(self, service: Huahua, planner: ScenePlanner) -> None:
         self.service = service

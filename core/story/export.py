@@ -13,6 +13,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fpdf import FPDF
+from fpdf.enums import Align, XPos, YPos
+
 from core.errors import HuahuaError
 
 if TYPE_CHECKING:
@@ -30,7 +33,6 @@ _FONT_CANDIDATES = (
 _SIMPLIFIED_CHINESE_FACE = {"NotoSerifCJK-Regular.ttc": 2, "NotoSansCJK-Regular.ttc": 2}
 """Index of the Simplified Chinese face inside the Noto CJK collections."""
 
-_NEXT_LINE = {"new_x": "LMARGIN", "new_y": "NEXT"}
 _CSS = """
 body{font-family:"Noto Serif CJK SC","Songti SC",serif;max-width:48rem;margin:2rem auto;padding:0 1rem;
 color:#222;background:#fbf8f1;line-height:1.7}
@@ -81,33 +83,36 @@ async def export_pdf(book: StoryBook, story: Story) -> bytes:
 
 
 def _render_pdf(story: Story, panels: list[tuple[Scene, bytes]], font: Path) -> bytes:
-    from fpdf import FPDF
-
     pdf = FPDF(format="A4")
     pdf.set_auto_page_break(auto=True, margin=15)
     pdf.add_font("cjk", fname=str(font), collection_font_number=_SIMPLIFIED_CHINESE_FACE.get(font.name, 0))
     pdf.add_page()
     pdf.set_font("cjk", size=28)
     pdf.ln(80)
-    pdf.multi_cell(0, 14, story.title, align="C", **_NEXT_LINE)
+    _paragraph(pdf, 14, story.title, "C")
     pdf.set_font("cjk", size=12)
-    pdf.multi_cell(0, 8, f"{len(panels)} panels{_style_text(story)}", align="C", **_NEXT_LINE)
+    _paragraph(pdf, 8, f"{len(panels)} panels{_style_text(story)}", "C")
     width = pdf.epw
     for scene, png in panels:
         pdf.add_page()
         pdf.image(io.BytesIO(png), w=width)
         pdf.ln(6)
         pdf.set_font("cjk", size=13)
-        pdf.multi_cell(0, 8, scene.excerpt, **_NEXT_LINE)
+        _paragraph(pdf, 8, scene.excerpt)
     if story.cast:
         pdf.add_page()
         pdf.set_font("cjk", size=18)
-        pdf.cell(0, 12, "Cast", **_NEXT_LINE)
+        _paragraph(pdf, 12, "Cast")
         pdf.set_font("cjk", size=12)
         for member in story.cast:
-            pdf.multi_cell(0, 8, f"{member.name}: {member.description}", **_NEXT_LINE)
+            _paragraph(pdf, 8, f"{member.name}: {member.description}")
             pdf.ln(2)
     return bytes(pdf.output())
+
+
+def _paragraph(pdf: FPDF, line_height: float, text: str, align: str = "L") -> None:
+    """Text over the page's width, then the cursor at the start of the next line."""
+    pdf.multi_cell(0, line_height, text, align=Align.coerce(align), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
 
 
 async def _panels(book: StoryBook, story: Story) -> list[tuple[Scene, bytes]]:

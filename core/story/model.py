@@ -111,7 +111,7 @@ def story_from_dict(data: dict[str, Any]) -> Story:
             request=request_from_dict(s["request"]),
             model=s["model"],
             job_ids=tuple(s["job_ids"]),
-            chosen=tuple(s["chosen"]) if s["chosen"] else None,  # type: ignore[arg-type]
+            chosen=(s["chosen"][0], s["chosen"][1]) if s["chosen"] else None,
         )
         for s in data["scenes"]
     )
