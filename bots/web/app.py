@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
+import mimetypes
 import re
+import secrets
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -25,8 +31,11 @@ from core.errors import (
     ServiceUnavailable,
     TooManyJobs,
 )
-from core.service import Huahua, MessageContext
+from core.service import Huahua, MessageContext, Reply
 from core.settings import Settings
+from core.story.book import StoryBook, story_json
+from core.story.export import export_html, export_pdf
+from core.story.model import Story
 from core.types import Action, EventType, Job, JobEvent, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -37,11 +46,17 @@ MAX_NAME_LENGTH = 64
 HEARTBEAT_S = 15.0
 IMAGE_CACHE = "public, max-age=31536000, immutable"
 PLATFORM = "web:"
+ATTACHMENT_TTL_S = 15 * 60
+ATTACHMENT_MAX_BYTES = 64 * 1024 * 1024
+STORY_META_PREFIX = "story"
+EXPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+"""Exported storybooks are static: embedded pictures and their own styles, no scripts."""
 
 SERVICE_KEY: web.AppKey[Huahua] = web.AppKey("service", Huahua)
 HEARTBEAT_KEY: web.AppKey[float] = web.AppKey("heartbeat", float)
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,64}")
 _STATUS_BY_ERROR: tuple[tuple[type[HuahuaError], int], ...] = (
     (NotFound, 404),
     (NotAllowed, 403),
@@ -57,6 +72,60 @@ _EVENT_STATUS = {
     EventType.STARTED: JobStatus.RUNNING,
     EventType.PROGRESS: JobStatus.RUNNING,
 }
+
+
+@dataclass(frozen=True)
+class Attachment:
+    name: str
+    data: bytes
+    expires_at: float
+
+
+class AttachmentShelf:
+    """Reply files that are not stored pictures (story exports), kept in memory for a short while.
+
+    Each gets an unguessable token; the oldest go first once the shelf holds `max_bytes`, and a file
+    larger than that is not kept at all. Nothing survives a restart: the story's own export URLs do.
+    """
+
+    def __init__(
+        self,
+        ttl_s: float = ATTACHMENT_TTL_S,
+        max_bytes: int = ATTACHMENT_MAX_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._items: OrderedDict[str, Attachment] = OrderedDict()
+        self._bytes = 0
+
+    def put(self, name: str, data: bytes) -> str | None:
+        """Keep a file; returns its token, or None when it is too large to keep."""
+        self._expire()
+        if len(data) > self.max_bytes:
+            return None
+        while self._items and self._bytes + len(data) > self.max_bytes:
+            self._drop(next(iter(self._items)))
+        token = secrets.token_urlsafe(18)
+        self._items[token] = Attachment(name, data, self._clock() + self.ttl_s)
+        self._bytes += len(data)
+        return token
+
+    def get(self, token: str) -> Attachment | None:
+        self._expire()
+        return self._items.get(token)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for token in [t for t, item in self._items.items() if item.expires_at <= now]:
+            self._drop(token)
+
+    def _drop(self, token: str) -> None:
+        self._bytes -= len(self._items.pop(token).data)
+
+
+SHELF_KEY: web.AppKey[AttachmentShelf] = web.AppKey("attachments", AttachmentShelf)
 
 
 class BadRequest(Exception):
@@ -100,6 +169,7 @@ def job_json(job: Job, position: int | None = None) -> dict[str, Any]:
         "label": job.engine_label,
         "kind": job.kind.value,
         "parent_id": job.parent_id,
+        "meta": {key: value for key, value in job.meta.items() if key.startswith(STORY_META_PREFIX)},
     }
 
 
@@ -145,6 +215,15 @@ def _name_field(data: dict[str, Any], name: str) -> str:
     return PLATFORM + value
 
 
+def _int_field(data: dict[str, Any], name: str) -> int:
+    value = data.get(name)
+    if value is None:
+        raise BadRequest(f"The field {name!r} is missing.")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"The field {name!r} must be a whole number.")
+    return value
+
+
 # handlers --------------------------------------------------------------------------------------
 
 
@@ -174,10 +253,55 @@ async def post_message(request: web.Request) -> web.Response:
     if not text.strip():
         raise BadRequest("Type a message first.")
     reply = await service.handle_message(chat, user, text, MessageContext(is_admin=True))
-    job = None
-    if reply.job is not None:
-        job = job_json(reply.job, await service.position(reply.job.id))
-    return web.json_response({"replies": list(reply.texts), "job": job})
+    jobs = [job_json(job, await service.position(job.id)) for job in reply.jobs]
+    body: dict[str, Any] = {"replies": list(reply.texts), "job": jobs[0] if jobs else None}
+    # "jobs" and "attachments" only when there are some: a plain reply keeps its original shape
+    if jobs:
+        body["jobs"] = jobs
+    if reply.attachments:
+        body["attachments"] = _attachments_json(request, reply)
+    return web.json_response(body)
+
+
+def _attachments_json(request: web.Request, reply: Reply) -> list[dict[str, Any]]:
+    """A stored picture is linked by its digest; any other file (an export) goes on the shelf."""
+    service, shelf = request.app[SERVICE_KEY], request.app[SHELF_KEY]
+    found = []
+    for name, data in reply.attachments:
+        digest = hashlib.sha256(data).hexdigest()
+        if name.lower().endswith(".png") and service.store.image_path(digest).is_file():
+            url: str | None = image_url(digest)
+        else:
+            token = shelf.put(name, data)
+            url = f"/api/attachments/{token}/{_quoted(name)}" if token else None
+        found.append({"name": name, "url": url})
+    return found
+
+
+async def get_attachment(request: web.Request) -> web.Response:
+    token = request.match_info["token"]
+    item = request.app[SHELF_KEY].get(token) if _TOKEN.fullmatch(token) else None
+    if item is None:
+        raise NotFound("That file has expired; ask for it again.")
+    return _file_response(item.data, item.name)
+
+
+def _quoted(name: str) -> str:
+    return quote(name, safe="")
+
+
+def _file_response(data: bytes, name: str) -> web.Response:
+    """A download that opens in the browser; exported HTML may show its own inline pictures and styles."""
+    content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    fallback = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "download"
+    headers = {
+        "Content-Disposition": f"inline; filename=\"{fallback}\"; filename*=UTF-8''{_quoted(name)}",
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-store",
+    }
+    if content_type == "text/html":
+        headers["Content-Security-Policy"] = EXPORT_CSP
+    return web.Response(body=data, content_type=content_type, headers=headers)
 
 
 async def get_job(request: web.Request) -> web.Response:
@@ -191,7 +315,7 @@ async def post_action(request: web.Request) -> web.Response:
     data = await _read_object(request)
     action = _text_field(data, "action")
     if action not in {a.value for a in Action}:
-        raise BadRequest("The action must be reroll, variation, upscale or cancel.")
+        raise BadRequest("The action must be reroll, variation, upscale or cancel (or choose, for a story).")
     index = data.get("index", 0)
     if isinstance(index, bool) or not isinstance(index, int):
         raise BadRequest("The field 'index' must be a whole number.")
@@ -209,6 +333,99 @@ async def get_image(request: web.Request) -> web.StreamResponse:
     if not path.is_file():
         raise NotFound("That image is no longer stored.")
     return web.FileResponse(path, headers={"Cache-Control": IMAGE_CACHE, "Content-Type": "image/png"})
+
+
+# stories ---------------------------------------------------------------------------------------
+
+
+def _book(service: Huahua) -> StoryBook:
+    book = service.handler("story")
+    if not isinstance(book, StoryBook):
+        raise ServiceUnavailable("Stories are not switched on for this server.")
+    return book
+
+
+async def _story_response(book: StoryBook, story: Story) -> web.Response:
+    images: dict[int, list[str]] = {}
+    chosen: dict[int, str | None] = {}
+    for scene in story.scenes:
+        images[scene.index] = [image_url(job.images[i]) for job, i in await book.variants(scene)]
+        digest = await book.panel_image(scene)
+        chosen[scene.index] = image_url(digest) if digest else None
+    return web.json_response(story_json(story, images, chosen))
+
+
+async def get_chat_story(request: web.Request) -> web.Response:
+    """The active story of a web room (the room name without the web: prefix)."""
+    room = request.match_info["chat"].strip()
+    if not room or len(room) > MAX_NAME_LENGTH or not room.isprintable():
+        raise BadRequest("The room must be a short printable name.")
+    book = _book(request.app[SERVICE_KEY])
+    story = await book.active(PLATFORM + room)
+    if story is None:
+        raise NotFound("There is no story in this room yet: start one with /story new <title>.")
+    return await _story_response(book, story)
+
+
+async def get_story(request: web.Request) -> web.Response:
+    book = _book(request.app[SERVICE_KEY])
+    return await _story_response(book, await book.get(request.match_info["story_id"]))
+
+
+async def export_story_html(request: web.Request) -> web.Response:
+    book = _book(request.app[SERVICE_KEY])
+    story = await book.get(request.match_info["story_id"])
+    return _file_response(await export_html(book, story), f"{_file_stem(story)}.html")
+
+
+async def export_story_pdf(request: web.Request) -> web.Response:
+    book = _book(request.app[SERVICE_KEY])
+    story = await book.get(request.match_info["story_id"])
+    try:
+        pdf = await export_pdf(book, story)
+    except NotFound:
+        raise
+    except HuahuaError as err:
+        return _error(err.message, 503)
+    return _file_response(pdf, f"{_file_stem(story)}.pdf")
+
+
+def _file_stem(story: Story) -> str:
+    return re.sub(r"[^\w-]+", "-", story.title).strip("-")[:60] or f"storybook-{story.id}"
+
+
+async def choose_picture(request: web.Request) -> web.Response:
+    """⭐ from the gallery: picture `picture` (1-based, among the scene's variants) becomes the panel."""
+    data = await _read_object(request)
+    scene_number = _int_field(data, "scene")
+    picture = _int_field(data, "picture")
+    user = _name_field(data, "user")
+    book = _book(request.app[SERVICE_KEY])
+    story = await book.get(request.match_info["story_id"])
+    scene = story.scene(scene_number)
+    if scene is None:
+        count = len(story.scenes)
+        raise BadRequest(f"Choose a panel from 1 to {count}." if count else "The story has no panels yet.")
+    variants = await book.variants(scene)
+    if not 1 <= picture <= len(variants):
+        raise BadRequest(
+            f"Panel {scene.index} has pictures 1 to {len(variants)}."
+            if variants
+            else f"Panel {scene.index} has no finished pictures yet."
+        )
+    job, image_index = variants[picture - 1]
+    story = await book.choose(job, image_index, user)
+    return await _story_response(book, story)
+
+
+async def story_page(request: web.Request) -> web.FileResponse:
+    """The gallery page; 404 (same page, it shows the API's sentence) for an unknown story."""
+    status = 200
+    try:
+        await _book(request.app[SERVICE_KEY]).get(request.match_info["story_id"])
+    except NotFound:
+        status = 404
+    return web.FileResponse(STATIC_DIR / "story.html", status=status, headers={"Cache-Control": "no-cache"})
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
@@ -333,6 +550,7 @@ def create_app(service: Huahua, settings: Settings, *, heartbeat_s: float = HEAR
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_middleware])
     app[SERVICE_KEY] = service
     app[HEARTBEAT_KEY] = heartbeat_s
+    app[SHELF_KEY] = AttachmentShelf()
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/api/messages", post_message)
@@ -340,6 +558,13 @@ def create_app(service: Huahua, settings: Settings, *, heartbeat_s: float = HEAR
     app.router.add_get("/api/jobs/{job_id}/events", job_events)
     app.router.add_post("/api/jobs/{job_id}/actions", post_action)
     app.router.add_get("/images/{digest}.png", get_image)
+    app.router.add_get("/api/attachments/{token}/{name}", get_attachment)
+    app.router.add_get("/api/chats/{chat}/story", get_chat_story)
+    app.router.add_get("/api/stories/{story_id}", get_story)
+    app.router.add_get("/api/stories/{story_id}/export.html", export_story_html)
+    app.router.add_get("/api/stories/{story_id}/export.pdf", export_story_pdf)
+    app.router.add_post("/api/stories/{story_id}/choose", choose_picture)
+    app.router.add_get("/stories/{story_id}", story_page)
     app.router.add_static("/static/", STATIC_DIR, append_version=True)
     return app
 
