@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from telegram import BotCommand, Chat, Message, MessageEntity, Update
+from telegram import BotCommand, Chat, InputMediaPhoto, Message, MessageEntity, Update
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import (
     AIORateLimiter,
@@ -23,10 +24,11 @@ from telegram.ext import MessageHandler as TgMessageHandler
 
 from bots.telegram import keyboards, messages
 from bots.telegram.delivery import Delivery, StatusRef, meta_for
+from core import images
 from core.errors import HuahuaError, InvalidOption, NotAllowed, ServiceUnavailable
 from core.service import Huahua, MessageContext, Reply
 from core.settings import Settings
-from core.types import Action, Job
+from core.types import Action
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ COMMAND_DESCRIPTIONS = {
     "illustrate": "Illustrate a story excerpt",
 }
 ADMIN_STATUSES = ("creator", "administrator")
+ALBUM_MAX = 10
 WORKING = "⏳ …"
 _COMMAND_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
 _SECRET = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
@@ -69,10 +72,10 @@ class TelegramAdapter:
         message, chat, sender = update.effective_message, update.effective_chat, update.effective_user
         if message is None or chat is None or sender is None or sender.is_bot or not message.text:
             return
-        incoming = self.incoming(message, chat, context.bot.username)
+        user, chat_key = f"tg:{sender.id}", f"tg:{chat.id}"
+        incoming = await self.incoming(message, chat, context.bot.username)
         if incoming is None:
             return
-        user, chat_key = f"tg:{sender.id}", f"tg:{chat.id}"
         is_admin = await self._is_admin(context, chat, sender.id, incoming.command)
         reply_to = message.reply_to_message
         meta = meta_for(None, message.message_id)
@@ -82,9 +85,9 @@ class TelegramAdapter:
             reply = await self.service.handle_message(
                 chat_key, user, incoming.text, MessageContext(is_admin=is_admin, meta=meta)
             )
-            if reply.job is not None:
+            if reply.jobs:
                 await self.delivery.track(
-                    reply.job, StatusRef(chat.id, status.message_id, message.message_id)
+                    reply.jobs[0], StatusRef(chat.id, status.message_id, message.message_id)
                 )
             else:
                 await status.edit_text(
@@ -101,8 +104,11 @@ class TelegramAdapter:
             reply = await self.service.handle_message(chat_key, user, incoming.text, context_)
             await self._answer(message, reply)
 
-    def incoming(self, message: Message, chat: Chat, username: str) -> Incoming | None:
-        """What to pass to the service; None ignores it (group chatter, other bots' commands)."""
+    async def incoming(self, message: Message, chat: Chat, username: str) -> Incoming | None:
+        """What to pass to the service; None ignores it (group chatter, other bots' commands).
+
+        Plain text asks for a picture in private chats and when the bot is mentioned; in a chat whose
+        story is on auto (`/story auto on`) it is a story passage instead."""
         text = message.text or ""
         stripped = text.strip()
         if stripped.startswith("/"):
@@ -111,16 +117,23 @@ class TelegramAdapter:
             if target and target.lower() != username.lower():
                 return None
             return Incoming(f"/{name} {rest}".strip(), name.lower())
-        if chat.type == Chat.PRIVATE:
-            if "" in self.service._handlers:
-                return Incoming(stripped, "")
-            return Incoming(f"/imagine {stripped}", "imagine")
-        mentioned = _without_mention(message, username)
+        mentioned = None if chat.type == Chat.PRIVATE else _without_mention(message, username)
         if mentioned is not None:
             return Incoming(f"/imagine {mentioned}".strip(), "imagine")
-        if "" in self.service._handlers:
+        if await self._story_auto(f"tg:{chat.id}"):
             return Incoming(stripped, "")
+        if chat.type == Chat.PRIVATE:
+            return Incoming(f"/imagine {stripped}", "imagine")
         return None
+
+    async def _story_auto(self, chat_key: str) -> bool:
+        if "" not in self.service.commands():
+            return False
+        try:
+            return (await self.service.chat_settings(chat_key)).story_auto
+        except HuahuaError as err:
+            logger.warning("could not read the settings of chat %s: %s", chat_key, err.message)
+            return False
 
     async def _is_admin(
         self, context: ContextTypes.DEFAULT_TYPE, chat: Chat, user_id: int, command: str
@@ -137,29 +150,44 @@ class TelegramAdapter:
         return member.status in ADMIN_STATUSES
 
     async def _answer(self, message: Message, reply: Reply) -> None:
+        """The reply's sentences, a status message per job (its sentence, when it has one), then files."""
         texts = list(reply.texts)
-        if reply.job is not None:
-            first = texts.pop() if texts else WORKING
-            for text in texts:
-                for chunk in messages.split(text):
-                    await message.reply_text(chunk, do_quote=True)
+        split_at = max(0, len(texts) - len(reply.jobs))
+        plain, job_texts = texts[:split_at], texts[split_at:]
+        for text in plain:
+            for chunk in messages.split(text):
+                await message.reply_text(chunk, do_quote=True)
+        for number, job in enumerate(reply.jobs):
+            first = job_texts[number] if number < len(job_texts) else WORKING
             status = await message.reply_text(
                 messages.truncate(first, messages.MESSAGE_LIMIT),
                 do_quote=True,
-                reply_markup=keyboards.cancel_keyboard(reply.job.id),
+                reply_markup=keyboards.cancel_keyboard(job.id),
             )
-            await self.delivery.track(
-                reply.job, StatusRef(message.chat_id, status.message_id, message.message_id)
-            )
-        else:
-            for text in texts:
-                for chunk in messages.split(text):
-                    await message.reply_text(chunk, do_quote=True)
+            await self.delivery.track(job, StatusRef(message.chat_id, status.message_id, message.message_id))
         await self._send_attachments(message, reply)
 
     async def _send_attachments(self, message: Message, reply: Reply) -> None:
+        """Files in the reply's order: PNGs as photos (consecutive ones as albums), others as documents."""
+        photos: list[tuple[str, bytes]] = []
         for name, data in reply.attachments:
+            if _is_photo(name, data):
+                photos.append((name, data))
+                continue
+            await self._send_photos(message, photos)
+            photos = []
             await message.reply_document(data, filename=name, do_quote=True)
+        await self._send_photos(message, photos)
+
+    async def _send_photos(self, message: Message, photos: list[tuple[str, bytes]]) -> None:
+        for start in range(0, len(photos), ALBUM_MAX):
+            album = photos[start : start + ALBUM_MAX]
+            if len(album) == 1:
+                name, data = album[0]
+                await message.reply_photo(data, filename=name, do_quote=True)
+            else:
+                media = [InputMediaPhoto(data, filename=name) for name, data in album]
+                await message.reply_media_group(media, do_quote=True)
 
     # buttons -----------------------------------------------------------------------------------
 
@@ -178,14 +206,30 @@ class TelegramAdapter:
                 await self._cancel(context, query.message.chat if query.message else None, press.job_id, user)
                 await query.answer("Cancelling…")
                 return
+            if press.action == Action.CHOOSE:
+                job = await self.service.act(press.job_id, Action.CHOOSE, press.index, user)
+                panel = job.meta.get("story_scene", "?")
+                await query.answer(f"⭐ Panel {panel} uses this picture.")
+                return
             if message is None:
                 raise InvalidOption("That message is too old for its buttons; ask again with /imagine.")
-            async with self.delivery.creating(message.chat_id):
-                job = await self.service.act(press.job_id, press.action, press.index, user)
-                await query.answer(_ACK[press.action])
-                await self._status_for_button(message, job)
+            await self._act_with_status(message, press, user)
+            await query.answer(_ACK[press.action])
         except HuahuaError as err:
             await query.answer(messages.truncate(err.message, 200), show_alert=True)
+
+    async def _act_with_status(self, message: Message, press: keyboards.ButtonPress, user: str) -> None:
+        """Reroll, variation, upscale: a status message first, so the new job has its ids from creation."""
+        async with self.delivery.creating(message.chat_id):
+            status = await message.reply_text(WORKING, do_quote=True)
+            meta = meta_for(status.message_id, message.message_id)
+            try:
+                job = await self.service.act(press.job_id, press.action, press.index, user, meta)
+            except HuahuaError:
+                with contextlib.suppress(TelegramError):
+                    await status.delete()
+                raise
+            await self.delivery.track(job, StatusRef(message.chat_id, status.message_id, message.message_id))
 
     async def _cancel(
         self, context: ContextTypes.DEFAULT_TYPE, chat: Chat | None, job_id: str, user: str
@@ -199,15 +243,6 @@ class TelegramAdapter:
                 raise
             await self.service.cancel(job_id, user, is_admin=True)
 
-    async def _status_for_button(self, message: Message, job: Job) -> None:
-        position = await self.service.position(job.id)
-        status = await message.reply_text(
-            messages.truncate(self.service.queued_text(job, position), messages.MESSAGE_LIMIT),
-            do_quote=True,
-            reply_markup=keyboards.cancel_keyboard(job.id),
-        )
-        await self.delivery.track(job, StatusRef(message.chat_id, status.message_id, message.message_id))
-
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         err = context.error
         network = _is_network(err)
@@ -218,7 +253,7 @@ class TelegramAdapter:
     def commands(self) -> list[BotCommand]:
         """The /command menu: the built-in commands and the registered command families."""
         menu = [BotCommand(name, description) for name, description in BUILTIN_COMMANDS]
-        for name in sorted(self.service._handlers):
+        for name in sorted(set(self.service.commands())):
             if _COMMAND_NAME.match(name) and name not in dict(BUILTIN_COMMANDS):
                 menu.append(BotCommand(name, COMMAND_DESCRIPTIONS.get(name, f"/{name}")))
         return menu
@@ -230,6 +265,16 @@ _ACK = {
     Action.UPSCALE: "Upscaling…",
     Action.CANCEL: "Cancelling…",
 }
+
+
+def _is_photo(name: str, data: bytes) -> bool:
+    if not name.lower().endswith(".png"):
+        return False
+    try:
+        width, height = images.png_size(data)
+    except HuahuaError:
+        return False
+    return messages.fits_as_photo(len(data), width, height)
 
 
 def _is_network(err: object) -> bool:

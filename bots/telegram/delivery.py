@@ -1,8 +1,8 @@
 """Job events to Telegram: throttled status-message edits and the finished picture with its buttons.
 
 Where a job's status message and reply target live: in memory for jobs this process started, and in the
-job's `meta` ("tg_status", "tg_reply_to", "tg_job") so delivery works after a restart. Meta copied from a
-parent job (variations, upscales) is ignored unless "tg_job" names this job.
+job's `meta` ("tg_status", "tg_reply_to") so delivery works after a restart. The service gives every job
+the adapter's meta from creation and never copies a parent's platform ids to its children.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ logger = logging.getLogger(__name__)
 
 META_STATUS = "tg_status"
 META_REPLY = "tg_reply_to"
-META_JOB = "tg_job"
+LEGACY_META_JOB = "tg_job"
+"""Written by earlier versions beside ids that a child job may have inherited from its parent."""
 PLATFORM = "tg:"
+STORY_ID = "story_id"
 READY_TIMEOUT_S = 30.0
 CREATION_WAIT_S = 10.0
 
@@ -53,24 +55,23 @@ def chat_id_of(chat: str) -> int | None:
         return None
 
 
-def meta_for(status_id: int | None, reply_to: int | None, job_id: str | None = None) -> dict[str, str]:
+def meta_for(status_id: int | None, reply_to: int | None) -> dict[str, str]:
+    """The job meta that keeps a job's Telegram ids."""
     meta = {}
     if status_id is not None:
         meta[META_STATUS] = str(status_id)
     if reply_to is not None:
         meta[META_REPLY] = str(reply_to)
-    if job_id is not None:
-        meta[META_JOB] = job_id
     return meta
 
 
 def ref_from_meta(job: Job) -> StatusRef | None:
-    """The job's own Telegram ids from its meta, or None when the meta is missing or a parent's."""
+    """The job's own Telegram ids from its meta, or None when the meta is missing (or, in jobs stored by
+    earlier versions, a parent's)."""
     chat_id = chat_id_of(job.chat)
     if chat_id is None:
         return None
-    owner = job.meta.get(META_JOB)
-    if owner != job.id and not (owner is None and job.parent_id is None):
+    if job.meta.get(LEGACY_META_JOB, job.id) != job.id:
         return None
     if META_STATUS not in job.meta and META_REPLY not in job.meta:
         return None
@@ -137,7 +138,7 @@ class Delivery:
             self._created.notify_all()
         if ref_from_meta(job) != ref:
             try:
-                await self.service.update_meta(job.id, meta_for(ref.status_id, ref.reply_to, job.id))
+                await self.service.update_meta(job.id, meta_for(ref.status_id, ref.reply_to))
             except HuahuaError as err:
                 logger.warning("could not keep Telegram ids on job %s: %s", job.id, err.message)
 
@@ -265,7 +266,7 @@ class Delivery:
         caption = messages.truncate(presenter.describe(job), messages.CAPTION_LIMIT)
         common = {
             "caption": caption,
-            "reply_markup": keyboards.result_keyboard(job.id, len(pngs)),
+            "reply_markup": keyboards.result_keyboard(job.id, len(pngs), choose=STORY_ID in job.meta),
             "reply_parameters": _reply(ref.reply_to),
             "filename": f"huahua-{job.id}.png",
         }

@@ -13,7 +13,13 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "hh"
 MAX_CALLBACK_BYTES = 64
-_CODES = {Action.REROLL: "r", Action.VARIATION: "v", Action.UPSCALE: "u", Action.CANCEL: "c"}
+_CODES = {
+    Action.REROLL: "r",
+    Action.VARIATION: "v",
+    Action.UPSCALE: "u",
+    Action.CANCEL: "c",
+    Action.CHOOSE: "s",
+}
 _ACTIONS = {code: action for action, code in _CODES.items()}
 
 
@@ -53,19 +59,16 @@ def cancel_keyboard(job_id: str) -> InlineKeyboardMarkup:
     )
 
 
-def result_keyboard(job_id: str, count: int) -> InlineKeyboardMarkup:
-    """🔄 reroll, then V1..Vn and U1..Un for the n pictures of a finished job."""
+def result_keyboard(job_id: str, count: int, *, choose: bool = False) -> InlineKeyboardMarkup:
+    """🔄 reroll, then V1..Vn and U1..Un for the n pictures of a finished job; ⭐1..⭐n on story pictures."""
     rows = [[InlineKeyboardButton("🔄", callback_data=encode(Action.REROLL, 0, job_id))]]
-    if count > 0:
+    labels = [("V", Action.VARIATION), ("U", Action.UPSCALE)]
+    if choose:
+        labels.append(("⭐", Action.CHOOSE))
+    for label, action in labels if count > 0 else []:
         rows.append(
             [
-                InlineKeyboardButton(f"V{i + 1}", callback_data=encode(Action.VARIATION, i, job_id))
-                for i in range(count)
-            ]
-        )
-        rows.append(
-            [
-                InlineKeyboardButton(f"U{i + 1}", callback_data=encode(Action.UPSCALE, i, job_id))
+                InlineKeyboardButton(f"{label}{i + 1}", callback_data=encode(action, i, job_id))
                 for i in range(count)
             ]
         )
