@@ -98,10 +98,14 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     from core.app import build_service
 
     service = await build_service(settings)
-    await service.start()
+    adapters = asyncio.gather(*(runner(service, settings) for runner in runners))
+    # Let each adapter register its event listeners before recovered jobs start emitting events.
+    await asyncio.sleep(0)
     try:
-        await _until_signal(asyncio.gather(*(runner(service, settings) for runner in runners)))
+        await service.start()
+        await _until_signal(adapters)
     finally:
+        adapters.cancel()
         await service.stop()
     return 0
 
