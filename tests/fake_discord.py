@@ -169,7 +169,13 @@ class FakeDiscord:
         if re.fullmatch(r"/applications/\d+(/guilds/\d+)?/commands", path) and method == "PUT":
             return _json(
                 [
-                    {**cmd, "id": str(snowflake()), "application_id": str(APP_ID), "version": "1"}
+                    {
+                        "description": "",  # context menus are sent without one; Discord answers ""
+                        **cmd,
+                        "id": str(snowflake()),
+                        "application_id": str(APP_ID),
+                        "version": "1",
+                    }
                     for cmd in call.json
                 ]
             )

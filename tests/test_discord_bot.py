@@ -141,16 +141,20 @@ def _interaction(
     return payload
 
 
-def command(name: str, resolved: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
+def command(
+    name: str, resolved: dict[str, Any] | None = None, *, sub: str | None = None, **options: Any
+) -> dict[str, Any]:
+    """A slash command's data; `sub` nests the options under that subcommand."""
     types = {str: 3, int: 4, bool: 5}
+    given = [
+        {"name": key, "type": 7 if key == "gallery" else types[type(value)], "value": value}
+        for key, value in options.items()
+    ]
     data: dict[str, Any] = {
         "id": "4300000000000000001",
         "name": name,
         "type": 1,
-        "options": [
-            {"name": key, "type": 7 if key == "gallery" else types[type(value)], "value": value}
-            for key, value in options.items()
-        ],
+        "options": given if sub is None else [{"name": sub, "type": 1, "options": given}],
     }
     if resolved:
         data["resolved"] = resolved
@@ -162,9 +166,16 @@ def dispatch(env: Env, payload: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
-def slash(env: Env, name: str, *, resolved: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
+def slash(
+    env: Env,
+    name: str,
+    *,
+    resolved: dict[str, Any] | None = None,
+    sub: str | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
     interaction_args = {k: kwargs.pop(k) for k in ("user", "permissions", "age", "size_limit") if k in kwargs}
-    return dispatch(env, _interaction(2, command(name, resolved, **kwargs), **interaction_args))
+    return dispatch(env, _interaction(2, command(name, resolved, sub=sub, **kwargs), **interaction_args))
 
 
 def press(env: Env, cid: str, *, source: Call | None = None, user: int = ALICE) -> dict[str, Any]:
@@ -232,7 +243,7 @@ async def test_commands_are_synced_to_the_guild_with_typed_options(env: Env) -> 
     (sync,) = env.api.find("PUT", rf"/applications/{APP_ID}/guilds/{GUILD}/commands")
     commands = {c["name"]: c for c in sync.json}
     assert {"imagine", "settings", "share", "help"} <= set(commands)
-    for name in env.service._handlers:
+    for name in env.service.commands():
         if name and name not in ("help", "start"):
             assert name in commands
     options = {o["name"]: o for o in commands["imagine"]["options"]}
@@ -393,7 +404,7 @@ async def test_share_posts_the_last_result_to_the_gallery_channel(env: Env) -> N
     resolved = {
         "channels": {str(GALLERY): {"id": str(GALLERY), "type": 0, "name": "gallery", "permissions": "0"}}
     }
-    no_gallery = slash(env, "share")
+    no_gallery = slash(env, "share", sub="picture")
     assert "nothing to share" in (await answer_text(env.api, no_gallery)).lower()
 
     setup = slash(
@@ -405,10 +416,10 @@ async def test_share_posts_the_last_result_to_the_gallery_channel(env: Env) -> N
     sent = slash(env, "imagine", prompt="a paper boat")
     job_id = job_id_in((await env.api.wait_for(lambda: followups(env.api, sent)))[0])
 
-    stranger = slash(env, "share", user=BOB, job=job_id)
+    stranger = slash(env, "share", sub="picture", user=BOB, job=job_id)
     assert "Only the person" in await answer_text(env.api, stranger)
 
-    shared = slash(env, "share")
+    shared = slash(env, "share", sub="picture")
     assert f"<#{GALLERY}>" in await answer_text(env.api, shared)
     (post,) = channel_posts(env.api, GALLERY)
     job = await env.service.get_job(job_id)
@@ -518,23 +529,20 @@ def test_custom_ids_round_trip_through_the_template() -> None:
 
 
 async def test_story_commands_reply_and_their_pictures_are_delivered(env: Env) -> None:
-    if "story" not in env.service._handlers or "illustrate" not in env.service._handlers:
-        pytest.skip("the service registers no story commands")
-    if not hasattr(env.service.store, "active_story"):
-        pytest.skip("the store does not keep stories yet (core/story is still landing)")
-    started = slash(env, "story", text="new The Fox and the Moon")
+    started = slash(env, "story", sub="new", title="The Fox and the Moon")
     assert "The Fox and the Moon" in await answer_text(env.api, started)
     assert callbacks(env.api, started)[0].json["type"] == 5
     assert "flags" not in (callbacks(env.api, started)[0].json.get("data") or {})  # public reply
 
-    added = slash(env, "story", text="add A red fox looks at the full moon over a snowy forest.")
+    added = slash(env, "story", sub="add", excerpt="A red fox looks at the full moon over a snowy forest.")
     await answer_text(env.api, added)
     drawn = slash(env, "illustrate")
     (result,) = await env.api.wait_for(lambda: followups(env.api, drawn))
     job = await env.service.get_job(job_id_in(result))
     assert job.kind == JobKind.SCENE and job.chat == f"dc:{CHANNEL}"
     assert result.files[0].data == await env.service.image(job.images[0])
-    assert custom_id(Action("choose"), 0, job.id) in result.custom_ids()
+    assert custom_id(Action.CHOOSE, 0, job.id) in result.custom_ids()
+    assert Target.from_meta(job.meta) is not None  # stored on the job: delivered after a restart too
     assert all("Drawing" not in c.json["content"] for c in edits(env.api, drawn))  # the reply stays
 
 

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 
-from bots.discord.commands import SlashCommands, answer
+from bots.discord.commands import SlashCommands
 from bots.discord.delivery import Delivery
+from bots.discord.interactions import answer
 from bots.discord.views import JobButton
 from core.errors import HuahuaError
 from core.settings import Settings

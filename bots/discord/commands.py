@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import io
 import logging
 import re
 from typing import TYPE_CHECKING, Any
@@ -11,10 +9,21 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 
-from bots.discord.delivery import CALL_TIMEOUT_S, NO_MENTIONS, Delivery, clip
+from bots.discord.delivery import Delivery, clip
+from bots.discord.gallery import Gallery
+from bots.discord.interactions import (
+    Interaction,
+    chat_of,
+    guild_scope,
+    is_admin,
+    say,
+    user_of,
+)
+from bots.discord.replies import post_reply
+from bots.discord.story import STORY_COMMANDS, StoryCommands
 from bots.discord.target import Target
 from core import presenter
-from core.errors import HuahuaError, InvalidOption, NotAllowed
+from core.errors import HuahuaError
 from core.service import MessageContext
 from core.types import Action, ImagineOptions, JobStatus
 
@@ -23,68 +32,34 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Interaction = discord.Interaction[Any]
-RESERVED = frozenset({"imagine", "settings", "share", "help", "start"})
+RESERVED = frozenset({"", "imagine", "settings", "share", "help", "start"})
 COMMAND_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 MAX_CHOICES = 25
 
 
-def user_of(interaction: Interaction) -> str:
-    return f"dc:{interaction.user.id}"
-
-
-def chat_of(interaction: Interaction) -> str:
-    return f"dc:{interaction.channel_id}"
-
-
-def guild_scope(guild_id: int) -> str:
-    """Chat id under which guild-wide settings (the gallery channel) are kept."""
-    return f"dc:guild:{guild_id}"
-
-
-def is_admin(interaction: Interaction) -> bool:
-    return bool(interaction.permissions.manage_guild)
-
-
-async def say(interaction: Interaction, text: str, files: list[discord.File] | None = None) -> None:
-    """Put `text` into the deferred response (ephemeral when the defer was)."""
-    try:
-        async with asyncio.timeout(CALL_TIMEOUT_S):
-            await interaction.edit_original_response(
-                content=clip(text), attachments=files or [], allowed_mentions=NO_MENTIONS
-            )
-    except (discord.HTTPException, TimeoutError) as err:
-        logger.info("could not answer an interaction: %s", type(err).__name__)
-
-
-async def answer(interaction: Interaction, text: str) -> None:
-    """An ephemeral sentence, whether or not the interaction was already deferred."""
-    if interaction.response.is_done():
-        await say(interaction, text)
-        return
-    try:
-        async with asyncio.timeout(CALL_TIMEOUT_S):
-            await interaction.response.send_message(clip(text), ephemeral=True)
-    except (discord.HTTPException, TimeoutError) as err:
-        logger.info("could not answer an interaction: %s", type(err).__name__)
-
-
 class SlashCommands:
-    """Installs /imagine, /settings, /share, /help and the service's plug-in commands on a tree."""
+    """Installs /imagine, /settings, /share, /help, the story commands and the service's other plug-in
+    commands on a tree."""
 
     def __init__(self, service: Huahua, delivery: Delivery) -> None:
         self.service = service
         self.delivery = delivery
+        self.gallery = Gallery(service, delivery)
+        self.story = StoryCommands(self.run_text, self.style_choices)
 
     def install(self, tree: app_commands.CommandTree[Any]) -> None:
         tree.add_command(self._imagine_command())
         tree.add_command(self._settings_command())
-        tree.add_command(self._share_command())
+        tree.add_command(self.gallery.command())
         tree.add_command(self._help_command())
-        for name, handler in sorted(self.service._handlers.items()):
-            if name in RESERVED or not COMMAND_NAME.fullmatch(name):
-                continue
-            tree.add_command(self._plugin_command(name, handler))
+        names = frozenset(self.service.commands())
+        for command in self.story.commands(names):
+            tree.add_command(command)
+        for menu in self.story.context_menus(names):
+            tree.add_command(menu)
+        for name in sorted(names - RESERVED - STORY_COMMANDS):
+            if COMMAND_NAME.fullmatch(name):
+                tree.add_command(self._plugin_command(name, self.service.handler(name)))
 
     async def style_choices(self, interaction: Interaction, current: str) -> list[app_commands.Choice[str]]:
         names = list(getattr(self.service.styles, "names", ()))
@@ -195,54 +170,6 @@ class SlashCommands:
         where = f"<#{gallery}>" if gallery else "none (an admin can set one with /settings gallery:)"
         return "\n".join([*reply.texts, f"Gallery channel for /share: {where}."])
 
-    # /share ------------------------------------------------------------------------------------
-
-    def _share_command(self) -> app_commands.Command[Any, Any, None]:
-        @app_commands.command(name="share", description="Post a result to this server's gallery channel.")
-        @app_commands.guild_only()
-        @app_commands.describe(job="The job id (shown under a result); your last result if left out")
-        async def share(interaction: Interaction, job: app_commands.Range[str, 1, 64] | None = None) -> None:
-            await interaction.response.defer(ephemeral=True, thinking=True)
-            try:
-                await say(interaction, await self._share(interaction, job))
-            except HuahuaError as err:
-                await say(interaction, err.message)
-
-        return share
-
-    async def _share(self, interaction: Interaction, job_id: str | None) -> str:
-        assert interaction.guild_id is not None  # guild_only
-        user = user_of(interaction)
-        if job_id is None:
-            job_id = self.delivery.last_result(chat_of(interaction), user)
-            if job_id is None:
-                raise InvalidOption("There is nothing to share yet: draw something first, or give a job id.")
-        job = await self.service.get_job(job_id.strip())
-        origin = Target.from_meta(job.meta)
-        if origin is None or origin.guild_id != interaction.guild_id:
-            raise InvalidOption("That picture was not made in this server.")
-        if job.user != user and not is_admin(interaction):
-            raise NotAllowed("Only the person who asked for this picture can share it.")
-        if job.status != JobStatus.DONE or not job.images:
-            raise InvalidOption("That picture is not ready yet: wait for it to finish.")
-        gallery = (await self.service.chat_settings(guild_scope(interaction.guild_id))).gallery
-        if not gallery or not gallery.isdigit():
-            raise InvalidOption(
-                "This server has no gallery channel yet: an admin can set one with /settings."
-            )
-        images = [await self.service.image(digest) for digest in job.images]
-        files, links = self.delivery.files_for(job, images, interaction.filesize_limit)
-        content = "\n".join([f"Shared by <@{interaction.user.id}>", presenter.describe(job), *links])
-        channel = interaction.client.get_partial_messageable(int(gallery), guild_id=interaction.guild_id)
-        try:
-            async with asyncio.timeout(CALL_TIMEOUT_S):
-                await channel.send(content=clip(content), files=files, allowed_mentions=NO_MENTIONS)
-        except discord.Forbidden:
-            return f"I may not post in <#{gallery}>: give me Send Messages and Attach Files there."
-        except (discord.HTTPException, TimeoutError):
-            return f"Discord did not take the picture for <#{gallery}>; please try again."
-        return f"Shared to <#{gallery}>."
-
     # /help and plug-in commands ----------------------------------------------------------------
 
     def _help_command(self) -> app_commands.Command[Any, Any, None]:
@@ -256,20 +183,22 @@ class SlashCommands:
         description = clip(getattr(handler, "description", "") or f"/{name}", 100)
 
         async def run(interaction: Interaction, text: app_commands.Range[str, 0, 2000] = "") -> None:
-            await interaction.response.defer(thinking=True)
-            target = Target.from_interaction(interaction, edit_status=False)
-            context = MessageContext(is_admin=is_admin(interaction), meta=target.to_meta())
-            reply = await self.service.handle_message(
-                chat_of(interaction), user_of(interaction), f"/{name} {text}".strip(), context
-            )
-            for job in _jobs_of(reply):
-                self._route(job.id, target)
-            files = [
-                discord.File(io.BytesIO(data), filename=filename) for filename, data in reply.attachments
-            ]
-            await say(interaction, "\n".join(reply.texts) or "✅", files)
+            await self.run_text(interaction, f"/{name} {text}".strip(), None)
 
         return app_commands.Command(name=name, description=description, callback=run)
+
+    async def run_text(self, interaction: Interaction, text: str, reply_to_text: str | None) -> None:
+        """A text command on behalf of the interaction, answered in public; its jobs' results follow."""
+        await interaction.response.defer(thinking=True)
+        target = Target.from_interaction(interaction, edit_status=False)
+        context = MessageContext(
+            is_admin=is_admin(interaction), reply_to_text=reply_to_text, meta=target.to_meta()
+        )
+        async with self.delivery.answering(interaction.token):
+            reply = await self.service.handle_message(
+                chat_of(interaction), user_of(interaction), text, context
+            )
+            await post_reply(interaction, self.service, self.delivery, reply, target)
 
     # buttons -----------------------------------------------------------------------------------
 
@@ -289,26 +218,11 @@ class SlashCommands:
         await interaction.response.defer(ephemeral=True, thinking=True)
         target = Target.from_interaction(interaction)
         try:
-            job = await self.service.act(job_id, action, index, user)
+            await self.service.act(
+                job_id, action, index, user, meta=target.to_meta(), is_admin=is_admin(interaction)
+            )
         except HuahuaError as err:
             await say(interaction, err.message)
             return
-        if action.value == "choose":
+        if action == Action.CHOOSE:
             await say(interaction, f"⭐ Picture {index + 1} is now the storybook's panel.")
-            return
-        self._route(job.id, target)
-
-    def _route(self, job_id: str, target: Target) -> None:
-        """Deliver a job the service made without our meta (buttons, plug-in commands) to `target`.
-
-        Kept in memory only: `Huahua.update_meta` rewrites the whole job and would race the worker
-        (a job could go back to "queued" after it finished), so these jobs are not re-delivered after
-        a restart until `Huahua.act` takes a `meta` argument."""
-        self.delivery.remember(job_id, target)
-
-
-def _jobs_of(reply: Any) -> tuple[Any, ...]:
-    jobs = getattr(reply, "jobs", None)
-    if jobs is not None:
-        return tuple(jobs)
-    return (reply.job,) if getattr(reply, "job", None) is not None else ()

@@ -7,6 +7,8 @@ import io
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +60,7 @@ class Delivery:
         self._last_result: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._orphans: OrderedDict[str, tuple[Job, JobEvent]] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._answering: dict[str, asyncio.Event] = {}
 
     # lifecycle ---------------------------------------------------------------------------------
 
@@ -71,8 +74,21 @@ class Delivery:
 
     # what adapters tell it ---------------------------------------------------------------------
 
+    @asynccontextmanager
+    async def answering(self, token: str) -> AsyncIterator[None]:
+        """While a command posts its reply, hold back the results of the jobs it started.
+
+        After a deferred response, Discord turns the first follow-up into the response itself: a fast
+        job's result must not be sent before the command's own answer, or that answer would replace it."""
+        done = self._answering.setdefault(token, asyncio.Event())
+        try:
+            yield
+        finally:
+            done.set()
+            self._answering.pop(token, None)
+
     def remember(self, job_id: str, target: Target) -> None:
-        """Route a job the service made without our meta (a button, a plug-in command) to `target`.
+        """Route a job the service made without our meta (a plug-in that ignores it) to `target`.
 
         A final event that came before this call (a fast job) is delivered now."""
         _bounded_put(self._targets, job_id, target)
@@ -127,6 +143,12 @@ class Delivery:
         await self._edit_original(target, status_text(job, event), running_view(job.id))
 
     async def _final(self, job: Job, event: JobEvent, target: Target) -> None:
+        answered = self._answering.get(target.token or "")
+        if answered is not None:
+            try:
+                await asyncio.wait_for(answered.wait(), CALL_TIMEOUT_S)
+            except TimeoutError:
+                logger.info("the command of job %s did not answer in time; delivering anyway", job.id)
         if event.type == EventType.DONE:
             if target.edit_status:
                 await self._edit_original(target, presenter.status_line(job), None)

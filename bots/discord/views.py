@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from core.types import Action, Job, JobKind
+from core.types import Action, Job
 
 if TYPE_CHECKING:
     from bots.discord.bot import HuahuaBot
@@ -31,7 +31,7 @@ def _button(action: Action, index: int, job_id: str) -> discord.ui.Button[Any]:
         return discord.ui.Button(emoji="🔄", style=discord.ButtonStyle.secondary, custom_id=cid, row=2)
     if action == Action.CANCEL:
         return discord.ui.Button(label="Cancel", emoji="❌", style=discord.ButtonStyle.danger, custom_id=cid)
-    if action.value == "choose":
+    if action == Action.CHOOSE:
         return discord.ui.Button(
             label=f"{index + 1}", emoji="⭐", style=discord.ButtonStyle.primary, custom_id=cid, row=3
         )
@@ -75,11 +75,11 @@ def running_view(job_id: str) -> discord.ui.View:
 
 
 def result_view(job: Job) -> discord.ui.View:
-    """V1–Vn, U1–Un and 🔄 reroll under a finished result."""
+    """V1–Vn, U1–Un and 🔄 reroll under a finished result; ⭐1–⭐n under a story picture."""
     count = min(len(job.images), MAX_BUTTON_IMAGES)
     items = [JobButton(Action.VARIATION, i, job.id) for i in range(count)]
     items += [JobButton(Action.UPSCALE, i, job.id) for i in range(count)]
     items.append(JobButton(Action.REROLL, 0, job.id))
-    if job.kind == JobKind.SCENE and "choose" in Action.__members__.values():
-        items += [JobButton(Action("choose"), i, job.id) for i in range(count)]
+    if "story_id" in job.meta:  # a scene, or a reroll or variation of one: a candidate panel
+        items += [JobButton(Action.CHOOSE, i, job.id) for i in range(count)]
     return _view(*items)
