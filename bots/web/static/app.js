@@ -94,6 +94,8 @@ async function act(job, action, index) {
     });
     if (action === "cancel") {
       renderJob(result);
+    } else if (action === "choose") {
+      addMessage(`⭐ Picture ${index + 1} is now panel ${job.meta.story_scene} of the story.`, "bot");
     } else {
       follow(result);
     }
@@ -126,6 +128,53 @@ function renderActions(card, job) {
     u.className = "upscale";
     actions.append(u);
   });
+  if (job.meta && job.meta.story_id) renderStoryActions(actions, job);
+}
+
+function renderStoryActions(actions, job) {
+  job.images.forEach((_, i) => {
+    const star = button(`⭐${job.images.length > 1 ? i + 1 : ""}`, `Use image ${i + 1} in the storybook`,
+      () => act(job, "choose", i));
+    star.className = "choose";
+    actions.append(star);
+  });
+  const link = document.createElement("a");
+  link.className = "story-link";
+  link.href = `/stories/${encodeURIComponent(job.meta.story_id)}`;
+  link.target = "_blank";
+  link.rel = "noopener";
+  link.textContent = "📖 Storybook";
+  actions.append(link);
+}
+
+function addAttachments(attachments) {
+  const div = document.createElement("div");
+  div.className = "msg bot attachments";
+  for (const item of attachments) {
+    if (!item.url) {
+      const missing = document.createElement("span");
+      missing.textContent = `📎 ${item.name} (too large to offer here)`;
+      div.append(missing);
+      continue;
+    }
+    const link = document.createElement("a");
+    link.href = item.url;
+    link.target = "_blank";
+    link.rel = "noopener";
+    link.className = "attachment";
+    if (/\.png$/i.test(item.name)) {
+      const img = document.createElement("img");
+      img.src = item.url;
+      img.alt = item.name;
+      img.loading = "lazy";
+      link.append(img);
+    } else {
+      link.textContent = `📎 ${item.name}`;
+    }
+    div.append(link);
+  }
+  list.append(div);
+  scrollDown();
 }
 
 function cardFor(job) {
@@ -144,7 +193,9 @@ function renderJob(job) {
   const before = card.dataset.status;
   card.dataset.status = job.status;
   card.classList.toggle("finished", FINAL.has(job.status));
-  card.querySelector(".kind").textContent = job.parent_id ? `${job.kind}` : "imagine";
+  let kind = job.parent_id ? `${job.kind}` : "imagine";
+  if (job.meta && job.meta.story_scene) kind = `📖 panel ${job.meta.story_scene} · ${job.kind}`;
+  card.querySelector(".kind").textContent = kind;
   let status = STATUS_TEXT[job.status] || job.status;
   if (job.status === "queued" && job.position) status += ` — position ${job.position}`;
   if (job.status === "running") status += ` ${Math.round(job.progress * 100)}%`;
@@ -204,7 +255,8 @@ $("composer").addEventListener("submit", async (event) => {
   try {
     const data = await api("/api/messages", { chat, user, text });
     for (const reply of data.replies) addMessage(reply, "bot");
-    if (data.job) follow(data.job);
+    if (data.attachments) addAttachments(data.attachments);
+    for (const job of data.jobs || []) follow(job);
   } catch (err) {
     addMessage(err.message, "error");
   }

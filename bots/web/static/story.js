@@ -1,0 +1,134 @@
+// Huahua storybook gallery: the panels of one story, their variants, and ⭐ to choose the book's picture.
+// All story text (title, cast, excerpts, prompts) is set with textContent, never parsed as HTML.
+"use strict";
+
+const POLL_MS = 3000;
+const MAX_POLLS = 200;
+
+const $ = (id) => document.getElementById(id);
+const storyId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop() || "");
+const base = `/api/stories/${encodeURIComponent(storyId)}`;
+let polls = 0;
+let pollTimer = null;
+
+function reader() {
+  let name = null;
+  try { name = localStorage.getItem("huahua.user"); } catch (_) { /* private mode */ }
+  return name || "reader";
+}
+
+async function api(path, body) {
+  const options = body === undefined ? {} : {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  };
+  const response = await fetch(path, options);
+  let data = null;
+  try { data = await response.json(); } catch (_) { data = null; }
+  if (!response.ok) {
+    throw new Error((data && data.error) || `The server answered ${response.status}.`);
+  }
+  return data;
+}
+
+function notice(text) {
+  $("notice").textContent = text;
+}
+
+function picture(url, alt) {
+  const img = document.createElement("img");
+  img.src = url;
+  img.alt = alt;
+  img.loading = "lazy";
+  return img;
+}
+
+function thumbnails(scene) {
+  return scene.images.map((url, i) => {
+    const thumb = document.createElement("div");
+    const chosen = url === scene.chosen;
+    thumb.className = chosen ? "thumb chosen" : "thumb";
+    thumb.dataset.picture = String(i + 1);
+    thumb.append(picture(url, `Panel ${scene.index}, picture ${i + 1}`));
+    const star = document.createElement("button");
+    star.type = "button";
+    star.className = "star";
+    star.textContent = chosen ? "★" : "☆";
+    star.title = chosen ? "In the book" : `Use picture ${i + 1} for panel ${scene.index}`;
+    star.disabled = chosen;
+    star.addEventListener("click", () => choose(scene.index, i + 1));
+    thumb.append(star);
+    return thumb;
+  });
+}
+
+function renderPanel(scene) {
+  const figure = $("panel-template").content.firstElementChild.cloneNode(true);
+  figure.id = `panel-${scene.index}`;
+  figure.dataset.scene = String(scene.index);
+  figure.querySelector(".number").textContent = `Panel ${scene.index}`;
+  const main = figure.querySelector(".main");
+  if (scene.chosen) {
+    const img = picture(scene.chosen, scene.excerpt);
+    img.width = scene.params.width;
+    img.height = scene.params.height;
+    main.append(img);
+  } else {
+    const drawing = document.createElement("div");
+    drawing.className = "drawing";
+    drawing.textContent = "🎨 Still drawing…";
+    main.append(drawing);
+  }
+  figure.querySelector(".excerpt").textContent = scene.excerpt;
+  figure.querySelector(".prompt").textContent = `${scene.prompt_zh} · seed ${scene.seed}`;
+  if (scene.images.length > 1) figure.querySelector(".thumbs").replaceChildren(...thumbnails(scene));
+  return figure;
+}
+
+function render(story) {
+  document.title = `${story.title} · Huahua 画画`;
+  $("title").textContent = story.title;
+  const parts = [`${story.scenes.length} panels`];
+  if (story.style) parts.push(story.style);
+  if (!story.active) parts.push("finished");
+  $("meta").textContent = parts.join(" · ");
+  $("export-html").href = `${base}/export.html`;
+  $("export-pdf").href = `${base}/export.pdf`;
+  $("cast").hidden = story.cast.length === 0;
+  $("cast-list").replaceChildren(...story.cast.flatMap((member) => {
+    const name = document.createElement("dt");
+    name.textContent = member.name;
+    const description = document.createElement("dd");
+    description.textContent = member.description;
+    return [name, description];
+  }));
+  $("panels").replaceChildren(...story.scenes.map(renderPanel));
+  document.body.dataset.loaded = "true";
+}
+
+async function load() {
+  pollTimer = null;
+  try {
+    const story = await api(base);
+    render(story);
+    const drawing = story.scenes.some((scene) => scene.chosen === null);
+    if (drawing && polls < MAX_POLLS) {
+      polls += 1;
+      pollTimer = setTimeout(load, POLL_MS);
+    }
+  } catch (err) {
+    notice(err.message);
+  }
+}
+
+async function choose(scene, number) {
+  try {
+    render(await api(`${base}/choose`, { scene, picture: number, user: reader() }));
+    notice(`★ Panel ${scene} now uses picture ${number}.`);
+  } catch (err) {
+    notice(err.message);
+  }
+}
+
+load();
