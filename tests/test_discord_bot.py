@@ -142,7 +142,7 @@ def _interaction(
 
 
 def command(
-    name: str, resolved: dict[str, Any] | None = None, *, sub: str | None = None, **options: Any
+    name: str, resolved: dict[str, Any] | None = None, /, *, sub: str | None = None, **options: Any
 ) -> dict[str, Any]:
     """A slash command's data; `sub` nests the options under that subcommand."""
     types = {str: 3, int: 4, bool: 5}
@@ -169,6 +169,7 @@ def dispatch(env: Env, payload: dict[str, Any]) -> dict[str, Any]:
 def slash(
     env: Env,
     name: str,
+    /,
     *,
     resolved: dict[str, Any] | None = None,
     sub: str | None = None,
@@ -582,3 +583,29 @@ def test_targets_round_trip_through_job_meta() -> None:
     assert Target.from_meta({}) is None
     assert Target.from_meta({"discord_channel": "not a number"}) is None
     assert not target.token_alive(now=1e9) and target.token_alive(now=1e9 - 60)
+
+
+async def test_share_finds_the_last_result_after_a_restart(tmp_path: Path, api: FakeDiscord) -> None:
+    first = await start_bot(tmp_path, api, PatternEngine())
+    resolved = {
+        "channels": {str(GALLERY): {"id": str(GALLERY), "type": 0, "name": "gallery", "permissions": "0"}}
+    }
+    setup = slash(
+        first, "settings", permissions=MEMBER_PERMS | MANAGE_GUILD, gallery=str(GALLERY), resolved=resolved
+    )
+    await answer_text(api, setup)
+    sent = slash(first, "imagine", prompt="a folded crane")
+    job_id = job_id_in((await api.wait_for(lambda: followups(api, sent)))[0])
+    other = slash(first, "imagine", prompt="someone else's crane", user=BOB)
+    await api.wait_for(lambda: followups(api, other))
+    await stop_bot(first)
+
+    second = await start_bot(tmp_path, api, PatternEngine())
+    try:
+        shared = slash(second, "share", sub="picture")
+        assert f"<#{GALLERY}>" in await answer_text(api, shared)
+        (post,) = channel_posts(api, GALLERY)
+        job = await second.service.get_job(job_id)
+        assert post.files[0].data == await second.service.image(job.images[0])
+    finally:
+        await stop_bot(second)
