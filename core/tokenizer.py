@@ -102,6 +102,9 @@ def basic_tokens(text: str) -> Iterator[str]:
             yield from token.split()
 
 
+COUNT_CACHE_SIZE = 8192
+
+
 class WordPieceTokenizer:
     """Greedy longest-match-first WordPiece over the BERT Chinese vocabulary; ids as the reference."""
 
@@ -118,6 +121,7 @@ class WordPieceTokenizer:
         self.vocab_size = len(vocab)
         self.unk_id, self.cls_id, self.sep_id, self.pad_id = (vocab[t] for t in (UNK, CLS, SEP, PAD))
         self.source = source
+        self._count_cache: dict[str, int] = {}
 
     @classmethod
     def from_file(cls, path: str | Path) -> WordPieceTokenizer:
@@ -171,8 +175,14 @@ class WordPieceTokenizer:
         return list(self._pieces(text))
 
     def count(self, text: str) -> int:
-        """How many pieces `text` takes of the 75-piece budget."""
-        return sum(1 for _ in self._pieces(text))
+        """How many pieces `text` takes of the 75-piece budget (memoised: prompt parts recur)."""
+        cached = self._count_cache.get(text)
+        if cached is None:
+            cached = sum(1 for _ in self._pieces(text))
+            if len(self._count_cache) >= COUNT_CACHE_SIZE:
+                self._count_cache.clear()
+            self._count_cache[text] = cached
+        return cached
 
     def encode(self, text: str, context_length: int = CONTEXT_LENGTH) -> list[int]:
         """`[CLS]` ids `[SEP]`, `[PAD]` up to `context_length`; pieces past `context_length - 2` are cut."""
