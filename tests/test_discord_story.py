@@ -3,8 +3,11 @@ a fake Discord REST server on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import io
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from bots.discord.replies import attachment_files
 from bots.discord.target import Target
 from bots.discord.views import custom_id
 from core.story.book import StoryBook
-from core.types import Action, JobKind, JobStatus
+from core.types import Action, ImagineOptions, JobKind, JobStatus
 from tests.fake_discord import APP_ID, FakeDiscord, message_payload
 from tests.support import VOCAB, PatternEngine
 from tests.test_discord_bot import (
@@ -253,3 +256,27 @@ def test_attachments_over_the_limit_become_notes() -> None:
     assert len(notes) == 1 and "book.html is too large" in notes[0]
     files, notes = attachment_files([("panel-1.png", png)], 10)
     assert not files and "panel-1.png is too large" in notes[0]
+
+
+async def test_pictures_wait_for_the_commands_answer(env: Env) -> None:
+    """After a deferred response Discord turns the first follow-up into the answer, so while a command
+    answers, the results of the jobs it started are held back."""
+    sent = slash(env, "help")
+    await answer_text(env.api, sent)
+    token = "held-interaction-token"
+    target = Target(channel_id=CHANNEL, application_id=APP_ID, token=token, expires_at=time.time() + 600)
+    target = dataclasses.replace(target, edit_status=False)
+    options = ImagineOptions(text="a held kite")
+    async with env.client.delivery.answering(token):
+        job = await env.service.imagine(CHAT, f"dc:{ALICE}", options, meta=target.to_meta())
+        await wait_until_done(env, job.id)
+        await asyncio.sleep(0.2)
+        assert not env.api.find("POST", rf"/webhooks/{APP_ID}/{token}")
+    (result,) = await env.api.wait_for(lambda: env.api.find("POST", rf"/webhooks/{APP_ID}/{token}"))
+    assert job_id_in(result) == job.id
+
+
+async def wait_until_done(env: Env, job_id: str) -> None:
+    async for event in env.service.subscribe(job_id):
+        if event.type.final:
+            return
