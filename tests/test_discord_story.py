@@ -16,18 +16,21 @@ import discord
 import pytest
 from PIL import Image
 
+from bots.discord import build_client
 from bots.discord.replies import attachment_files
 from bots.discord.target import Target
 from bots.discord.views import custom_id
+from core.service import Huahua, MessageContext, Reply
 from core.story.book import StoryBook
 from core.types import Action, ImagineOptions, JobKind, JobStatus
-from tests.fake_discord import APP_ID, FakeDiscord, message_payload
-from tests.support import VOCAB, PatternEngine
+from tests.fake_discord import APP_ID, VALID_TOKEN, FakeDiscord, message_payload
+from tests.support import VOCAB, PatternEngine, make_service, make_settings
 from tests.test_discord_bot import (
     ALICE,
     BOB,
     CHANNEL,
     GALLERY,
+    GUILD,
     MANAGE_GUILD,
     MEMBER_PERMS,
     Env,
@@ -280,3 +283,36 @@ async def wait_until_done(env: Env, job_id: str) -> None:
     async for event in env.service.subscribe(job_id):
         if event.type.final:
             return
+
+
+class Doodle:
+    """A plug-in command that, unlike the story book, ignores MessageContext.meta for its jobs."""
+
+    commands = ("doodle",)
+    description = "Doodle something"
+
+    def __init__(self, service: Huahua) -> None:
+        self.service = service
+
+    async def handle(self, chat: str, user: str, command: str, args: str, context: MessageContext) -> Reply:
+        job = await self.service.imagine(chat, user, ImagineOptions(text=args or "a doodle"))
+        return Reply(texts=("doodling",), jobs=(job,), attachments=(("notes.txt", b"hello"),))
+
+
+async def test_a_plugin_reply_is_delivered_even_without_our_meta(tmp_path: Path, api: FakeDiscord) -> None:
+    service = await make_service(tmp_path, PatternEngine())
+    service.register(Doodle(service))
+    client = build_client(service, make_settings(tmp_path, discord_guild_id=GUILD), edit_interval=0.0)
+    await client.login(VALID_TOKEN)
+    env = Env(api, service, client, PatternEngine())
+    try:
+        sent = slash(env, "doodle", text="a spiral")
+        assert await answer_text(api, sent) == "doodling"
+        calls = await api.wait_for(lambda: len(followups(api, sent)) == 2 and followups(api, sent))
+        notes, result = sorted(calls, key=lambda c: bool(c.custom_ids()))
+        assert [p.data for p in notes.files] == [b"hello"]
+        job = await service.get_job(job_id_in(result))
+        assert result.files[0].data == await service.image(job.images[0])
+        assert Target.from_meta(job.meta) is not None  # kept on the job for a restart
+    finally:
+        await stop_bot(env)
