@@ -37,6 +37,7 @@ class Call:
     method: str
     params: dict[str, Any]
     files: dict[str, bytes] = field(default_factory=dict)
+    filenames: dict[str, str] = field(default_factory=dict)
     at: float = field(default_factory=time.monotonic)
 
 
@@ -79,8 +80,8 @@ class FakeTelegram:
         if request.match_info["token"] != self.token:
             return _error(401, "Unauthorized")
         method = request.match_info["method"]
-        params, files = await _read_params(request)
-        call = Call(method, params, files)
+        params, files, filenames = await _read_params(request)
+        call = Call(method, params, files, filenames)
         if method != "getUpdates":
             self.calls.append(call)
             async with self._changed:
@@ -318,24 +319,29 @@ def _error(status: int, description: str) -> web.Response:
     return web.json_response({"ok": False, "error_code": status, "description": description}, status=status)
 
 
-async def _read_params(request: web.Request) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Parameters from a JSON, urlencoded or multipart body (or the query string); files separately."""
+async def _read_params(
+    request: web.Request,
+) -> tuple[dict[str, Any], dict[str, bytes], dict[str, str]]:
+    """Parameters from a JSON, urlencoded or multipart body (or the query string); files and their
+    names separately."""
     params: dict[str, Any] = dict(request.query)
     files: dict[str, bytes] = {}
+    filenames: dict[str, str] = {}
     if request.content_type == "application/json":
         body = await request.json()
-        return {**params, **body}, files
+        return {**params, **body}, files, filenames
     if request.content_type == "multipart/form-data":
         reader = await request.multipart()
         async for part in reader:
             name = part.name or ""
             if part.filename is not None:  # type: ignore[union-attr]
+                filenames[name] = part.filename  # type: ignore[union-attr]
                 files[name] = bytes(await part.read())  # type: ignore[union-attr]
             else:
                 params[name] = await part.text()  # type: ignore[union-attr]
     elif request.can_read_body:
         params.update(await request.post())
-    return {k: _decode(k, v) for k, v in params.items()}, files
+    return {k: _decode(k, v) for k, v in params.items()}, files, filenames
 
 
 def _decode(key: str, value: Any) -> Any:

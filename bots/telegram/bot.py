@@ -7,6 +7,7 @@ import contextlib
 import logging
 import re
 import secrets
+from collections import defaultdict
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -65,6 +66,8 @@ class TelegramAdapter:
         self.service = service
         self.settings = settings
         self.delivery = Delivery(service)
+        self._chat_locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        """One message at a time per chat, so passages and commands keep the chat's order."""
 
     # incoming messages -------------------------------------------------------------------------
 
@@ -72,11 +75,17 @@ class TelegramAdapter:
         message, chat, sender = update.effective_message, update.effective_chat, update.effective_user
         if message is None or chat is None or sender is None or sender.is_bot or not message.text:
             return
-        user, chat_key = f"tg:{sender.id}", f"tg:{chat.id}"
+        async with self._chat_locks[chat.id]:
+            await self._on_message(message, chat, sender.id, context)
+
+    async def _on_message(
+        self, message: Message, chat: Chat, sender_id: int, context: ContextTypes.DEFAULT_TYPE
+    ) -> None:
+        user, chat_key = f"tg:{sender_id}", f"tg:{chat.id}"
         incoming = await self.incoming(message, chat, context.bot.username)
         if incoming is None:
             return
-        is_admin = await self._is_admin(context, chat, sender.id, incoming.command)
+        is_admin = await self._is_admin(context, chat, sender_id, incoming.command)
         reply_to = message.reply_to_message
         meta = meta_for(None, message.message_id)
         if incoming.command == "imagine":

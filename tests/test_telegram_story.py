@@ -1,0 +1,247 @@
+"""Stories through Telegram: the real Application and service against the fake Bot API server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("telegram")
+
+from bots.telegram import keyboards
+from bots.telegram.delivery import META_REPLY, META_STATUS
+from core.service import Huahua
+from core.story.book import StoryBook
+from core.story.model import Story
+from core.types import Action, JobKind
+from tests.fake_telegram import FakeTelegram
+from tests.test_telegram_bot import button_data, buttons, running, sent_message
+
+USER = 2001
+OTHER = 2002
+GROUP = -100777
+CHAT = USER
+"""The whole story runs in a private chat: Telegram's 20 messages a minute per group would slow it."""
+CAST = "穿红斗篷的小女孩"
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeTelegram]:
+    server = FakeTelegram()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def book_of(service: Huahua) -> StoryBook:
+    book = service.handler("story")
+    assert isinstance(book, StoryBook)
+    return book
+
+
+async def story_of(service: Huahua, chat_id: int) -> Story:
+    story = await book_of(service).active(f"tg:{chat_id}")
+    assert story is not None
+    return story
+
+
+async def say(fake: FakeTelegram, chat_id: int, text: str, **kwargs: Any) -> dict[str, Any]:
+    """Send `text` and wait for the bot's one text answer; returns that answer's call params."""
+    before = len(fake.calls_of("sendMessage", chat_id=chat_id))
+    fake.send_text(chat_id, USER, text, **kwargs)
+    return (await fake.wait_for("sendMessage", before + 1, chat_id=chat_id))[before].params
+
+
+def job_id_of(call: Any, label: str = "🔄") -> str:
+    press = keyboards.decode(button_data(call, label))
+    assert press is not None
+    return press.job_id
+
+
+async def until(check: Any, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    """Poll an async predicate (the store is updated by listeners after the photo is sent)."""
+    for _ in range(int(timeout / 0.05)):
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"condition not met in time: {check.__name__}")
+
+
+async def test_a_whole_story_told_to_the_bot(tmp_path: Path, fake: FakeTelegram) -> None:
+    async with running(tmp_path, fake) as service:
+        menu = (await fake.wait_for("setMyCommands"))[0].params["commands"]
+        names = [c["command"] for c in menu]
+        assert {"story", "cast", "illustrate"} <= set(names) and "" not in names
+
+        assert (await say(fake, CHAT, "/story new 小红帽"))["text"].startswith("📖 Started “小红帽”")
+        assert CAST in (await say(fake, CHAT, f"/cast add 莉莉: {CAST}"))["text"]
+        assert "passage 1" in (await say(fake, CHAT, "/story add 莉莉走进森林"))["text"]
+        assert "passage 2" in (await say(fake, CHAT, "/story@huahua_bot add 莉莉在河边看月亮"))["text"]
+
+        sends = len(fake.calls_of("sendMessage", chat_id=CHAT))
+        asked = fake.send_text(CHAT, USER, "/illustrate 2")
+        photos = await fake.wait_for("sendPhoto", 2, chat_id=CHAT)
+        statuses = fake.calls_of("sendMessage", chat_id=CHAT)[sends:]
+        assert len(statuses) == 2
+        assert [s.params["text"].split(":")[0] for s in statuses] == ["🖼 Panel 1", "🖼 Panel 2"]
+        assert all(s.params["reply_parameters"]["message_id"] == asked["message_id"] for s in statuses)
+        assert all("❌ Cancel" in buttons(s) for s in statuses)
+        story = await story_of(service, CHAT)
+        prompts = {scene.request.prompt for scene in story.scenes}
+        assert len(story.scenes) == 2 and all(CAST in p for p in prompts)
+        assert {p.params["caption"].split("提示词: ")[1].split("\n")[0] for p in photos} == prompts
+        assert all(buttons(p) == ["🔄", "V1", "U1", "⭐1"] for p in photos)
+        status_ids = {sent_message(fake, s)["message_id"] for s in statuses}
+        done = [e for e in fake.calls_of("editMessageText", chat_id=CHAT) if e.params["text"] == "✅ Done."]
+        assert {int(e.params["message_id"]) for e in done} == status_ids
+
+        first = next(p for p in photos if job_id_of(p) == story.scenes[0].job_ids[0])
+        first_message = sent_message(fake, first)
+        fake.press(CHAT, USER, first_message, button_data(first, "🔄"))
+        reroll = (await fake.wait_for("sendPhoto", 3, chat_id=CHAT))[2]
+        assert reroll.params["reply_parameters"]["message_id"] == first_message["message_id"]
+        assert "⭐1" in buttons(reroll)
+        reroll_job = await service.get_job(job_id_of(reroll))
+        assert reroll_job.kind == JobKind.REROLL and reroll_job.meta["story_scene"] == "1"
+        reroll_status = fake.calls_of("sendMessage", chat_id=CHAT)[-1]
+        assert reroll_job.meta[META_STATUS] == str(sent_message(fake, reroll_status)["message_id"])
+        assert reroll_job.meta[META_REPLY] == str(first_message["message_id"])
+        assert "tg_job" not in reroll_job.meta
+
+        async def rerolled_is_a_variant() -> bool:
+            return reroll_job.id in (await story_of(service, CHAT)).scenes[0].job_ids
+
+        await until(rerolled_is_a_variant)
+        fake.press(CHAT, USER, sent_message(fake, reroll), button_data(reroll, "⭐1"))
+        answer = (await fake.wait_for("answerCallbackQuery", 2))[1].params
+        assert answer["text"] == "⭐ Panel 1 uses this picture." and not answer.get("show_alert")
+        story = await story_of(service, CHAT)
+        assert story.scenes[0].chosen == (reroll_job.id, 0) and story.scenes[1].chosen is None
+
+        shown = await say(fake, CHAT, "/story show")
+        assert shown["text"].startswith("📖 小红帽") and "Cast: 莉莉" in shown["text"]
+        album = (await fake.wait_for("sendMediaGroup", chat_id=CHAT))[0]
+        assert len(album.params["media"]) == 2 and all(m["type"] == "photo" for m in album.params["media"])
+        panel_two = await service.get_job(story.scenes[1].job_ids[0])
+        assert sorted(album.files.values()) == sorted(
+            [reroll.files["photo"], await service.image(panel_two.images[0])]
+        )
+        assert first.files["photo"] not in album.files.values()
+
+        exported = await say(fake, CHAT, "/story export")
+        assert "2 panels" in exported["text"]
+        html_call, pdf_call = await fake.wait_for("sendDocument", 2, chat_id=CHAT)
+    html = html_call.files["document"]
+    assert html.startswith(b"<!doctype html>") and html.count(b"<img") == 2
+    assert "小红帽" in html.decode() and CAST in html.decode()
+    assert pdf_call.files["document"].startswith(b"%PDF")
+    assert (html_call.filenames["document"], pdf_call.filenames["document"]) == ("小红帽.html", "小红帽.pdf")
+
+
+async def test_story_auto_makes_group_messages_passages(tmp_path: Path, fake: FakeTelegram) -> None:
+    async with running(tmp_path, fake) as service:
+        await say(fake, GROUP, "/story new 雪夜")
+        fake.send_text(GROUP, OTHER, "这句不算")
+        assert "every message" in (await say(fake, GROUP, "/story auto on"))["text"]
+        assert (await service.chat_settings(f"tg:{GROUP}")).story_auto
+        answered = len(fake.calls)
+        fake.send_text(GROUP, OTHER, "莉莉在雪地里堆雪人")
+        fake.send_text(GROUP, USER, "  狐狸从树后看着她  ")
+
+        async def two_passages() -> bool:
+            return len((await story_of(service, GROUP)).excerpts) == 2
+
+        await until(two_passages)
+        assert (await story_of(service, GROUP)).excerpts == ("莉莉在雪地里堆雪人", "狐狸从树后看着她")
+        await asyncio.sleep(0.3)
+        assert [c.method for c in fake.calls[answered:]] == []
+
+        await say(fake, GROUP, "/story auto off")
+        fake.send_text(GROUP, OTHER, "又不算了")
+        await say(fake, GROUP, "/story show")
+        assert len((await story_of(service, GROUP)).excerpts) == 2
+
+
+async def test_illustrate_as_a_reply_draws_that_message(tmp_path: Path, fake: FakeTelegram) -> None:
+    async with running(tmp_path, fake) as service:
+        await say(fake, GROUP, "/story new 小红帽")
+        await say(fake, GROUP, f"/cast add 莉莉: {CAST}")
+        await say(fake, GROUP, "/story add 莉莉走进森林")
+        quoted = fake.send_text(GROUP, OTHER, "莉莉在桥上遇到了一只狐狸")
+        status = await say(fake, GROUP, "/illustrate", reply_to=quoted)
+        assert status["text"].startswith("🖼 Panel 1")
+        photo = (await fake.wait_for("sendPhoto", chat_id=GROUP))[0]
+        story = await story_of(service, GROUP)
+        assert story.excerpts[-1] == "莉莉在桥上遇到了一只狐狸"
+        assert [s.excerpt for s in story.scenes] == ["莉莉在桥上遇到了一只狐狸"]
+        job = await service.get_job(job_id_of(photo))
+        assert job.source_text == "莉莉在桥上遇到了一只狐狸" and job.kind == JobKind.SCENE
+        assert CAST in photo.params["caption"]
+
+
+async def test_choose_on_a_plain_picture_is_refused(tmp_path: Path, fake: FakeTelegram) -> None:
+    async with running(tmp_path, fake) as service:
+        fake.send_text(USER, USER, "一只猫")
+        photo = (await fake.wait_for("sendPhoto", chat_id=USER))[0]
+        assert "⭐1" not in buttons(photo)
+        job_id = job_id_of(photo)
+        fake.press(USER, USER, sent_message(fake, photo), keyboards.encode(Action.CHOOSE, 0, job_id))
+        answer = (await fake.wait_for("answerCallbackQuery"))[0].params
+        assert answer["show_alert"] is True and "story pictures" in answer["text"]
+        assert (await service.get_job(job_id)).meta.get("story_id") is None
+
+
+async def test_private_chat_plain_text_draws_unless_the_story_is_on_auto(
+    tmp_path: Path, fake: FakeTelegram
+) -> None:
+    async with running(tmp_path, fake) as service:
+        await say(fake, USER, "/story new 月亮")
+        await say(fake, USER, "/story auto on")
+        fake.send_text(USER, USER, "月亮升起来了")
+
+        async def one_passage() -> bool:
+            return (await story_of(service, USER)).excerpts == ("月亮升起来了",)
+
+        await until(one_passage)
+        await say(fake, USER, "/story auto off")
+        fake.send_text(USER, USER, "一只猫")
+        photo = (await fake.wait_for("sendPhoto", chat_id=USER))[0]
+        assert "一只猫" in photo.params["caption"]
+        assert (await story_of(service, USER)).excerpts == ("月亮升起来了",)
+
+
+async def test_story_errors_are_one_sentence(tmp_path: Path, fake: FakeTelegram) -> None:
+    async with running(tmp_path, fake):
+        assert "no story" in (await say(fake, GROUP, "/illustrate"))["text"]
+        await say(fake, GROUP, "/story new 小红帽")
+        assert "Add a passage first" in (await say(fake, GROUP, "/illustrate"))["text"]
+        assert "1 to 4" in (await say(fake, GROUP, "/illustrate 99"))["text"]
+        assert "/cast add <name>" in (await say(fake, GROUP, "/cast add nobody"))["text"]
+        assert "Story commands" in (await say(fake, GROUP, "/story"))["text"]
+        await asyncio.sleep(0.2)
+        assert not fake.calls_of("sendPhoto") and not fake.calls_of("sendDocument")
+
+
+def test_star_buttons_only_on_story_results() -> None:
+    plain = keyboards.result_keyboard("abc123", 2)
+    story = keyboards.result_keyboard("abc123", 2, choose=True)
+    assert [b.text for row in plain.inline_keyboard for b in row] == ["🔄", "V1", "V2", "U1", "U2"]
+    labels = [b.text for row in story.inline_keyboard for b in row]
+    assert labels[-2:] == ["⭐1", "⭐2"]
+    star = story.inline_keyboard[-1][1].callback_data
+    assert keyboards.decode(star) == keyboards.ButtonPress(Action.CHOOSE, 1, "abc123")
+
+
+def test_album_pictures_are_pngs() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    from bots.telegram.bot import _is_photo
+
+    assert _is_photo("panel-1.png", buffer.getvalue())
+    assert not _is_photo("book.html", buffer.getvalue())
+    assert not _is_photo("panel-2.png", b"not a png")
