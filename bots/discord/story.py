@@ -4,7 +4,7 @@ text commands (the core parses and answers; this module only writes the command 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal
 
 import discord
@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 RunText = Callable[[Interaction, str, str | None], Awaitable[None]]
 """Runs a text command for an interaction: (interaction, "/story add …", text of a replied-to message)."""
-StyleChoices = Callable[[Interaction, str], Awaitable[list[app_commands.Choice[str]]]]
+StyleChoices = Callable[[Interaction, str], Coroutine[Any, Any, list[app_commands.Choice[str]]]]
 
 STORY_COMMANDS = frozenset({"story", "cast", "illustrate"})
 MAX_PANELS = 500
