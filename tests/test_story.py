@@ -178,6 +178,8 @@ async def test_a_story_from_commands_to_storybook(tmp_path):
             assert len(pdf.pages) == 1 + 3 + 1
 
         assert "Only the person" in (await _say(service, "/story end", user="web:bob")).texts[0]
+        forced = await _say(service, "/story end --force", user="web:bob", is_admin=False)
+        assert "Only the person" in forced.texts[0]
         assert "finished" in (await _say(service, "/story end")).texts[0]
         assert (await book.active("web:room")) is None
     finally:

@@ -89,15 +89,14 @@ class StoryBook:
                 "choose": self._choose_command,
                 "export": self._export,
                 "end": self._end,
+                "rerender": self._rerender_command,
             }
-        if sub == "rerender":
-            return await self._rerender_command(chat, user, rest, context)
         handler = handlers.get(sub)
         if handler is None:
             return Reply(texts=(STORY_HELP,))
-        return await handler(chat, user, rest)
+        return await handler(chat, user, rest, context)
 
-    async def _new(self, chat: str, user: str, args: str) -> Reply:
+    async def _new(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
 
         title, style = _split_style(args)
@@ -129,7 +128,7 @@ class StoryBook:
             )
         )
 
-    async def _add(self, chat: str, user: str, args: str) -> Reply:
+    async def _add(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
 
         story = await self._require_active(chat)
@@ -158,7 +157,7 @@ class StoryBook:
         await self._append_excerpt(story, text)
         return Reply()
 
-    async def _auto(self, chat: str, user: str, args: str) -> Reply:
+    async def _auto(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
 
         value = args.lower()
@@ -172,7 +171,7 @@ class StoryBook:
         )
         return Reply(texts=(f"Saved: {meaning}.",))
 
-    async def _style(self, chat: str, user: str, args: str) -> Reply:
+    async def _style(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
 
         story = await self._require_active(chat)
@@ -184,7 +183,7 @@ class StoryBook:
         await self.save(replace(story, style=preset))
         return Reply(texts=(f"Story style: {preset or 'none'}.",))
 
-    async def _cast_add(self, chat: str, user: str, args: str) -> Reply:
+    async def _cast_add(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
 
         story = await self._require_active(chat)
@@ -210,7 +209,7 @@ class StoryBook:
         await self.save(replace(story, cast=(*story.cast, member)))
         return Reply(texts=(f"Cast: {name} — {chinese}", *notes))
 
-    async def _cast_list(self, chat: str, user: str, args: str) -> Reply:
+    async def _cast_list(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
 
         story = await self._require_active(chat)
@@ -218,7 +217,7 @@ class StoryBook:
             return Reply(texts=("No characters yet: /cast add <name>: <description>.",))
         return Reply(texts=("\n".join(f"• {m.name}: {m.description}" for m in story.cast),))
 
-    async def _cast_remove(self, chat: str, user: str, args: str) -> Reply:
+    async def _cast_remove(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
 
         story = await self._require_active(chat)
@@ -342,7 +341,7 @@ class StoryBook:
         await self.save(story)
         return story
 
-    async def _choose_command(self, chat: str, user: str, args: str) -> Reply:
+    async def _choose_command(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
 
         story = await self._require_active(chat)
@@ -378,7 +377,7 @@ class StoryBook:
         variants = await self.variants(scene)
         return variants[0][0].images[variants[0][1]] if variants else None
 
-    async def _show(self, chat: str, user: str, args: str) -> Reply:
+    async def _show(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
 
         story = await self._require_active(chat)
@@ -396,7 +395,7 @@ class StoryBook:
             lines.append(f"{len(story.excerpts)} passage(s), no panels yet: /illustrate draws the latest.")
         return Reply(texts=("\n".join(lines),), attachments=tuple(attachments))
 
-    async def _export(self, chat: str, user: str, args: str) -> Reply:
+    async def _export(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
         from core.story.export import export_html, export_pdf
 
@@ -409,7 +408,7 @@ class StoryBook:
             attachments=((f"{slug}.html", html), (f"{slug}.pdf", pdf)),
         )
 
-    async def _end(self, chat: str, user: str, args: str) -> Reply:
+    async def _end(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
 
         story = await self._require_active(chat)
