@@ -15,7 +15,7 @@ pytest.importorskip("telegram")
 
 from bots.telegram import keyboards
 from bots.telegram.delivery import META_REPLY, META_STATUS
-from core.service import Huahua
+from core.service import Huahua, MessageContext, Reply
 from core.story.book import StoryBook
 from core.story.model import Story
 from core.types import Action, JobKind
@@ -245,3 +245,45 @@ def test_album_pictures_are_pngs() -> None:
     assert _is_photo("panel-1.png", buffer.getvalue())
     assert not _is_photo("book.html", buffer.getvalue())
     assert not _is_photo("panel-2.png", b"not a png")
+
+
+def png(colour: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Attachments:
+    """A plug-in command family (registered like the StoryBook) whose reply carries many files."""
+
+    commands = ("files",)
+
+    async def handle(self, chat: str, user: str, command: str, args: str, context: MessageContext) -> Reply:
+        pictures = [(f"p{i}.png", png((i, 0, 0))) for i in range(11)]
+        others = [("notes.txt", b"hello"), ("broken.png", b"nope"), ("last.png", png((9, 9, 9)))]
+        return Reply(texts=("Here are your files.",), attachments=(*pictures, *others))
+
+
+async def test_attachments_go_as_albums_photos_and_documents_in_order(
+    tmp_path: Path, fake: FakeTelegram
+) -> None:
+    async with running(tmp_path, fake) as service:
+        service.register(Attachments())
+        asked = fake.send_text(USER, USER, "/files")
+        await fake.wait_for("sendPhoto", 2, chat_id=USER)
+        sent = [c for c in fake.calls if c.method.startswith("send")]
+    assert [c.method for c in sent] == [
+        "sendMessage",
+        "sendMediaGroup",
+        "sendPhoto",
+        "sendDocument",
+        "sendDocument",
+        "sendPhoto",
+    ]
+    assert all(c.params["reply_parameters"]["message_id"] == asked["message_id"] for c in sent)
+    album = sent[1]
+    assert len(album.params["media"]) == 10
+    assert sorted(album.files.values()) == sorted(png((i, 0, 0)) for i in range(10))
+    assert sent[2].files["photo"] == png((10, 0, 0))
+    assert [sent[3].filenames["document"], sent[4].filenames["document"]] == ["notes.txt", "broken.png"]
+    assert sent[3].files["document"] == b"hello" and sent[5].files["photo"] == png((9, 9, 9))

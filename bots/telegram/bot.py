@@ -117,7 +117,8 @@ class TelegramAdapter:
         """What to pass to the service; None ignores it (group chatter, other bots' commands).
 
         Plain text asks for a picture in private chats and when the bot is mentioned; in a chat whose
-        story is on auto (`/story auto on`) it is a story passage instead."""
+        story is on auto (`/story auto on`) it is a story passage instead. Telegram only hands a bot the
+        group's plain messages when its privacy mode is off (@BotFather /setprivacy) or it is an admin."""
         text = message.text or ""
         stripped = text.strip()
         if stripped.startswith("/"):
