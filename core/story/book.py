@@ -412,9 +412,9 @@ class StoryBook:
         from core.service import Reply
 
         story = await self._require_active(chat)
-        if user != story.created_by and not args == "--force":
+        if user != story.created_by and not (args == "--force" and context.is_admin):
             raise NotAllowed(
-                "Only the person who started the story can end it (or an admin with /story end --force)."
+                "Only the person who started the story can end it (or an admin, with /story end --force)."
             )
         await self.save(replace(story, active=False))
         return Reply(
