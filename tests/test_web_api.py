@@ -80,7 +80,7 @@ async def start_web(tmp_path) -> AsyncIterator[Callable[..., Any]]:
         await service.stop()
 
 
-async def _wait_until(predicate: Callable[[], Any], within_s: float = 3.0) -> None:
+async def _wait_until(predicate: Callable[[], Any], within_s: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + within_s
     while not await predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
@@ -93,7 +93,7 @@ async def _wait_until(predicate: Callable[[], Any], within_s: float = 3.0) -> No
 async def test_help_is_a_plain_reply_without_job(start_web):
     web = await start_web()
     data = await web.say("/help")
-    assert data == {"replies": [HELP], "job": None}
+    assert data == {"replies": [HELP], "job": None, "jobs": [], "attachments": []}
 
 
 async def test_imagine_returns_the_job_and_runs_to_done_with_a_served_image(start_web):

@@ -254,13 +254,14 @@ async def post_message(request: web.Request) -> web.Response:
         raise BadRequest("Type a message first.")
     reply = await service.handle_message(chat, user, text, MessageContext(is_admin=True))
     jobs = [job_json(job, await service.position(job.id)) for job in reply.jobs]
-    body: dict[str, Any] = {"replies": list(reply.texts), "job": jobs[0] if jobs else None}
-    # "jobs" and "attachments" only when there are some: a plain reply keeps its original shape
-    if jobs:
-        body["jobs"] = jobs
-    if reply.attachments:
-        body["attachments"] = _attachments_json(request, reply)
-    return web.json_response(body)
+    return web.json_response(
+        {
+            "replies": list(reply.texts),
+            "job": jobs[0] if jobs else None,
+            "jobs": jobs,
+            "attachments": _attachments_json(request, reply),
+        }
+    )
 
 
 def _attachments_json(request: web.Request, reply: Reply) -> list[dict[str, Any]]:
