@@ -20,6 +20,7 @@ from core.story.book import StoryBook
 from core.story.model import Story
 from core.types import Action, JobKind
 from tests.fake_telegram import FakeTelegram
+from tests.support import PatternEngine
 from tests.test_telegram_bot import button_data, buttons, running, sent_message
 
 USER = 2001
@@ -287,3 +288,36 @@ async def test_attachments_go_as_albums_photos_and_documents_in_order(
     assert sent[2].files["photo"] == png((10, 0, 0))
     assert [sent[3].filenames["document"], sent[4].filenames["document"]] == ["notes.txt", "broken.png"]
     assert sent[3].files["document"] == b"hello" and sent[5].files["photo"] == png((9, 9, 9))
+
+
+async def test_story_pictures_queued_at_shutdown_are_delivered_after_restart(
+    tmp_path: Path, fake: FakeTelegram
+) -> None:
+    gate = asyncio.Event()
+    async with running(tmp_path, fake, PatternEngine(gate=gate)) as service:
+        await say(fake, CHAT, "/story new 小红帽")
+        await say(fake, CHAT, "/story add 莉莉走进森林")
+        await say(fake, CHAT, "/story add 莉莉在河边看月亮")
+        sends = len(fake.calls_of("sendMessage", chat_id=CHAT))
+        asked = fake.send_text(CHAT, USER, "/illustrate 2")
+        statuses = (await fake.wait_for("sendMessage", sends + 2, chat_id=CHAT))[sends:]
+
+        async def ids_kept() -> bool:
+            jobs = await service.store.unfinished_jobs()
+            return len(jobs) == 2 and all(META_STATUS in job.meta for job in jobs)
+
+        await until(ids_kept)
+    assert not fake.calls_of("sendPhoto")
+    status_ids = {sent_message(fake, s)["message_id"] for s in statuses}
+
+    async with running(tmp_path, fake, PatternEngine()) as service:
+        photos = await fake.wait_for("sendPhoto", 2, chat_id=CHAT)
+        assert all(p.params["reply_parameters"]["message_id"] == asked["message_id"] for p in photos)
+        assert all("⭐1" in buttons(p) for p in photos)
+
+        async def done_edited() -> bool:
+            edits = fake.calls_of("editMessageText", chat_id=CHAT)
+            done = {int(e.params["message_id"]) for e in edits if e.params["text"] == "✅ Done."}
+            return done == status_ids
+
+        await until(done_edited)
