@@ -45,13 +45,21 @@ async def build_service(settings: Settings, *, engine: Engine | None = None) -> 
 def build_scene_planner(settings: Settings, builder: PromptBuilder) -> ScenePlanner:
     from core.story.planner import Lexicon
 
-    return ScenePlanner(
+    planner = ScenePlanner(
         Lexicon.from_file(settings.prompts_dir / "story.toml"),
         builder.translator,
         builder.tokenizer,
         builder.styles,
         builder.limit,
     )
+    if settings.story_planner == "llm":
+        from core.llm import ChatClient
+        from core.prompting.data import read_data_file
+        from core.story.llm_planner import LlmScenePlanner
+
+        instructions = read_data_file(settings.prompts_dir / "story_instructions.md").strip()
+        return LlmScenePlanner(planner, ChatClient.from_settings(settings), instructions)
+    return planner
 
 
 async def _build_queue(settings: Settings) -> JobQueue:

@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     llm_model: str = "gpt-4o-mini"
     llm_api_key: SecretStr | None = None
     llm_timeout_s: float = 20.0
+    story_planner: Literal["offline", "llm"] = "offline"
 
     # web chat
     web_host: str = "127.0.0.1"

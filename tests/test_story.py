@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 from dataclasses import replace
@@ -227,5 +228,19 @@ async def test_rerendering_a_panel_reproduces_it_exactly(tmp_path):
         first_done, again_done = await service.get_job(first.id), await service.get_job(again.id)
         assert again_done.request == first_done.request
         assert again_done.images == first_done.images  # content-addressed: identical pixels
+    finally:
+        await service.stop()
+
+
+async def test_concurrent_passages_are_all_kept(tmp_path):
+    service = await make_service(tmp_path, engine=PatternEngine())
+    try:
+        await _say(service, "/story new 接龙")
+        texts = [f"第{i}段：莉莉走了{i}步。" for i in range(20)]
+        await asyncio.gather(
+            *(_say(service, f"/story add {text}", user=f"web:u{i}") for i, text in enumerate(texts))
+        )
+        story = await service.handler("story").active("web:room")
+        assert sorted(story.excerpts) == sorted(texts)
     finally:
         await service.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -44,6 +45,7 @@ class StoryBook:
         self.planner = planner
         service.listen("", self._on_event, frozenset({EventType.DONE}))
         service.on_choose = self.choose
+        self._locks: dict[str, asyncio.Lock] = {}
 
     # storage -----------------------------------------------------------------------------------
 
@@ -68,7 +70,15 @@ class StoryBook:
 
     # commands ----------------------------------------------------------------------------------
 
+    def _lock(self, chat: str) -> asyncio.Lock:
+        """Story changes are read-modify-write of one document: one at a time per chat."""
+        return self._locks.setdefault(chat, asyncio.Lock())
+
     async def handle(self, chat: str, user: str, command: str, args: str, context: MessageContext) -> Reply:
+        async with self._lock(chat):
+            return await self._handle(chat, user, command, args, context)
+
+    async def _handle(self, chat: str, user: str, command: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
 
         if command == "":
@@ -326,6 +336,10 @@ class StoryBook:
 
     async def choose(self, job: Job, image_index: int, user: str) -> Story:
         """The group's choice (⭐) of one picture of a scene's variants becomes the book's panel."""
+        async with self._lock(job.chat):
+            return await self._choose(job, image_index, user)
+
+    async def _choose(self, job: Job, image_index: int, user: str) -> Story:
         story_id, scene_text = job.meta.get("story_id"), job.meta.get("story_scene", "")
         if not story_id or not scene_text.isdigit():
             raise InvalidOption("Only story pictures can be chosen for the book.")
@@ -356,7 +370,7 @@ class StoryBook:
                 f"/story choose {scene.index} <picture>."
             )
         job, image_index = variants[int(picture) - 1]
-        await self.choose(job, image_index, user)
+        await self._choose(job, image_index, user)
         return Reply(texts=(f"⭐ Panel {scene.index} now uses picture {picture}.",))
 
     async def variants(self, scene: Scene) -> list[tuple[Job, int]]:
@@ -427,6 +441,10 @@ class StoryBook:
         """Rerolls and variations of a scene's picture become that scene's variants."""
         if event.type != EventType.DONE or "story_id" not in job.meta:
             return
+        async with self._lock(job.chat):
+            await self._add_variant(job)
+
+    async def _add_variant(self, job: Job) -> None:
         scene_text = job.meta.get("story_scene", "")
         try:
             story = await self.get(job.meta["story_id"])
