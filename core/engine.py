@@ -44,6 +44,10 @@ class Engine(abc.ABC):
         """Load weights or open connections; must not raise for missing weights (see `ready`)."""
         return None
 
+    async def ensure_ready(self) -> None:
+        """Raise EngineUnavailable (saying how to fix it) when `generate` cannot run now."""
+        return None
+
     async def close(self) -> None:
         """Release resources."""
         return None

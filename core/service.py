@@ -351,7 +351,8 @@ class Huahua:
         )
 
     async def submit(self, job: Job) -> Job:
-        """Check the quota, store the job, queue it and announce its position."""
+        """Check the engine and the quota, store the job, queue it and announce its position."""
+        await self.engine.ensure_ready()
         async with self._submit_lock:
             await self._check_quota(job)
             await self.store.add_job(job)

@@ -213,3 +213,14 @@ async def test_unknown_command_and_help(tmp_path):
         assert (await service.handle_message("web:r", "web:a", "just chatting")).texts == ()
     finally:
         await service.stop()
+
+
+async def test_without_weights_imagine_answers_with_the_fetch_command(tmp_path):
+    service = await make_service(tmp_path, engine_name="wukong")
+    try:
+        reply = await service.handle_message("web:room", "web:ann", "/imagine 一只猫")
+        assert reply.job is None
+        assert "huahua model fetch" in reply.texts[0]
+        assert await service.queue.size() == 0
+    finally:
+        await service.stop()

@@ -208,6 +208,9 @@ class LocalEngine(Engine):
         """Run several requests together; those of one size and sampling setting share one batch."""
         return list(await asyncio.gather(*(self.generate(r, on_progress, cancel) for r in requests)))
 
+    async def ensure_ready(self) -> None:
+        await self._ensure_ready()
+
     async def _ensure_ready(self) -> None:
         if self._loading is None or not self._loading.done():
             await self.start()
