@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
@@ -194,8 +195,8 @@ class UNetModel(nn.Cell):
             [GroupNorm(groups, ch, RESBLOCK_NORM_EPS), SiLU(), WrappedConv(ch, config.latent_channels, 3)]
         )
 
-    def construct(self, x: Tensor, timesteps: np.ndarray, context: Tensor) -> Tensor:
-        t_emb = Tensor(timestep_embedding(timesteps, self.model_channels)).astype(x.dtype)
+    def construct(self, x: Tensor, t_emb: Tensor, context: Tensor) -> Tensor:
+        """`t_emb` is the sinusoidal timestep embedding (n, model_channels), see `embed_timesteps`."""
         emb = self.time_embed(t_emb)
         skips = []
         h = x
@@ -205,8 +206,14 @@ class UNetModel(nn.Cell):
             skips.append(h)
         for layer in self.middle_block:
             h = layer(h, emb, context)
+        i = len(skips)
         for block in self.output_blocks:
-            h = ops.concat((h, skips.pop()), 1)
+            i = i - 1  # skips are consumed last first (indexing, not pop: graph mode has no list.pop)
+            h = ops.concat((h, skips[i]), 1)
             for layer in block:
                 h = layer(h, emb, context)
         return self.out(h)
+
+    def embed_timesteps(self, timesteps: np.ndarray, dtype: ms.Type = ms.float32) -> Tensor:
+        """The UNet's `t_emb` input for integer timesteps (n,)."""
+        return Tensor(timestep_embedding(timesteps, self.model_channels), dtype=dtype)
