@@ -15,6 +15,8 @@ import pytest
 
 from core.types import GenerationRequest, Job, JobKind
 
+pytest_plugins = ["tests.fake_llm"]
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 _job_ids = itertools.count(1)

@@ -3,45 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from core.service import MessageContext
 from core.story.llm_planner import LlmScenePlanner
 from tests.support import PatternEngine, make_service
-
-
-@dataclass
-class FakePlanner:
-    """Answers the next chat completion with `content` (or an HTTP error) and keeps the requests."""
-
-    content: str = ""
-    status: int = 200
-    requests: list[dict[str, Any]] = field(default_factory=list)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.requests.append(await request.json())
-        if self.status != 200:
-            return web.Response(status=self.status, text="boom")
-        return web.json_response({"choices": [{"message": {"role": "assistant", "content": self.content}}]})
-
-
-@pytest.fixture
-async def llm() -> AsyncIterator[tuple[FakePlanner, str]]:
-    fake = FakePlanner()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", fake.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield fake, str(server.make_url("/v1"))
-    finally:
-        await server.close()
 
 
 async def _story_service(tmp_path, base_url):
@@ -62,9 +29,9 @@ async def _illustrate(service, excerpt):
     return await service.handle_message("web:r", "web:a", "/illustrate", MessageContext())
 
 
-async def test_the_llm_plan_is_used_and_validated(tmp_path, llm):
-    fake, url = llm
-    fake.content = json.dumps(
+async def test_the_llm_plan_is_used_and_validated(tmp_path, fake_llm):
+    fake, url = fake_llm
+    fake.reply = json.dumps(
         {
             "characters": ["莉莉", "Nobody"],
             "action": "莉莉在月光下的湖边放飞一盏孔明灯",
@@ -104,9 +71,9 @@ async def test_the_llm_plan_is_used_and_validated(tmp_path, llm):
         json.dumps({"characters": [], "action": "莉莉跑", "location": "x" * 500}),
     ],
 )
-async def test_a_malformed_plan_falls_back_to_the_offline_planner(tmp_path, llm, content):
-    fake, url = llm
-    fake.content = content
+async def test_a_malformed_plan_falls_back_to_the_offline_planner(tmp_path, fake_llm, content):
+    fake, url = fake_llm
+    fake.reply = content
     service = await _story_service(tmp_path, url)
     try:
         reply = await _illustrate(service, "清晨，莉莉走进了森林。")
@@ -120,9 +87,9 @@ async def test_a_malformed_plan_falls_back_to_the_offline_planner(tmp_path, llm,
         await service.stop()
 
 
-async def test_an_unreachable_planner_falls_back(tmp_path, llm):
-    fake, url = llm
-    fake.status = 503
+async def test_an_unreachable_planner_falls_back(tmp_path, fake_llm):
+    fake, url = fake_llm
+    fake.mode = "500"
     service = await _story_service(tmp_path, url)
     try:
         reply = await _illustrate(service, "夜里，阿狼在山顶上唱歌。")
@@ -131,9 +98,9 @@ async def test_an_unreachable_planner_falls_back(tmp_path, llm):
         await service.stop()
 
 
-async def test_the_llm_plan_is_moderated_again(tmp_path, llm, caplog):
-    fake, url = llm
-    fake.content = json.dumps({"characters": [], "action": "儿童色情"}, ensure_ascii=False)
+async def test_the_llm_plan_is_moderated_again(tmp_path, fake_llm, caplog):
+    fake, url = fake_llm
+    fake.reply = json.dumps({"characters": [], "action": "儿童色情"}, ensure_ascii=False)
     service = await _story_service(tmp_path, url)
     try:
         reply = await _illustrate(service, "A harmless passage about a walk.")
