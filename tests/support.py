@@ -17,6 +17,18 @@ from core.types import GeneratedImage, GenerationRequest
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = REPO.parent / "shared" / "wukong" / "vocab_zh.txt"
+CHROMIUM = Path("/usr/bin/chromium")
+"""Debian's chromium, installed by .ci/run; page tests skip without it."""
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 class PatternEngine(Engine):

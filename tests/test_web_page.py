@@ -11,19 +11,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from bots.web.app import create_app
-from tests.support import VOCAB, PatternEngine, make_service
+from tests.support import CHROMIUM, VOCAB, PatternEngine, make_service
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 IMAGINE = "/imagine 一只在月球上看书的猫 --ar 3:2 --seed 7"
 SCREENSHOT = Path("/tmp/huahua-web.png")
 PHONE_SCREENSHOT = Path("/tmp/huahua-web-phone.png")
@@ -41,15 +30,6 @@ WATCH_PROGRESS = """() => {
     }
   }).observe(document.body, {attributes: true, subtree: true, attributeFilter: ["style"]});
 }"""
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    playwright_api = pytest.importorskip("playwright.async_api")
-    async with playwright_api.async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        await browser.close()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pypdf import PdfReader
 
 from bots.web.app import AttachmentShelf, create_app
 from core.story import export
-from tests.support import PatternEngine, make_service
+from tests.support import CHROMIUM, PatternEngine, make_service
 
 ROOM = "月光屋"
 LILY = "穿红斗篷的小女孩"
@@ -27,8 +27,6 @@ SCRIPT = (
     "/story add An old owl watches the moon from the hill at night.",
     "/story add 莉莉和猫头鹰 look at the big moon together.",
 )
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
 GALLERY_SCREENSHOT = Path("/tmp/huahua-story.png")
 PHONE_SCREENSHOT = Path("/tmp/huahua-story-phone.png")
 CHAT_SCREENSHOT = Path("/tmp/huahua-story-chat.png")
@@ -318,15 +316,6 @@ async def test_the_pdf_without_a_chinese_font_is_503(start_web, monkeypatch):
 
 
 # the pages in headless Chromium ------------------------------------------------------------------
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    playwright_api = pytest.importorskip("playwright.async_api")
-    async with playwright_api.async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        await browser.close()
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not at /usr/bin/chromium")
