@@ -18,10 +18,10 @@ class RedactSecrets(logging.Filter):
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self.secrets = tuple(sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True))
 
     def redact(self, text: str) -> str:
-        for secret in self._secrets:
+        for secret in self.secrets:
             text = text.replace(secret, REDACTED)
         return _TELEGRAM_TOKEN.sub(REDACTED, text)
 

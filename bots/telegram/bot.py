@@ -27,6 +27,7 @@ from bots.telegram import keyboards, messages
 from bots.telegram.delivery import Delivery, StatusRef, meta_for
 from core import images
 from core.errors import HuahuaError, InvalidOption, NotAllowed, ServiceUnavailable
+from core.logs import RedactSecrets
 from core.service import Huahua, MessageContext, Reply
 from core.settings import Settings
 from core.types import Action
@@ -332,28 +333,14 @@ def build_application(service: Huahua, settings: Settings) -> Application:  # ty
     return app
 
 
-class _RedactToken(logging.Filter):
-    """Replaces the bot token in log records (python-telegram-bot logs its API URLs at DEBUG)."""
-
-    def __init__(self, token: str) -> None:
-        super().__init__()
-        self.token = token
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if self.token in message:
-            record.msg, record.args = message.replace(self.token, "<token>"), ()
-        return True
-
-
 LOGGERS_SEEING_THE_TOKEN = ("httpx", "telegram.Bot", "telegram.ext.ExtBot", "telegram.ext.Updater")
 
 
 def _redact_in_logs(token: str) -> None:
     for name in LOGGERS_SEEING_THE_TOKEN:
         target = logging.getLogger(name)
-        if not any(isinstance(f, _RedactToken) and f.token == token for f in target.filters):
-            target.addFilter(_RedactToken(token))
+        if not any(isinstance(f, RedactSecrets) and token in f.secrets for f in target.filters):
+            target.addFilter(RedactSecrets([token]))
 
 
 def adapter_of(app: Application) -> TelegramAdapter:  # type: ignore[type-arg]
