@@ -8,6 +8,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from core.diffusion import runtime  # noqa: F401  (process settings before the first operator)
+
 _bmm = ops.BatchMatMul()
 _bmm_t = ops.BatchMatMul(transpose_b=True)
 _ATTENTION_CHUNK_BYTES = 1024 * 1024 * 1024

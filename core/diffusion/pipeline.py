@@ -29,11 +29,7 @@ DTYPES = ("float32", "float16")
 
 
 def _use_device(device: str) -> None:
-    """Select PyNative mode on `device`; MindSpore allows one device target per process.
-
-    On the CPU, operators run synchronously: the asynchronous launch queue only adds a thread hand-off
-    per operator there (5x slower for small models on a busy 2-core machine), with no device to overlap.
-    """
+    """Select PyNative mode on `device`; MindSpore allows one device target per process."""
     if device not in DEVICES:
         raise InvalidOption(f"Unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
     try:
@@ -41,8 +37,6 @@ def _use_device(device: str) -> None:
         current = ms.get_context("device_target")
         if current != device:
             ms.set_device(device)
-        if device == "CPU":
-            ms.runtime.launch_blocking()
     except Exception as exc:
         logger.warning("cannot use device %s: %s", device, exc)
         raise EngineUnavailable(f"MindSpore cannot run on {device} here.") from None
