@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core import presenter
 from core.engine import CancelToken, Engine
@@ -35,6 +35,13 @@ from core.types import (
     JobKind,
     JobStatus,
 )
+
+if TYPE_CHECKING:
+    from core.moderation import Moderator
+    from core.prompting.builder import PromptBuilder
+    from core.prompting.styles import StyleBook
+    from core.queue import JobQueue
+    from core.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +95,9 @@ class CommandHandler(Protocol):
 
 @dataclass(frozen=True)
 class MessageContext:
-    is_admin: bool = True
+    """What an adapter knows about a message beyond its text; `is_admin` may change chat settings."""
+
+    is_admin: bool = False
     reply_to_text: str | None = None
     meta: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -100,12 +109,12 @@ class Huahua:
         self,
         settings: Settings,
         *,
-        store: Any,
-        queue: Any,
+        store: Store,
+        queue: JobQueue,
         engine: Engine,
-        builder: Any,
-        moderator: Any,
-        styles: Any,
+        builder: PromptBuilder,
+        moderator: Moderator,
+        styles: StyleBook,
     ) -> None:
         self.settings = settings
         self.store = store

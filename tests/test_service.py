@@ -195,11 +195,15 @@ async def test_settings_command(tmp_path):
             "tg:-1", "tg:2", "/settings style 水墨画", MessageContext(is_admin=False)
         )
         assert "admins" in refused.texts[0]
-        saved = await service.handle_message("tg:-1", "tg:1", "/settings style 水墨画")
+        saved = await service.handle_message(
+            "tg:-1", "tg:1", "/settings style 水墨画", MessageContext(is_admin=True)
+        )
         assert "水墨画" in saved.texts[0]
         job = (await service.handle_message("tg:-1", "tg:2", "/imagine 山")).job
         assert job is not None and (await service.chat_settings("tg:-1")).style == "水墨画"
-        unknown = await service.handle_message("tg:-1", "tg:1", "/settings colour red")
+        unknown = await service.handle_message(
+            "tg:-1", "tg:1", "/settings colour red", MessageContext(is_admin=True)
+        )
         assert "Unknown setting" in unknown.texts[0]
     finally:
         await service.stop()
