@@ -99,6 +99,11 @@ class PromptBuilder:
         logger.debug("built prompt: %d pieces, %d cut, language %s", built.token_count, len(cut), language)
         return built
 
+    def negative_prompt(self, style: str | None = None) -> str:
+        """The default negative prompt plus a style's own terms (story panels use it)."""
+        preset = self.styles.get(style) if style else None
+        return self._negative(None, preset.negative if preset else ())[0]
+
     def _negative(self, user: str | None, style_terms: tuple[str, ...]) -> tuple[str, list[PromptPart]]:
         parts: list[PromptPart] = []
         if user:

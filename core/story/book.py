@@ -273,7 +273,7 @@ class StoryBook:
         prompt, cut = self.planner.compose(plan, story)
         service = self.service
         resolved = resolve(ImagineOptions(text=excerpt, style=story.style), service.settings, service.styles)
-        negative = (await service.builder.build("画", style=story.style)).negative_prompt
+        negative = service.builder.negative_prompt(story.style)
         lead = story.member(plan.characters[0]) if plan.characters else None
         request = replace(
             service.default_request(),
