@@ -50,6 +50,10 @@ class FakeTelegram:
         self.messages: dict[tuple[int, int], dict[str, Any]] = {}
         self.admins: set[tuple[int, int]] = set()
         self.files: dict[str, bytes] = {}
+        self.channels: dict[str, int] = {}
+        """Public channels: "@username" -> chat id; an unknown @username answers 400 chat not found."""
+        self.forbidden: set[int] = set()
+        """Chats the bot may not post in: sending there answers 403, as for a channel it is not in."""
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
         self._message_ids = itertools.count(100)
@@ -90,7 +94,11 @@ class FakeTelegram:
         if handler is None:
             return _error(404, "Not Found: method not found")
         try:
+            if "chat_id" in params and method.startswith("send"):
+                params = {**params, "chat_id": self._chat_id(params["chat_id"])}
             result = await handler(params, files)
+        except ForbiddenError as err:
+            return _error(403, f"Forbidden: {err}")
         except ApiError as err:
             return _error(400, f"Bad Request: {err}")
         return web.json_response({"ok": True, "result": result})
@@ -107,6 +115,9 @@ class FakeTelegram:
         return {"id": user_id, "is_bot": False, "first_name": name}
 
     def chat(self, chat_id: int) -> dict[str, Any]:
+        for username, channel_id in self.channels.items():
+            if channel_id == chat_id:
+                return {"id": chat_id, "type": "channel", "title": "Gallery", "username": username[1:]}
         if chat_id < 0:
             return {"id": chat_id, "type": "supergroup", "title": "Test group"}
         return {"id": chat_id, "type": "private", "first_name": "Alice"}
@@ -143,11 +154,12 @@ class FakeTelegram:
 
         asyncio.get_running_loop().create_task(notify())
 
-    def calls_of(self, method: str, chat_id: int | None = None) -> list[Call]:
+    def calls_of(self, method: str, chat_id: int | str | None = None) -> list[Call]:
+        """The bot's calls of `method`, to one chat (by id, or by the @username it was addressed by)."""
         return [
             c
             for c in self.calls
-            if c.method == method and (chat_id is None or int(c.params.get("chat_id", 0)) == chat_id)
+            if c.method == method and (chat_id is None or str(c.params.get("chat_id", 0)) == str(chat_id))
         ]
 
     async def wait_for(
@@ -155,7 +167,7 @@ class FakeTelegram:
         method: str,
         count: int = 1,
         *,
-        chat_id: int | None = None,
+        chat_id: int | str | None = None,
         timeout: float = 10.0,  # noqa: ASYNC109
     ) -> list[Call]:
         """Wait until the bot has called `method` at least `count` times; returns those calls."""
@@ -305,6 +317,19 @@ class FakeTelegram:
             raise ApiError("message to edit not found")
         return self.messages[key]
 
+    def _chat_id(self, value: Any) -> int:
+        """The numeric id of a send* target; @usernames of known channels resolve, others are 400."""
+        text = str(value)
+        if text.startswith("@"):
+            if text not in self.channels:
+                raise ApiError("chat not found")
+            chat_id = self.channels[text]
+        else:
+            chat_id = int(text)
+        if chat_id in self.forbidden:
+            raise ForbiddenError("bot is not a member of the channel chat")
+        return chat_id
+
     def _store_file(self, data: bytes) -> str:
         file_id = f"file{next(self._file_ids)}"
         self.files[file_id] = data
@@ -313,6 +338,10 @@ class FakeTelegram:
 
 class ApiError(Exception):
     """Answered as HTTP 400 with Telegram's description."""
+
+
+class ForbiddenError(Exception):
+    """Answered as HTTP 403 with Telegram's description."""
 
 
 def _error(status: int, description: str) -> web.Response:

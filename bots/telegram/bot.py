@@ -11,7 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from telegram import BotCommand, Chat, InputMediaPhoto, Message, MessageEntity, Update
+from telegram import BotCommand, Chat, InputMediaPhoto, Message, MessageEntity, Update, User
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import (
     AIORateLimiter,
@@ -25,6 +25,7 @@ from telegram.ext import MessageHandler as TgMessageHandler
 
 from bots.telegram import keyboards, messages
 from bots.telegram.delivery import Delivery, StatusRef, meta_for
+from bots.telegram.gallery import Gallery, Sharer
 from core import images
 from core.errors import HuahuaError, InvalidOption, NotAllowed, ServiceUnavailable
 from core.logs import RedactSecrets
@@ -40,6 +41,8 @@ BUILTIN_COMMANDS = (
     ("help", "How to use Huahua"),
     ("start", "Say hello"),
 )
+ADAPTER_COMMANDS = (("share", "Post your latest picture (or /share story) to the gallery channel"),)
+"""Commands the adapter answers itself, listed after the service's."""
 COMMAND_DESCRIPTIONS = {
     "story": "Start or continue a story",
     "cast": "Describe the story's characters",
@@ -67,6 +70,7 @@ class TelegramAdapter:
         self.service = service
         self.settings = settings
         self.delivery = Delivery(service)
+        self.gallery = Gallery(service)
         self._chat_locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         """One message at a time per chat, so passages and commands keep the chat's order."""
 
@@ -77,14 +81,18 @@ class TelegramAdapter:
         if message is None or chat is None or sender is None or sender.is_bot or not message.text:
             return
         async with self._chat_locks[chat.id]:
-            await self._on_message(message, chat, sender.id, context)
+            await self._on_message(message, chat, sender, context)
 
     async def _on_message(
-        self, message: Message, chat: Chat, sender_id: int, context: ContextTypes.DEFAULT_TYPE
+        self, message: Message, chat: Chat, sender: User, context: ContextTypes.DEFAULT_TYPE
     ) -> None:
+        sender_id = sender.id
         user, chat_key = f"tg:{sender_id}", f"tg:{chat.id}"
         incoming = await self.incoming(message, chat, context.bot.username)
         if incoming is None:
+            return
+        if incoming.command == "share":
+            await self._share(message, chat, sender, incoming.text.partition(" ")[2].strip(), context)
             return
         is_admin = await self._is_admin(context, chat, sender_id, incoming.command)
         reply_to = message.reply_to_message
@@ -200,6 +208,40 @@ class TelegramAdapter:
                 media = [InputMediaPhoto(data, filename=name) for name, data in album]
                 await message.reply_media_group(media, do_quote=True)
 
+    # sharing to the gallery --------------------------------------------------------------------
+
+    async def _share(
+        self, message: Message, chat: Chat, sender: User, args: str, context: ContextTypes.DEFAULT_TYPE
+    ) -> None:
+        """/share, /share story, or /share as a reply to a result: the outcome as one sentence."""
+        sharer = _sharer(chat, sender)
+
+        async def is_admin() -> bool:
+            return await self._is_admin(context, chat, sender.id, "share")
+
+        try:
+            if args.lower() == "story":
+                text = await self.gallery.share_story(context.bot, sharer, is_admin)
+            else:
+                text = await self.gallery.share_picture(
+                    context.bot, sharer, is_admin, job_id=args or None, reply_to=message.reply_to_message
+                )
+        except HuahuaError as err:
+            text = err.message
+        await message.reply_text(messages.truncate(text, messages.MESSAGE_LIMIT), do_quote=True)
+
+    async def _share_button(
+        self, query_message: Message | None, sender: User, job_id: str, context: ContextTypes.DEFAULT_TYPE
+    ) -> str:
+        if query_message is None:
+            raise InvalidOption("That message is too old for its buttons; use /share instead.")
+        chat = query_message.chat
+
+        async def is_admin() -> bool:
+            return await self._is_admin(context, chat, sender.id, "share")
+
+        return await self.gallery.share_picture(context.bot, _sharer(chat, sender), is_admin, job_id=job_id)
+
     # buttons -----------------------------------------------------------------------------------
 
     async def on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -217,6 +259,10 @@ class TelegramAdapter:
                 await self._cancel(context, query.message.chat if query.message else None, press.job_id, user)
                 await query.answer("Cancelling…")
                 return
+            if press.action == keyboards.SHARE:
+                text = await self._share_button(message, query.from_user, press.job_id, context)
+                await query.answer(messages.truncate(text, 200))
+                return
             if press.action == Action.CHOOSE:
                 job = await self.service.act(press.job_id, Action.CHOOSE, press.index, user)
                 panel = job.meta.get("story_scene", "?")
@@ -225,7 +271,7 @@ class TelegramAdapter:
             if message is None:
                 raise InvalidOption("That message is too old for its buttons; ask again with /imagine.")
             await self._act_with_status(message, press, user)
-            await query.answer(_ACK[press.action])
+            await query.answer(_ACK.get(press.action, "…"))
         except HuahuaError as err:
             await query.answer(messages.truncate(err.message, 200), show_alert=True)
 
@@ -267,6 +313,7 @@ class TelegramAdapter:
         for name in sorted(set(self.service.commands())):
             if _COMMAND_NAME.match(name) and name not in dict(BUILTIN_COMMANDS):
                 menu.append(BotCommand(name, COMMAND_DESCRIPTIONS.get(name, f"/{name}")))
+        menu.extend(BotCommand(name, description) for name, description in ADAPTER_COMMANDS)
         return menu
 
 
@@ -276,6 +323,11 @@ _ACK = {
     Action.UPSCALE: "Upscaling…",
     Action.CANCEL: "Cancelling…",
 }
+
+
+def _sharer(chat: Chat, sender: User) -> Sharer:
+    title = "a private chat" if chat.type == Chat.PRIVATE else (chat.title or "a group")
+    return Sharer(user=f"tg:{sender.id}", name=sender.full_name, chat=f"tg:{chat.id}", chat_title=title)
 
 
 def _is_photo(name: str, data: bytes) -> bool:

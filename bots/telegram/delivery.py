@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 META_STATUS = "tg_status"
 META_REPLY = "tg_reply_to"
+META_RESULT = "tg_result"
+"""The message id of the job's result photo, so /share as a reply to it finds the job."""
 LEGACY_META_JOB = "tg_job"
 """Written by earlier versions beside ids that a child job may have inherited from its parent."""
 PLATFORM = "tg:"
@@ -260,20 +262,39 @@ class Delivery:
                 ref.chat_id, "The job finished without a picture.", reply_parameters=_reply(ref.reply_to)
             )
             return
-        pngs = [await self.service.image(digest) for digest in job.images]
-        picture = pngs[0] if len(pngs) == 1 else images.grid(pngs)
+        picture = await result_picture(self.service, job)
         width, height = images.png_size(picture)
         caption = messages.truncate(presenter.describe(job), messages.CAPTION_LIMIT)
+        keyboard = keyboards.result_keyboard(
+            job.id, len(job.images), choose=STORY_ID in job.meta, share=await self._has_gallery(job.chat)
+        )
         common = {
             "caption": caption,
-            "reply_markup": keyboards.result_keyboard(job.id, len(pngs), choose=STORY_ID in job.meta),
+            "reply_markup": keyboard,
             "reply_parameters": _reply(ref.reply_to),
             "filename": f"huahua-{job.id}.png",
         }
         if messages.fits_as_photo(len(picture), width, height):
-            await bot.send_photo(ref.chat_id, picture, **common)  # type: ignore[arg-type]
+            sent = await bot.send_photo(ref.chat_id, picture, **common)  # type: ignore[arg-type]
         else:
-            await bot.send_document(ref.chat_id, picture, **common)  # type: ignore[arg-type]
+            sent = await bot.send_document(ref.chat_id, picture, **common)  # type: ignore[arg-type]
+        try:
+            await self.service.update_meta(job.id, {META_RESULT: str(sent.message_id)})
+        except HuahuaError as err:
+            logger.warning("could not keep the result message id on job %s: %s", job.id, err.message)
+
+    async def _has_gallery(self, chat: str) -> bool:
+        try:
+            return bool((await self.service.chat_settings(chat)).gallery)
+        except HuahuaError as err:
+            logger.warning("could not read the settings of chat %s: %s", chat, err.message)
+            return False
+
+
+async def result_picture(service: Huahua, job: Job) -> bytes:
+    """What a finished job shows in the chat: its one picture, or a grid of its pictures."""
+    pngs = [await service.image(digest) for digest in job.images]
+    return pngs[0] if len(pngs) == 1 else images.grid(pngs)
 
 
 def _reply(message_id: int | None) -> ReplyParameters | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal, TypeAlias
 
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup
 
@@ -13,12 +14,16 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "hh"
 MAX_CALLBACK_BYTES = 64
-_CODES = {
+SHARE: Literal["share"] = "share"
+"""↗️: post the result to the chat's gallery channel (an adapter action, not a service one)."""
+Press: TypeAlias = Action | Literal["share"]
+_CODES: dict[Press, str] = {
     Action.REROLL: "r",
     Action.VARIATION: "v",
     Action.UPSCALE: "u",
     Action.CANCEL: "c",
     Action.CHOOSE: "s",
+    SHARE: "g",
 }
 _ACTIONS = {code: action for action, code in _CODES.items()}
 
@@ -27,12 +32,12 @@ _ACTIONS = {code: action for action, code in _CODES.items()}
 class ButtonPress:
     """What a pressed button asks for; everything needed is in the callback data, nothing in memory."""
 
-    action: Action
+    action: Press
     index: int
     job_id: str
 
 
-def encode(action: Action, index: int, job_id: str) -> str:
+def encode(action: Press, index: int, job_id: str) -> str:
     data = f"{PREFIX}:{_CODES[action]}:{index}:{job_id}"
     if len(data.encode()) > MAX_CALLBACK_BYTES:
         raise ValueError(f"callback data over {MAX_CALLBACK_BYTES} bytes for job {job_id!r}")
@@ -59,8 +64,11 @@ def cancel_keyboard(job_id: str) -> InlineKeyboardMarkup:
     )
 
 
-def result_keyboard(job_id: str, count: int, *, choose: bool = False) -> InlineKeyboardMarkup:
-    """🔄 reroll, then V1..Vn and U1..Un for the n pictures of a finished job; ⭐1..⭐n on story pictures."""
+def result_keyboard(
+    job_id: str, count: int, *, choose: bool = False, share: bool = False
+) -> InlineKeyboardMarkup:
+    """🔄 reroll, then V1..Vn and U1..Un for the n pictures of a finished job; ⭐1..⭐n on story pictures;
+    ↗️ Share when the chat has a gallery channel."""
     rows = [[InlineKeyboardButton("🔄", callback_data=encode(Action.REROLL, 0, job_id))]]
     labels = [("V", Action.VARIATION), ("U", Action.UPSCALE)]
     if choose:
@@ -72,4 +80,6 @@ def result_keyboard(job_id: str, count: int, *, choose: bool = False) -> InlineK
                 for i in range(count)
             ]
         )
+    if share:
+        rows.append([InlineKeyboardButton("↗️ Share", callback_data=encode(SHARE, 0, job_id))])
     return InlineKeyboardMarkup(rows)
