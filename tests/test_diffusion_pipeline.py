@@ -205,3 +205,44 @@ def test_unknown_device_or_dtype() -> None:
         WukongPipeline.random(CFG, None, device="TPU")
     with pytest.raises(InvalidOption, match="dtype"):
         WukongPipeline.random(CFG, None, dtype="bfloat16")
+
+
+def test_graph_mode_unet_equals_pynative(pipe: WukongPipeline, ctx: np.ndarray) -> None:
+    graph = WukongPipeline(pipe.model, CFG, None, graph=True)
+    assert graph.graph and not pipe.graph
+    x, t = _noise(2, seed=5), np.array([3, 700])
+    np.testing.assert_allclose(
+        graph.predict_noise(x, t, ctx), pipe.predict_noise(x, t, ctx), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("chunk_bytes", [3 * 4 * 9 * 4, 4 * 9 * 4])
+def test_query_chunked_attention_equals_one_block(monkeypatch: pytest.MonkeyPatch, chunk_bytes: int) -> None:
+    from mindspore import Tensor
+
+    from core.diffusion import layers
+
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((4, 10, 8)).astype(np.float32)  # 10 queries over 9 keys, 4 heads
+    k, v = (rng.standard_normal((4, 9, 8)).astype(np.float32) for _ in range(2))
+    whole = layers.attention(Tensor(q), Tensor(k), Tensor(v)).asnumpy()
+    calls: list[int] = []
+    attend = layers._attend
+
+    def counted(*args: object) -> object:
+        calls.append(1)
+        return attend(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(layers, "_ATTENTION_CHUNK_BYTES", chunk_bytes)  # 3 or 1 query rows per block
+    monkeypatch.setattr(layers, "_attend", counted)
+    sliced = layers.attention(Tensor(q), Tensor(k), Tensor(v)).asnumpy()
+    assert len(calls) == (4 if chunk_bytes > 4 * 9 * 4 else 10)  # uneven last slice included
+    np.testing.assert_allclose(sliced, whole, rtol=1e-5, atol=1e-6)
+    expected = np.stack([_np_attention(q[h], k[h], v[h]) for h in range(4)])
+    np.testing.assert_allclose(sliced, expected, rtol=1e-4, atol=1e-5)
+
+
+def _np_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    s = q @ k.T / math.sqrt(q.shape[-1])
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)) @ v

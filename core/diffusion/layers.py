@@ -12,9 +12,9 @@ from core.diffusion import runtime  # noqa: F401  (process settings before the f
 
 _bmm = ops.BatchMatMul()
 _bmm_t = ops.BatchMatMul(transpose_b=True)
-_ATTENTION_CHUNK_BYTES = 1024 * 1024 * 1024
-"""Largest (chunk, n, m) float32 score block built at once: one guided 512x512 step runs unsliced
-(slicing costs time on CPU), larger batches are sliced along the heads to bound memory."""
+_ATTENTION_CHUNK_BYTES = 256 * 1024 * 1024
+"""Largest float32 score block (heads, queries, keys) built at once: longer sequences are attended in
+slices of the query axis, so one guided 512x512 step never holds its full 1 GiB score matrix."""
 _GELU_2_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
 
 
@@ -102,22 +102,27 @@ def merge_heads(x: Tensor, heads: int) -> Tensor:
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """softmax(q k^T / sqrt(d) + mask) v over batched heads (bh, n, d); softmax in float32.
 
-    Large score blocks are computed in slices of the head axis to bound memory.
+    Long query sequences are processed in slices of queries (every slice sees all keys), so the score
+    block never exceeds `_ATTENTION_CHUNK_BYTES`; the result is the same as in one block.
     """
     bh, n, d = q.shape
     m = k.shape[1]
     q = q * (1.0 / math.sqrt(d))
-    chunk = max(1, min(bh, _ATTENTION_CHUNK_BYTES // max(1, n * m * 4)))
+    rows = max(1, min(n, _ATTENTION_CHUNK_BYTES // max(1, bh * m * 4)))
+    if rows >= n:
+        return _attend(q, k, v, mask)
     outs = []
-    for start in range(0, bh, chunk):
-        stop = min(bh, start + chunk)
-        qs, ks, vs = (q, k, v) if chunk >= bh else (q[start:stop], k[start:stop], v[start:stop])
-        scores = _bmm_t(qs, ks).astype(ms.float32)
-        if mask is not None:
-            scores = scores + mask
-        weights = ops.softmax(scores, -1).astype(v.dtype)
-        outs.append(_bmm(weights, vs))
-    return outs[0] if len(outs) == 1 else ops.concat(outs, 0)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        outs.append(_attend(q[:, start:stop], k, v, None if mask is None else mask[start:stop]))
+    return ops.concat(outs, 1)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    scores = _bmm_t(q, k).astype(ms.float32)
+    if mask is not None:
+        scores = scores + mask
+    return _bmm(ops.softmax(scores, -1).astype(v.dtype), v)
 
 
 def timestep_embedding(timesteps: np.ndarray, dim: int, max_period: float = 10000.0) -> np.ndarray:
