@@ -2,8 +2,10 @@
 
     python bench/engine.py [--sizes 256,512] [--image-size 256] [--steps 20] [--skip-diffusers]
 
-Phases: text encoding (batch 2: prompt and negative prompt), one guided UNet step (batch 2), VAE decode
-(batch 1) at each of --sizes, and a whole image (text, --steps sampling steps, decode) at --image-size.
+Phases: text encoding (batch 2: prompt and negative prompt), one guided UNet step (batch 2) in PyNative
+mode and compiled as a static graph (`unet-graph`, compared with the same diffusers step; its compile time
+is reported as a note), VAE decode (batch 1) at each of --sizes, and a whole image (text, --steps sampling
+steps, decode) at --image-size.
 Weights are random (timing does not depend on them). Every phase of every side runs in its own
 subprocess, so the peak resident memory (RSS high-water mark) reported is that phase's alone; it
 includes the weights the phase needs. The diffusers side needs the `bench` extra (torch, diffusers).
@@ -24,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = ROOT.parent / "shared" / "wukong" / "vocab_zh.txt"
-PHASES = ("text", "unet", "vae", "image")
+PHASES = ("text", "unet", "unet-graph", "vae", "image")
 CONTEXT_LENGTH, WIDTH = 77, 768
 
 
@@ -36,6 +38,7 @@ class Result:
     seconds: float | None
     peak_mb: float | None
     note: str = ""
+    compile_s: float | None = None
 
 
 def _peak_mb() -> float:
@@ -53,6 +56,9 @@ def _timed(run: Callable[[], object], warmup: int) -> float:
 # our side (MindSpore)
 
 
+_COMPILE: dict[str, float] = {}
+
+
 def _ours(phase: str, size: int, steps: int, warmup: int) -> float:
     import numpy as np
 
@@ -60,9 +66,11 @@ def _ours(phase: str, size: int, steps: int, warmup: int) -> float:
     import mindspore as ms
     from mindspore import Tensor
 
-    from core.diffusion import WukongConfig
+    from core.diffusion import (
+        WukongConfig,
+        runtime,  # noqa: F401  (process settings before the first operator)
+    )
 
-    ms.set_context(device_target="CPU")
     cfg = WukongConfig()
     rng = np.random.default_rng(0)
     latent = size // cfg.latent_scale
@@ -72,18 +80,24 @@ def _ours(phase: str, size: int, steps: int, warmup: int) -> float:
         encoder = TextEncoder(cfg)
         ids = Tensor(rng.integers(0, 21128, (2, CONTEXT_LENGTH)).astype(np.int32))
         return _timed(lambda: encoder(ids).asnumpy(), warmup)
-    if phase == "unet":
+    if phase in ("unet", "unet-graph"):
         from core.diffusion.unet import UNetModel
 
         unet = UNetModel(cfg)
+        unet.set_train(False)
         x = Tensor(rng.standard_normal((2, 4, latent, latent), dtype=np.float32))
         ctx = Tensor(rng.standard_normal((2, CONTEXT_LENGTH, WIDTH), dtype=np.float32))
-        t = np.array([500, 500])
-        return _timed(lambda: unet(x, t, ctx).asnumpy(), warmup)
+        t_emb = unet.embed_timesteps(np.array([500, 500]))
+        step = unet
+        if phase == "unet-graph":
+            step = ms.jit(unet.construct)
+            _COMPILE["seconds"] = _timed(lambda: step(x, t_emb, ctx).asnumpy(), 0)  # compile + first run
+        return _timed(lambda: step(x, t_emb, ctx).asnumpy(), warmup)
     if phase == "vae":
         from core.diffusion.vae import AutoencoderKL
 
         vae = AutoencoderKL(cfg)
+        vae.set_train(False)
         z = Tensor(rng.standard_normal((1, 4, latent, latent), dtype=np.float32))
         return _timed(lambda: vae.decode(z).asnumpy(), warmup)
     from core.diffusion import WukongPipeline
@@ -180,7 +194,7 @@ def _diffusers(phase: str, size: int, steps: int, warmup: int) -> float:
 def _child(side: str, phase: str, size: int, steps: int, warmup: int) -> None:
     run = _ours if side == "ours" else _diffusers
     seconds = run(phase, size, steps, warmup)
-    print(json.dumps({"seconds": seconds, "peak_mb": _peak_mb()}))
+    print(json.dumps({"seconds": seconds, "peak_mb": _peak_mb(), "compile_s": _COMPILE.get("seconds")}))
 
 
 def _measure(side: str, phase: str, size: int, steps: int, warmup: int) -> Result:
@@ -191,7 +205,9 @@ def _measure(side: str, phase: str, size: int, steps: int, warmup: int) -> Resul
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return Result(phase, size, side, None, None, tail[:120])
     data = json.loads(lines[-1])
-    return Result(phase, size, side, data["seconds"], data["peak_mb"])
+    first = data.get("compile_s")
+    note = f"compile and first run {first:.1f} s" if first is not None else ""
+    return Result(phase, size, side, data["seconds"], data["peak_mb"], note, first)
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -239,9 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             plan += [(phase, size) for size in sizes]
     rows = []
+    measured: dict[tuple[str, int], Result] = {}
     for phase, size in plan:
         ours = _measure("ours", phase, size, opts.steps, opts.warmup)
-        theirs = None if opts.skip_diffusers else _measure("diffusers", phase, size, opts.steps, opts.warmup)
+        base = "unet" if phase == "unet-graph" else phase  # the same diffusers step, measured once
+        theirs = None
+        if not opts.skip_diffusers:
+            theirs = measured.get((base, size)) or _measure("diffusers", base, size, opts.steps, opts.warmup)
+            measured[(base, size)] = theirs
         rows.append((ours, theirs))
         their_seconds = _fmt(theirs.seconds if theirs else None)
         line = f"{phase} {size or '-'}: ours {_fmt(ours.seconds)} s, diffusers {their_seconds} s"
