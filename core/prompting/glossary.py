@@ -217,10 +217,8 @@ def word_forms(word: str) -> tuple[tuple[str, str], ...]:
         add(stem, "adverb")
         if stem.endswith("i"):
             add(stem[:-1] + "y", "adverb")
-        if word.endswith("bly") or word.endswith("tly") or word.endswith("ply"):
-            add(stem + "e", "adverb")
-        if stem.endswith("al"):
-            add(stem, "adverb")
+        if stem[-1] not in "aeiou":
+            add(word[:-1] + "e", "adverb")  # gently -> gentle
     return tuple(forms)
 
 
@@ -378,14 +376,18 @@ class Glossary:
             bases = [self._base(word) for word in words[:-1]]
             if bases != heads[0]:
                 heads.append(bases)
+        fallback: _Unit | None = None
         for head in heads:
             for form, how in word_forms(words[-1]):
                 rows = self._entries.get(" ".join([*head, form]))
-                if rows:
-                    unit = _inflect(rows, how, words[-1])
-                    if unit is not None:
-                        return unit
-        return None
+                unit = _inflect(rows, how, words[-1]) if rows else None
+                if unit is None:
+                    continue
+                if how in ("ing", "past") and unit.word_class is not W.VERB:
+                    fallback = fallback or unit  # "stared" is "stare" before it is "star"
+                    continue
+                return unit
+        return fallback
 
     def _base(self, word: str) -> str:
         for form, _ in word_forms(word)[1:]:
@@ -483,7 +485,7 @@ def _chunks(units: list[_Unit]) -> list[_Chunk]:
 
 
 def _participle_modifier(units: list[_Unit], index: int) -> bool:
-    """"the burning bridge", "flying cars": a verb form before a noun, not right after one."""
+    """ "the burning bridge", "flying cars": a verb form before a noun, not right after one."""
     unit = units[index]
     if unit.word_class is not W.VERB or not unit.verb_form or index + 1 >= len(units):
         return False
@@ -518,7 +520,8 @@ def _noun_group(units: list[_Unit], start: int) -> tuple[int, list[tuple[str, bo
 
 
 def _next_is_member(units: list[_Unit], index: int) -> bool:
-    return index + 1 < len(units) and _is_group_member(units[index + 1]) and not units[index + 1].article_before
+    after = units[index + 1] if index + 1 < len(units) else None
+    return after is not None and _is_group_member(after) and not after.article_before
 
 
 def _prepositional(preposition: _Unit, pieces: list[tuple[str, bool]], head: _Unit | None) -> _Chunk:
