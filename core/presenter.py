@@ -11,6 +11,8 @@ HELP = """Huahua turns your words into pictures with the Wukong-Huahua model.
 Options: --ar 3:2 (aspect ratio), --seed 7, --steps 20, --n 1..4 (pictures), --no <things to avoid>, \
 --style <preset>, --guidance 7.5
 /settings — show this chat's settings; /settings style <preset> sets the default style.
+/share — post your latest picture (or /share story, the storybook) to the chat's gallery channel.
+/story new <title> — illustrate a story together: /story for the story commands.
 Buttons under a result: 🔄 reroll, V1–V4 variations, U1–U4 upscale, ❌ cancel while running."""
 
 
