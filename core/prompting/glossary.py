@@ -33,7 +33,7 @@ class WordClass(enum.Enum):
     NOUN = "noun"
     ANIMATE = "animate"  # people and animals: "at" them is 对着, not 在
     PLACE = "place"
-    WEATHER = "weather"  # "in" it is 在…中
+    WEATHER = "weather"  # weather, light, sky bodies: "in" it is 在…中, "at" it is 对着
     TIME = "time"  # a noun naming a time: "at night" is a time phrase, not a place
     ADJECTIVE = "adjective"
     ADVERB = "adverb"
@@ -273,6 +273,11 @@ class Glossary:
                     f"{path.name} line {number} must be 'english<TAB>chinese' (or '-' for a stop word)."
                 )
             key = _phrase_key(fields[0])
+            if " " not in key and len(fields[0].split()) > 1:
+                raise PromptDataError(
+                    f"{path.name} line {number}: '{fields[0]}' is just '{key}' once determiners "
+                    "(a, the, his...) are ignored; list the single word instead."
+                )
             row_class = W.STOP if fields[1] == STOP else word_class
             if (key, row_class) in seen:
                 raise PromptDataError(f"{path.name} line {number} repeats the entry '{fields[0]}'.")
@@ -536,7 +541,7 @@ def _prepositional(preposition: _Unit, pieces: list[tuple[str, bool]], head: _Un
             frame = "在…上"
         elif head.word_class is W.WEATHER or head.english in IN_MIDDLE:
             frame = "在…中"
-    elif preposition.english == "at" and head.word_class is W.ANIMATE:
+    elif preposition.english == "at" and head.word_class in (W.ANIMATE, W.WEATHER):
         frame = "对着…"
     if SLOT not in frame:
         frame += SLOT
