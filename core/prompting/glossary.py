@@ -85,7 +85,6 @@ MEASURE_WORDS = {
     "knife": "把", "cloud": "朵", "bridge": "座", "letter": "封", "picture": "幅", "painting": "幅",
     "cup": "杯", "bowl": "碗", "bottle": "瓶", "leaf": "片", "feather": "根", "apple": "个", "egg": "个",
 }  # fmt: skip
-NUMERALS = frozenset({W.NUMBER})
 NOMINAL = frozenset({W.NOUN, W.ANIMATE, W.PLACE, W.WEATHER, W.TIME, W.STYLE})
 MODIFIERS = frozenset({W.ADJECTIVE})
 # Determiners are dropped, and ignored inside phrases: "rode his horse" matches "ride horse".
@@ -153,7 +152,6 @@ class _Unit:
     measure: str = ""
     latin: bool = False  # kept as written (unknown word, digits): spaced from its latin neighbours
     verb_form: bool = False  # an inflected verb (-ing, -ed, irregular past)
-    ing: bool = False
     article_before: bool = False
 
 
@@ -424,7 +422,6 @@ def _inflect(rows: list[Entry], how: str, word: str) -> _Unit | None:
         row.english,
         row.measure,
         verb_form=verb_form and row.word_class is W.VERB,
-        ing=word.endswith("ing"),
     )
 
 
