@@ -387,7 +387,12 @@ def wukong_engine(settings: Settings) -> LocalEngine:
         diffusion = _import_diffusion()
         try:
             return diffusion.WukongPipeline.load(
-                checkpoint, vocab, config=diffusion.WukongConfig(), device=device, dtype=dtype
+                checkpoint,
+                vocab,
+                config=diffusion.WukongConfig(),
+                device=device,
+                dtype=dtype,
+                graph=settings.graph_mode,
             )
         except CheckpointError as exc:
             raise EngineUnavailable(f"{exc.message} Download a fresh copy with `{FETCH_COMMAND}`.") from exc
