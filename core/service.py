@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 VARIATION_STRENGTH = 0.6
 UPSCALE_STRENGTH = 0.35
 MAX_UPSCALED_SIDE = 1536
+RECENT_JOBS = 50
 CARRIED_META_PREFIX = "story"
 """Job meta keys that rerolls, variations and upscales inherit (platform ids are per job)."""
 
@@ -469,6 +470,13 @@ class Huahua:
         if job.id in self._progress:
             job = replace(job, progress=self._progress[job.id])
         return job
+
+    async def last_result(self, chat: str, user: str) -> Job:
+        """The user's latest finished job with pictures in this chat (what a bare /share posts)."""
+        for job in await self.store.recent_jobs(chat, RECENT_JOBS):
+            if job.user == user and job.status == JobStatus.DONE and job.images:
+                return job
+        raise NotFound("There is nothing to share yet: draw something with /imagine first.")
 
     async def position(self, job_id: str) -> int | None:
         return await self.queue.position(job_id)

@@ -14,8 +14,7 @@ from bots.discord.interactions import Interaction, chat_of, guild_scope, is_admi
 from bots.discord.replies import attachment_files, batches
 from bots.discord.target import Target
 from core import presenter
-from core.errors import HuahuaError, InvalidOption, NotAllowed, NotFound
-from core.service import MessageContext
+from core.errors import HuahuaError, InvalidOption, NotAllowed
 from core.story.book import StoryBook
 from core.types import Job, JobStatus
 
@@ -88,10 +87,7 @@ class Gallery:
         job_id = self.delivery.last_result(chat, user)
         if job_id is not None:
             return await self.service.get_job(job_id)
-        for job in await self.service.store.recent_jobs(chat, RECENT_JOBS):  # e.g. after a restart
-            if job.user == user and job.status == JobStatus.DONE and job.images:
-                return job
-        raise InvalidOption("There is nothing to share yet: draw something first, or give a job id.")
+        return await self.service.last_result(chat, user)  # e.g. after a restart
 
     # a storybook -------------------------------------------------------------------------------
 
@@ -100,27 +96,18 @@ class Gallery:
         book = self.service.handler("story")
         if not isinstance(book, StoryBook):
             raise InvalidOption("Stories are not switched on for this bot.")
-        story = await book.active(chat_of(interaction))
-        if story is None:
-            raise NotFound("There is no story in this channel to share: start one with /story new.")
-        if story.created_by != user_of(interaction) and not is_admin(interaction):
-            raise NotAllowed("Only the person who started the story, or an admin, can share it.")
-        panels: list[tuple[str, bytes]] = []
-        for scene in story.scenes:
-            digest = await book.panel_image(scene)
-            if digest is not None:
-                panels.append((f"panel-{scene.index}.png", await self.service.image(digest)))
-        if not panels:
-            raise InvalidOption("The story has no finished panels yet: /illustrate draws some.")
+
+        async def admin() -> bool:
+            return is_admin(interaction)
+
+        shared = await book.for_sharing(chat_of(interaction), user_of(interaction), admin)
         gallery = await self._gallery(guild_id)
-        exported = await self.service.handle_message(
-            chat_of(interaction), user_of(interaction), "/story export", MessageContext(is_admin=False)
-        )
-        if not exported.attachments:
-            return "\n".join(exported.texts) or "The storybook could not be made; please try again."
-        files, notes = attachment_files([*exported.attachments, *panels], interaction.filesize_limit)
+        files, notes = attachment_files([*shared.files, *shared.panels], interaction.filesize_limit)
         content = "\n".join(
-            [f"📚 “{story.title}”: {len(panels)} panels, shared by <@{interaction.user.id}>", *notes]
+            [
+                f"📚 “{shared.story.title}”: {len(shared.panels)} panels, shared by <@{interaction.user.id}>",
+                *notes,
+            ]
         )
         return await self._post(interaction, gallery, content, files, "storybook")
 

@@ -19,8 +19,8 @@ from telegram.error import BadRequest, Forbidden, TelegramError
 from bots.telegram import keyboards, messages
 from bots.telegram.delivery import META_RESULT, result_picture
 from core import images, presenter
-from core.errors import HuahuaError, InvalidOption, NotAllowed, NotFound, ServiceUnavailable
-from core.service import Huahua, MessageContext
+from core.errors import HuahuaError, InvalidOption, NotAllowed, ServiceUnavailable
+from core.service import Huahua
 from core.story.book import StoryBook
 from core.types import Job, JobStatus
 
@@ -133,10 +133,7 @@ class Gallery:
             return await self.service.get_job(job_id)
         if reply_to is not None:
             return await self._job_of_message(sharer.chat, reply_to)
-        for job in await self.service.store.recent_jobs(sharer.chat, RECENT_JOBS):
-            if job.user == sharer.user and job.status == JobStatus.DONE and job.images:
-                return job
-        raise NotFound("There is nothing to share yet: draw something with /imagine first.")
+        return await self.service.last_result(sharer.chat, sharer.user)
 
     async def _job_of_message(self, chat: str, message: Message) -> Job:
         found = job_id_in(message)
@@ -155,29 +152,12 @@ class Gallery:
         book = self.service.handler("story")
         if not isinstance(book, StoryBook):
             raise InvalidOption("Stories are not switched on for this bot.")
-        story = await book.active(sharer.chat)
-        if story is None:
-            raise NotFound("There is no story in this chat to share: start one with /story new <title>.")
-        if story.created_by != sharer.user and not await is_admin():
-            raise NotAllowed("Only the person who started the story, or an admin, can share it.")
-        panels: list[tuple[str, bytes]] = []
-        for scene in story.scenes:
-            digest = await book.panel_image(scene)
-            if digest is not None:
-                panels.append((f"panel-{scene.index}.png", await self.service.image(digest)))
-        if not panels:
-            raise InvalidOption("The story has no finished panels yet: /illustrate draws some.")
-        exported = await self.service.handle_message(
-            sharer.chat, sharer.user, "/story export", MessageContext()
-        )
-        if not exported.attachments:
-            raise ServiceUnavailable(
-                " ".join(exported.texts) or "The storybook could not be made; please try again."
-            )
+        shared = await book.for_sharing(sharer.chat, sharer.user, is_admin)
+        story, panels = shared.story, list(shared.panels)
         title = f"📚 “{story.title}” — {len(panels)} panels, {sharer.credit}"
         async with _posting(target, "storybook"):
             await _send_album(bot, target, messages.truncate(title, messages.CAPTION_LIMIT), panels)
-            for name, data in exported.attachments:
+            for name, data in shared.files:
                 await bot.send_document(target.chat_id, data, filename=name)
         return f"📚 Shared “{story.title}” to {target.shown}: {len(panels)} panels, HTML and PDF."
 

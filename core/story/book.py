@@ -8,7 +8,8 @@ import re
 import secrets
 import time
 import uuid
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from core.errors import InvalidOption, NotAllowed, NotFound
@@ -411,16 +412,40 @@ class StoryBook:
 
     async def _export(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
-        from core.story.export import export_html, export_pdf
 
         story = await self._require_active(chat)
-        html = await export_html(self, story)
-        pdf = await export_pdf(self, story)
-        slug = _slug(story.title)
         return Reply(
             texts=(f"📚 The storybook “{story.title}”: {len(story.scenes)} panels, as HTML and PDF.",),
-            attachments=((f"{slug}.html", html), (f"{slug}.pdf", pdf)),
+            attachments=await self.export_files(story),
         )
+
+    async def export_files(self, story: Story) -> tuple[tuple[str, bytes], ...]:
+        """The storybook as (`<title>.html`, `<title>.pdf`) files."""
+        from core.story.export import export_html, export_pdf
+
+        slug = _slug(story.title)
+        return (
+            (f"{slug}.html", await export_html(self, story)),
+            (f"{slug}.pdf", await export_pdf(self, story)),
+        )
+
+    async def for_sharing(self, chat: str, user: str, is_admin: Callable[[], Awaitable[bool]]) -> SharedStory:
+        """The chat's storybook, ready for a gallery channel; only its author or an admin may share it.
+
+        `is_admin` is asked only when `user` did not start the story (it may cost a platform call)."""
+        story = await self.active(chat)
+        if story is None:
+            raise NotFound("There is no story in this chat to share: start one with /story new <title>.")
+        if story.created_by != user and not await is_admin():
+            raise NotAllowed("Only the person who started the story, or an admin, can share it.")
+        panels: list[tuple[str, bytes]] = []
+        for scene in story.scenes:
+            digest = await self.panel_image(scene)
+            if digest is not None:
+                panels.append((f"panel-{scene.index}.png", await self.service.image(digest)))
+        if not panels:
+            raise InvalidOption("The story has no finished panels yet: /illustrate draws some.")
+        return SharedStory(story, tuple(panels), await self.export_files(story))
 
     async def _end(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
@@ -457,6 +482,15 @@ class StoryBook:
         await self.save(
             replace(story, scenes=tuple(updated if s.index == scene.index else s for s in story.scenes))
         )
+
+
+@dataclass(frozen=True)
+class SharedStory:
+    """What a gallery post of a storybook carries: the chosen panels, then the HTML and PDF."""
+
+    story: Story
+    panels: tuple[tuple[str, bytes], ...]
+    files: tuple[tuple[str, bytes], ...]
 
 
 def _split_style(args: str) -> tuple[str, str | None]:
