@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RECENT_JOBS = 50
 """How far back /share looks for the user's last result when this process has not seen one."""
 
 

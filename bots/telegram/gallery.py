@@ -26,7 +26,8 @@ from core.types import Job, JobStatus
 
 logger = logging.getLogger(__name__)
 
-RECENT_JOBS = 50
+RECENT_RESULTS = 50
+"""How far back a /share reply looks for the picture it answers."""
 """How far back /share looks for the sender's latest result in the chat."""
 ALBUM_MAX = 10
 NAME_LIMIT = 64
@@ -139,7 +140,7 @@ class Gallery:
         found = job_id_in(message)
         if found is not None:
             return await self.service.get_job(found)
-        for job in await self.service.store.recent_jobs(chat, RECENT_JOBS):
+        for job in await self.service.store.recent_jobs(chat, RECENT_RESULTS):
             if job.meta.get(META_RESULT) == str(message.message_id):
                 return job
         raise InvalidOption("Reply with /share to one of my pictures, or send /share alone for your latest.")
