@@ -63,21 +63,6 @@ function addMessage(text, kind, who) {
   return div;
 }
 
-async function api(path, body) {
-  const options = body === undefined ? {} : {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify(body),
-  };
-  const response = await fetch(path, options);
-  let data = null;
-  try { data = await response.json(); } catch (_) { data = null; }
-  if (!response.ok) {
-    throw new Error((data && data.error) || `The server answered ${response.status}.`);
-  }
-  return data;
-}
-
 function button(label, title, onClick) {
   const b = document.createElement("button");
   b.type = "button";

@@ -17,21 +17,6 @@ function reader() {
   return name || "reader";
 }
 
-async function api(path, body) {
-  const options = body === undefined ? {} : {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify(body),
-  };
-  const response = await fetch(path, options);
-  let data = null;
-  try { data = await response.json(); } catch (_) { data = null; }
-  if (!response.ok) {
-    throw new Error((data && data.error) || `The server answered ${response.status}.`);
-  }
-  return data;
-}
-
 function notice(text) {
   $("notice").textContent = text;
 }
