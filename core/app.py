@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from core.engine import Engine
+from core.events import EventRelay
 from core.prompting.builder import PromptBuilder
 from core.queue import JobQueue, MemoryQueue
 from core.service import Huahua
@@ -37,6 +38,7 @@ async def build_service(settings: Settings, *, engine: Engine | None = None) -> 
         builder=builder,
         moderator=moderator,
         styles=builder.styles,
+        relay=_build_relay(settings, queue),
     )
     service.register(StoryBook(service, build_scene_planner(settings, builder)))
     return service
@@ -75,3 +77,14 @@ async def _build_queue(settings: Settings) -> JobQueue:
         await queue.connect()
         return queue
     return MemoryQueue(settings.queue_max_size, settings.user_max_pending, settings.user_concurrency)
+
+
+def _build_relay(settings: Settings, queue: JobQueue) -> EventRelay | None:
+    """Processes sharing the Redis queue also share job events and cancels, on the queue's channels."""
+    if settings.queue != "redis":
+        return None
+    from core.redis_events import RedisEventRelay
+    from core.redis_queue import RedisStreamsQueue
+
+    name = queue.name if isinstance(queue, RedisStreamsQueue) else "huahua"
+    return RedisEventRelay(settings.redis_url, name=name)

@@ -8,6 +8,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -22,7 +23,7 @@ from core.errors import (
     NotFound,
     QuotaExceeded,
 )
-from core.events import ALL_EVENTS, EventBus, Listener
+from core.events import ALL_EVENTS, EventBus, EventRelay, Listener
 from core.settings import Settings
 from core.types import (
     Action,
@@ -49,6 +50,8 @@ VARIATION_STRENGTH = 0.6
 UPSCALE_STRENGTH = 0.35
 MAX_UPSCALED_SIDE = 1536
 RECENT_JOBS = 50
+EARLY_CANCELS = 256
+"""Cancel requests remembered for jobs not (yet) running here: one may be between get() and start."""
 CARRIED_META_PREFIX = "story"
 """Job meta keys that rerolls, variations and upscales inherit (platform ids are per job)."""
 
@@ -116,6 +119,7 @@ class Huahua:
         builder: PromptBuilder,
         moderator: Moderator,
         styles: StyleBook,
+        relay: EventRelay | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -125,6 +129,12 @@ class Huahua:
         self.moderator = moderator
         self.styles = styles
         self.events = EventBus()
+        self.relay = relay
+        """Set when processes share the queue: events and cancels then reach the other processes."""
+        self._watching: dict[str, Job] = {}
+        """With a relay: jobs submitted here and not finished yet, re-read after a reconnect."""
+        self._early_cancels: OrderedDict[str, None] = OrderedDict()
+        self._background: set[asyncio.Task[None]] = set()
         self._running: dict[str, CancelToken] = {}
         self._waiting: dict[str, Job] = {}
         """Jobs this process queued and has not yet started: the ones whose position it announces."""
@@ -138,6 +148,12 @@ class Huahua:
     # lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.relay is not None:
+            self.events.forward = await self.relay.start(
+                self._deliver_relayed, self._cancel_running, self._catch_up
+            )
+        elif self.settings.workers == 0:
+            logger.warning("no workers and no shared queue: jobs queued here will never run")
         await self.engine.start()
         await self._recover()
         for index in range(self.settings.workers):
@@ -153,7 +169,11 @@ class Huahua:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.events.drain()
+        if self.relay is not None:
+            await self.relay.close()
+            self.events.forward = None
         await self.queue.close()
         await self.engine.close()
         await self.store.close()
@@ -372,6 +392,8 @@ class Huahua:
             await self._finish(job, JobStatus.FAILED, error=err.message)
             raise
         self._waiting[job.id] = job
+        if self.relay is not None:
+            self._watching[job.id] = job
         self.events.publish(job, JobEvent(job.id, EventType.QUEUED, position=position))
         return job
 
@@ -458,9 +480,8 @@ class Huahua:
         if await self.queue.remove(job_id):
             self._waiting.pop(job_id, None)
             return await self._finish(job, JobStatus.CANCELLED)
-        token = self._running.get(job_id)
-        if token is not None:
-            token.cancel()
+        if not self._cancel_running(job_id) and self.relay is not None:
+            self.relay.request_cancel(job_id)
         return job
 
     async def get_job(self, job_id: str) -> Job:
@@ -534,6 +555,9 @@ class Huahua:
         await self.store.update_job(job)
         token = CancelToken()
         self._running[job.id] = token
+        if self._early_cancels and job.id in self._early_cancels:
+            del self._early_cancels[job.id]
+            token.cancel()
         self.events.publish(job, JobEvent(job.id, EventType.STARTED))
         try:
             request = await self._engine_request(job)
@@ -589,6 +613,8 @@ class Huahua:
             JobStatus.FAILED: EventType.FAILED,
             JobStatus.CANCELLED: EventType.CANCELLED,
         }[status]
+        if self.relay is not None:
+            self._watching.pop(job.id, None)
         self.events.publish(done, JobEvent(job.id, event_type, progress=done.progress, error=error))
         return done
 
@@ -602,6 +628,45 @@ class Huahua:
             if position is not None:
                 self.events.publish(job, JobEvent(job.id, EventType.POSITION, position=position))
 
+    # other processes (a shared queue with a relay) --------------------------------------------
+
+    def _cancel_running(self, job_id: str) -> bool:
+        """Cancel a job running here; else remember the request briefly, in case it is about to start."""
+        token = self._running.get(job_id)
+        if token is not None:
+            token.cancel()
+            return True
+        if self.relay is not None:
+            self._early_cancels[job_id] = None
+            while len(self._early_cancels) > EARLY_CANCELS:
+                self._early_cancels.popitem(last=False)
+        return False
+
+    def _deliver_relayed(self, job: Job, event: JobEvent) -> None:
+        """Another process's event: deliver it here as if local, and keep this process's books."""
+        if event.type == EventType.STARTED or event.type.final:
+            self._waiting.pop(job.id, None)
+        if event.type.final:
+            self._watching.pop(job.id, None)
+            if self._waiting:
+                self._in_background(self._announce_positions())
+        self.events.deliver(job, event)
+
+    async def _catch_up(self) -> None:
+        """After the relay reconnects: deliver the final state of watched jobs that ended meanwhile."""
+        for job_id in {*self._watching, *self.events.subscribed()}:
+            job = await self.store.get_job(job_id)
+            if job is not None and job.status.finished and job_id not in self._running:
+                self._waiting.pop(job_id, None)
+                self._watching.pop(job_id, None)
+                self.events.deliver(job, _current_event(job, None))
+        await self._announce_positions()
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        task = asyncio.create_task(_logged(work))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
 
 _SETTING_FIELDS = {
     "style": "style",
@@ -610,6 +675,15 @@ _SETTING_FIELDS = {
     "gallery": "gallery",
     "story_auto": "story_auto",
 }
+
+
+async def _logged(work: Awaitable[None]) -> None:
+    try:
+        await work
+    except HuahuaError as err:
+        logger.warning("background work failed: %s", err.message)
+    except Exception:
+        logger.exception("background work failed")
 
 
 def _current_event(job: Job, position: int | None) -> JobEvent:

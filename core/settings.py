@@ -45,7 +45,8 @@ class Settings(BaseSettings):
     queue_max_size: int = Field(1000, ge=1)
     user_max_pending: int = Field(4, ge=1)
     user_concurrency: int = Field(1, ge=1)
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=0)
+    """0: this process only submits; workers in other processes sharing the Redis queue run its jobs."""
 
     # moderation and quotas
     daily_image_quota: int = Field(100, ge=0)
