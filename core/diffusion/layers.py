@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import mindspore as ms
 import numpy as np
@@ -23,11 +24,42 @@ class GroupNorm(nn.GroupNorm):
 
     def __init__(self, groups: int, channels: int, eps: float) -> None:
         super().__init__(num_groups=groups, num_channels=channels, eps=eps, affine=True)
+        self.groups = groups
 
     def construct(self, x: Tensor) -> Tensor:
         if x.dtype == ms.float32:
             return super().construct(x)
         return super().construct(x.astype(ms.float32)).astype(x.dtype)
+
+    def banded_affine(self, x: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel (mean, rstd * gamma) of the whole map `x`, each (n, c, 1, 1) float32, read in
+        bands of `rows` rows (two passes, sums in float64), so no full-size temporary is made."""
+        n, c, h, w = x.shape
+        per_group = c // self.groups
+
+        def group_means(band_sum: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+            total = np.zeros((n, c), np.float64)
+            for a in range(0, h, rows):
+                total += band_sum(x[:, :, a : a + rows])
+            means = total.reshape(n, self.groups, per_group).sum(-1) / (per_group * h * w)
+            return np.repeat(means, per_group, axis=1)[:, :, None, None]
+
+        mean = group_means(lambda band: band.sum(axis=(2, 3), dtype=np.float64))
+        mean32 = mean.astype(np.float32)
+        var = group_means(lambda band: np.square(band - mean32, dtype=np.float32).sum((2, 3), np.float64))
+        gamma = self.gamma.asnumpy().astype(np.float64)[None, :, None, None]
+        return mean32, (gamma / np.sqrt(var + self.eps)).astype(np.float32)
+
+    def silu_of_affine(self, band: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """SiLU of rows of the map normalised with `banded_affine`'s statistics (float32, new array)."""
+        out = np.subtract(band, mean, dtype=np.float32)
+        out *= scale
+        out += self.beta.asnumpy().astype(np.float32)[None, :, None, None]
+        gate = np.negative(out)
+        np.exp(gate, out=gate)
+        gate += 1.0
+        out /= gate
+        return out
 
 
 class LayerNorm(nn.LayerNorm):
@@ -48,6 +80,48 @@ def conv2d(
     """A biased 2-D convolution with explicit padding."""
     mode = "pad" if padding else "valid"
     return nn.Conv2d(c_in, c_out, kernel, stride=stride, pad_mode=mode, padding=padding, has_bias=True)
+
+
+def band_rows(shape: tuple[int, ...], itemsize: int, band_bytes: int | None) -> int | None:
+    """Rows per band when a map of `shape` (n, c, h, w) is larger than `band_bytes`; None: run it whole."""
+    if band_bytes is None:
+        return None
+    n, c, h, w = shape
+    row_bytes = n * c * w * itemsize
+    return None if h * row_bytes <= band_bytes else max(1, band_bytes // row_bytes)
+
+
+def banded_conv3x3(
+    source: Callable[[int, int], np.ndarray],
+    height: int,
+    conv: nn.Conv2d,
+    rows: int,
+    residual: Callable[[int, int], np.ndarray] | None = None,
+) -> np.ndarray:
+    """A 3x3, stride-1, padding-1 convolution computed `rows` output rows at a time.
+
+    `source(lo, hi)` makes rows [lo, hi) of the convolution's input (so normalisation, activation and
+    upsampling are applied per band); `residual(a, b)`, if given, is added to output rows [a, b). Each
+    band reads one halo row above and below, so the result equals the whole-map convolution, while only
+    the output and one band of temporaries exist at a time. Bands are numpy arrays: MindSpore's memory
+    pool keeps every block it ever held, numpy hands large blocks back at once.
+    """
+    dtype = conv.weight.dtype
+    out: np.ndarray | None = None
+    for a in range(0, height, rows):
+        b = min(height, a + rows)
+        lo, hi = max(0, a - 1), min(height, b + 1)
+        pads = ((0, 0), (0, 0), (1 if a == 0 else 0, 1 if b == height else 0), (1, 1))
+        band = Tensor.from_numpy(np.pad(source(lo, hi), pads))
+        values = ops.conv2d(band.astype(dtype), conv.weight, conv.bias).asnumpy()
+        del band
+        if out is None:
+            out = np.empty((*values.shape[:2], height, values.shape[3]), values.dtype)
+        out[:, :, a:b] = values
+        if residual is not None:
+            out[:, :, a:b] += residual(a, b)
+    assert out is not None
+    return out
 
 
 class WrappedConv(nn.Cell):

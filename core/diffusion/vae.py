@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 from mindspore import Tensor, nn, ops
 
 from core.diffusion.config import WukongConfig
-from core.diffusion.layers import GroupNorm, attention, conv2d, upsample_nearest
+from core.diffusion.layers import (
+    GroupNorm,
+    attention,
+    band_rows,
+    banded_conv3x3,
+    conv2d,
+    upsample_nearest,
+)
 
+Residual = Callable[[int, int], np.ndarray]
 NORM_EPS = 1e-6
+DECODE_BAND_BYTES = 32 * 1024 * 1024
+"""Decoder maps larger than this are computed in bands of rows (the same result, a smaller peak): at
+512x512 the 128- and 256-channel maps are 128-256 MiB each, and a whole-map GroupNorm + SiLU + conv
+holds several of them at once."""
+
+
+def _norm_silu_conv(
+    x: np.ndarray, norm: GroupNorm, conv: nn.Conv2d, rows: int, residual: Residual | None = None
+) -> np.ndarray:
+    """conv(silu(norm(x))) in bands of rows; `x` (n, c, h, w) stays whole, temporaries are per band."""
+    mean, scale = norm.banded_affine(x, rows)
+
+    def source(lo: int, hi: int) -> np.ndarray:
+        return norm.silu_of_affine(x[:, :, lo:hi], mean, scale).astype(x.dtype, copy=False)
+
+    return banded_conv3x3(source, x.shape[2], conv, rows, residual)
 
 
 class ResnetBlock(nn.Cell):
@@ -21,10 +48,27 @@ class ResnetBlock(nn.Cell):
         if self.has_shortcut:
             self.nin_shortcut = conv2d(c_in, c_out, 1)
 
-    def construct(self, x: Tensor) -> Tensor:
+    def construct(self, x: Tensor, band_bytes: int | None = None) -> Tensor:
+        rows = band_rows(x.shape, x.itemsize, band_bytes)
+        if rows is not None:
+            return self._banded(x, rows)
         h = self.conv1(ops.silu(self.norm1(x)))
         h = self.conv2(ops.silu(self.norm2(h)))
         return (self.nin_shortcut(x) if self.has_shortcut else x) + h
+
+    def _banded(self, x: Tensor, rows: int) -> Tensor:
+        values = x.asnumpy()
+        h = _norm_silu_conv(values, self.norm1, self.conv1, rows)
+        if self.has_shortcut:
+
+            def residual(a: int, b: int) -> np.ndarray:
+                return self.nin_shortcut(x[:, :, a:b]).asnumpy()
+        else:
+
+            def residual(a: int, b: int) -> np.ndarray:
+                return values[:, :, a:b]
+
+        return Tensor.from_numpy(_norm_silu_conv(h, self.norm2, self.conv2, rows, residual))
 
 
 class AttnBlock(nn.Cell):
@@ -65,8 +109,20 @@ class Upsample(nn.Cell):
         super().__init__()
         self.conv = conv2d(channels, channels, 3, padding=1)
 
-    def construct(self, x: Tensor) -> Tensor:
-        return self.conv(upsample_nearest(x))
+    def construct(self, x: Tensor, band_bytes: int | None = None) -> Tensor:
+        n, c, h, w = x.shape
+        rows = band_rows((n, c, 2 * h, 2 * w), x.itemsize, band_bytes)
+        if rows is None:
+            return self.conv(upsample_nearest(x))
+
+        values = x.asnumpy()
+
+        def source(lo: int, hi: int) -> np.ndarray:
+            first = lo // 2
+            doubled = values[:, :, first : (hi + 1) // 2].repeat(2, axis=2).repeat(2, axis=3)
+            return doubled[:, :, lo - 2 * first : hi - 2 * first]
+
+        return Tensor.from_numpy(banded_conv3x3(source, 2 * h, self.conv, rows))
 
 
 class _Mid(nn.Cell):
@@ -144,10 +200,21 @@ class Decoder(nn.Cell):
         self.norm_out = GroupNorm(groups, c_in, NORM_EPS)
         self.conv_out = conv2d(c_in, 3, 3, padding=1)
 
-    def construct(self, z: Tensor) -> Tensor:
+    def construct(self, z: Tensor, band_bytes: int | None = None) -> Tensor:
+        """Images from latents; maps over `band_bytes` are computed in bands (None: all whole).
+
+        The loop rebinds one name per map so each map is freed as soon as the next one exists.
+        """
         h = self.mid(self.conv_in(z))
         for i in reversed(range(len(self.up))):
-            h = self.up[i](h, i != 0)
+            level = self.up[i]
+            for block in level.block:
+                h = block(h, band_bytes)
+            if i != 0:
+                h = level.upsample(h, band_bytes)
+        rows = band_rows(h.shape, h.itemsize, band_bytes)
+        if rows is not None:
+            return Tensor.from_numpy(_norm_silu_conv(h.asnumpy(), self.norm_out, self.conv_out, rows))
         return self.conv_out(ops.silu(self.norm_out(h)))
 
 
@@ -165,6 +232,6 @@ class AutoencoderKL(nn.Cell):
         moments = self.quant_conv(self.encoder(x))
         return moments[:, : moments.shape[1] // 2]
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Unscaled latents -> images (not clipped)."""
-        return self.decoder(self.post_quant_conv(z))
+    def decode(self, z: Tensor, band_bytes: int | None = DECODE_BAND_BYTES) -> Tensor:
+        """Unscaled latents -> images (not clipped); `band_bytes` as in `Decoder.construct`."""
+        return self.decoder(self.post_quant_conv(z), band_bytes)

@@ -1,0 +1,72 @@
+"""The AutoencoderKL decoder computed in bands of rows equals the whole-map computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+
+from mindspore import Tensor  # noqa: E402
+
+from core.diffusion import WukongConfig  # noqa: E402
+from core.diffusion.checkpoint import build_model, randomize  # noqa: E402
+from core.diffusion.layers import band_rows  # noqa: E402
+from core.diffusion.vae import DECODE_BAND_BYTES, ResnetBlock, Upsample  # noqa: E402
+
+TOLERANCE = 1e-5
+
+
+def _random(shape: tuple[int, ...], seed: int = 0) -> Tensor:
+    return Tensor(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def vae() -> object:
+    model = build_model(WukongConfig.tiny())
+    randomize(model, 0)
+    model.set_train(False)
+    return model.vae
+
+
+def test_band_rows_splits_only_maps_over_the_limit() -> None:
+    assert band_rows((1, 128, 512, 512), 4, None) is None
+    assert band_rows((1, 128, 512, 512), 4, 128 * 1024 * 1024) is None
+    assert band_rows((1, 128, 512, 512), 4, DECODE_BAND_BYTES) == 128
+    assert band_rows((2, 128, 512, 512), 4, DECODE_BAND_BYTES) == 64
+    assert band_rows((1, 128, 512, 512), 4, 1) == 1
+
+
+@pytest.mark.parametrize("band_bytes", [64 * 1024, 3000, 1])
+def test_banded_decode_equals_whole_decode(vae: object, band_bytes: int) -> None:
+    z = _random((2, 4, 5, 6), seed=1)  # odd sides: the last band is shorter than the others
+    whole = vae.decode(z, None).asnumpy()
+    banded = vae.decode(z, band_bytes).asnumpy()
+    assert banded.shape == whole.shape == (2, 3, 40, 48)
+    assert np.abs(whole).max() > 0.1
+    assert np.abs(banded - whole).max() <= TOLERANCE
+
+
+def test_default_decode_is_whole_at_the_tiny_size(vae: object) -> None:
+    z = _random((1, 4, 4, 4), seed=2)
+    assert np.array_equal(vae.decode(z).asnumpy(), vae.decode(z, None).asnumpy())
+
+
+@pytest.mark.parametrize(("c_in", "c_out"), [(512, 256), (128, 128)])
+def test_banded_resnet_block_at_official_widths(c_in: int, c_out: int) -> None:
+    block = ResnetBlock(c_in, c_out, 32)
+    block.set_train(False)
+    x = _random((1, c_in, 11, 16), seed=3) * 3.0 + 0.5
+    whole = block(x).asnumpy()
+    banded = block(x, 16 * c_in * 4 * 4).asnumpy()  # four rows per band
+    assert np.abs(banded - whole).max() <= TOLERANCE * max(1.0, float(np.abs(whole).max()))
+
+
+def test_banded_upsample_equals_whole() -> None:
+    up = Upsample(64)
+    up.set_train(False)
+    x = _random((1, 64, 7, 9), seed=4)
+    whole = up(x).asnumpy()
+    banded = up(x, 18 * 64 * 4 * 3).asnumpy()  # three output rows per band: halos cross source rows
+    assert banded.shape == whole.shape == (1, 64, 14, 18)
+    assert np.abs(banded - whole).max() <= TOLERANCE
