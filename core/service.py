@@ -50,8 +50,8 @@ VARIATION_STRENGTH = 0.6
 UPSCALE_STRENGTH = 0.35
 MAX_UPSCALED_SIDE = 1536
 RECENT_JOBS = 50
-EARLY_CANCELS = 256
-"""Cancel requests remembered for jobs not (yet) running here: one may be between get() and start."""
+REMEMBERED_IDS = 256
+"""How many early cancel requests (a job between get() and start) and caught-up jobs are remembered."""
 CARRIED_META_PREFIX = "story"
 """Job meta keys that rerolls, variations and upscales inherit (platform ids are per job)."""
 
@@ -134,6 +134,8 @@ class Huahua:
         self._watching: dict[str, Job] = {}
         """With a relay: jobs submitted here and not finished yet, re-read after a reconnect."""
         self._early_cancels: OrderedDict[str, None] = OrderedDict()
+        self._caught_up: OrderedDict[str, None] = OrderedDict()
+        """Jobs whose final state a reconnect delivered: their relayed final event may still come."""
         self._background: set[asyncio.Task[None]] = set()
         self._running: dict[str, CancelToken] = {}
         self._waiting: dict[str, Job] = {}
@@ -637,9 +639,7 @@ class Huahua:
             token.cancel()
             return True
         if self.relay is not None:
-            self._early_cancels[job_id] = None
-            while len(self._early_cancels) > EARLY_CANCELS:
-                self._early_cancels.popitem(last=False)
+            _remember(self._early_cancels, job_id)
         return False
 
     def _deliver_relayed(self, job: Job, event: JobEvent) -> None:
@@ -647,6 +647,9 @@ class Huahua:
         if event.type == EventType.STARTED or event.type.final:
             self._waiting.pop(job.id, None)
         if event.type.final:
+            if job.id in self._caught_up:
+                del self._caught_up[job.id]
+                return
             self._watching.pop(job.id, None)
             if self._waiting:
                 self._in_background(self._announce_positions())
@@ -659,6 +662,7 @@ class Huahua:
             if job is not None and job.status.finished and job_id not in self._running:
                 self._waiting.pop(job_id, None)
                 self._watching.pop(job_id, None)
+                _remember(self._caught_up, job_id)
                 self.events.deliver(job, _current_event(job, None))
         await self._announce_positions()
 
@@ -675,6 +679,13 @@ _SETTING_FIELDS = {
     "gallery": "gallery",
     "story_auto": "story_auto",
 }
+
+
+def _remember(ids: OrderedDict[str, None], job_id: str) -> None:
+    """Add to a bounded set of recent job ids, dropping the oldest."""
+    ids[job_id] = None
+    while len(ids) > REMEMBERED_IDS:
+        ids.popitem(last=False)
 
 
 async def _logged(work: Awaitable[None]) -> None:

@@ -311,3 +311,35 @@ async def test_unreachable_redis_is_a_friendly_error_without_the_password(caplog
     with pytest.raises(ServiceUnavailable, match="cannot be reached"):
         await relay.start(inbox.deliver, inbox.cancel)
     assert "hidden-pw" not in caplog.text
+
+
+async def test_a_job_that_ends_while_redis_is_away_is_delivered_once_after_reconnecting(
+    tmp_path: Path, private_redis: tuple[int, list[subprocess.Popen[bytes]]]
+) -> None:
+    port, processes = private_redis
+    processes.append(_start_redis(port, tmp_path))
+    url = f"redis://:relay-secret-pw@127.0.0.1:{port}/0"
+    gate = asyncio.Event()
+    submitter, runner = await _pair(tmp_path, url, gate)
+    heard = Recorder()
+    submitter.listen("web:", heard)
+    try:
+        job = await _submit(submitter)
+        await heard.wait_for(EventType.STARTED)
+        stopped = processes.pop()
+        stopped.terminate()
+        stopped.wait(timeout=5)
+        gate.set()
+        for _ in range(int(WAIT_S / 0.02)):
+            if (await submitter.store.get_job(job.id)).status.finished:  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.02)
+        processes.append(_start_redis(port, tmp_path))
+        done = await heard.wait_for(EventType.DONE)
+        await asyncio.sleep(0.5)  # the runner's retried DONE arrives too, and must not be delivered again
+        await submitter.events.drain()
+    finally:
+        await submitter.stop()
+        await runner.stop()
+    assert done.status == JobStatus.DONE and done.images
+    assert heard.types().count(EventType.DONE) == 1
