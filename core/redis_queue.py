@@ -235,11 +235,7 @@ class RedisStreamsQueue(JobQueue):
             self._scripts[key] = self._client.register_script(source)
         try:
             await self._call(self._client.ping())
-            await self._client.xgroup_create(self._key("dispatch"), GROUP, id="0", mkstream=True)
-        except ResponseError as err:
-            if "BUSYGROUP" not in str(err):
-                await self._client.aclose()
-                raise ServiceUnavailable("Redis refused to set up the job queue.") from err
+            await self._ensure_group()
         except BaseException:
             await self._client.aclose()
             raise
@@ -393,11 +389,24 @@ class RedisStreamsQueue(JobQueue):
         self._require_client()
         return await self._call(self._scripts[script](keys=[], args=[self.name, *args]))
 
+    async def _ensure_group(self) -> None:
+        """Create the dispatch stream's consumer group (again, after a Redis that lost its data)."""
+        try:
+            await self._require_client().xgroup_create(self._key("dispatch"), GROUP, id="0", mkstream=True)
+        except ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise ServiceUnavailable("Redis refused to set up the job queue.") from err
+
     async def _call(self, awaitable: Awaitable[T]) -> T:
         try:
             return await awaitable
         except (RedisError, OSError) as err:
             logger.warning("redis queue call failed: %s", type(err).__name__)
+            if isinstance(err, ResponseError) and "NOGROUP" in str(err):
+                logger.warning(
+                    "redis queue %r lost its consumer group (an empty Redis?); recreating", self.name
+                )
+                await self._ensure_group()
             raise ServiceUnavailable(
                 "The job queue (Redis) cannot be reached right now; please try again later."
             ) from err

@@ -50,6 +50,7 @@ VARIATION_STRENGTH = 0.6
 UPSCALE_STRENGTH = 0.35
 MAX_UPSCALED_SIDE = 1536
 RECENT_JOBS = 50
+QUEUE_RETRY_MIN_S, QUEUE_RETRY_MAX_S = 0.5, 10.0
 REMEMBERED_IDS = 256
 """How many early cancel requests (a job between get() and start) and caught-up jobs are remembered."""
 CARRIED_META_PREFIX = "story"
@@ -538,15 +539,31 @@ class Huahua:
     # the worker loop ---------------------------------------------------------------------------
 
     async def _work(self) -> None:
+        """Take jobs until stopped; an unreachable queue (Redis down) is retried with backoff."""
+        from core.queue import QueueClosed
+
+        delay = QUEUE_RETRY_MIN_S
         while not self._stopping:
-            job = await self.queue.get()
+            try:
+                job = await self.queue.get()
+            except QueueClosed:
+                return
+            except HuahuaError as err:
+                logger.warning("the job queue is unavailable (%s); retrying in %.1f s", err.message, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, QUEUE_RETRY_MAX_S)
+                continue
+            delay = QUEUE_RETRY_MIN_S
             try:
                 await self._run(job)
             except Exception:
                 logger.exception("job %s crashed the worker loop", job.id)
             finally:
-                await self.queue.task_done(job.id)
-                await self._announce_positions()
+                try:
+                    await self.queue.task_done(job.id)
+                    await self._announce_positions()
+                except HuahuaError as err:
+                    logger.warning("could not report job %s to the queue: %s", job.id, err.message)
 
     async def _run(self, job: Job) -> None:
         self._waiting.pop(job.id, None)

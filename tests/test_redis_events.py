@@ -343,3 +343,35 @@ async def test_a_job_that_ends_while_redis_is_away_is_delivered_once_after_recon
         await runner.stop()
     assert done.status == JobStatus.DONE and done.images
     assert heard.types().count(EventType.DONE) == 1
+
+
+async def test_workers_keep_taking_jobs_after_a_redis_outage(
+    tmp_path: Path, private_redis: tuple[int, list[subprocess.Popen[bytes]]], caplog: Any
+) -> None:
+    port, processes = private_redis
+    processes.append(_start_redis(port, tmp_path))
+    url = f"redis://:relay-secret-pw@127.0.0.1:{port}/0"
+    service = await make_service(tmp_path, PatternEngine(), queue="redis", redis_url=url)
+    service.queue.max_poll_s = 0.05  # type: ignore[attr-defined]
+    caplog.set_level(logging.WARNING, logger="core.service")
+    try:
+        stopped = processes.pop()
+        stopped.terminate()
+        stopped.wait(timeout=5)
+        for _ in range(int(WAIT_S / 0.05)):  # the worker notices the outage and backs off
+            if "job queue is unavailable" in caplog.text:
+                break
+            await asyncio.sleep(0.05)
+        assert "job queue is unavailable" in caplog.text
+        processes.append(_start_redis(port, tmp_path))
+        for _ in range(int(WAIT_S / 0.1)):  # the relay and the queue reconnect
+            try:
+                job = await _submit(service)
+                break
+            except ServiceUnavailable:
+                await asyncio.sleep(0.1)
+        events = await asyncio.wait_for(_collect(service, job.id), WAIT_S * 2)
+    finally:
+        await service.stop()
+    assert events[-1].type == EventType.DONE
+    assert "relay-secret-pw" not in caplog.text
