@@ -13,7 +13,7 @@ from core.diffusion import runtime  # noqa: F401  (process settings before the f
 
 _bmm = ops.BatchMatMul()
 _bmm_t = ops.BatchMatMul(transpose_b=True)
-_ATTENTION_CHUNK_BYTES = 256 * 1024 * 1024
+_ATTENTION_CHUNK_BYTES = 64 * 1024 * 1024
 """Largest float32 score block (heads, queries, keys) built at once: longer sequences are attended in
 slices of the query axis, so one guided 512x512 step never holds its full 1 GiB score matrix."""
 _GELU_2_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
@@ -97,6 +97,7 @@ def banded_conv3x3(
     conv: nn.Conv2d,
     rows: int,
     residual: Callable[[int, int], np.ndarray] | None = None,
+    into: np.ndarray | None = None,
 ) -> np.ndarray:
     """A 3x3, stride-1, padding-1 convolution computed `rows` output rows at a time.
 
@@ -105,16 +106,25 @@ def banded_conv3x3(
     band reads one halo row above and below, so the result equals the whole-map convolution, while only
     the output and one band of temporaries exist at a time. Bands are numpy arrays: MindSpore's memory
     pool keeps every block it ever held, numpy hands large blocks back at once.
+
+    `into`, if given, receives the output in place and may be the very map `source` reads: each band's
+    input is made before the previous band's output is written over the rows it shares.
     """
     dtype = conv.weight.dtype
-    out: np.ndarray | None = None
-    for a in range(0, height, rows):
+    starts = list(range(0, height, rows))
+
+    def band_input(a: int) -> Tensor:
         b = min(height, a + rows)
         lo, hi = max(0, a - 1), min(height, b + 1)
         pads = ((0, 0), (0, 0), (1 if a == 0 else 0, 1 if b == height else 0), (1, 1))
-        band = Tensor.from_numpy(np.pad(source(lo, hi), pads))
-        values = ops.conv2d(band.astype(dtype), conv.weight, conv.bias).asnumpy()
-        del band
+        return Tensor.from_numpy(np.pad(source(lo, hi), pads)).astype(dtype)
+
+    out = into
+    upcoming: Tensor | None = band_input(0)
+    for i, a in enumerate(starts):
+        b = min(height, a + rows)
+        values = ops.conv2d(upcoming, conv.weight, conv.bias).asnumpy()
+        upcoming = band_input(starts[i + 1]) if i + 1 < len(starts) else None
         if out is None:
             out = np.empty((*values.shape[:2], height, values.shape[3]), values.dtype)
         out[:, :, a:b] = values

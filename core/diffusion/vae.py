@@ -19,22 +19,28 @@ from core.diffusion.layers import (
 
 Residual = Callable[[int, int], np.ndarray]
 NORM_EPS = 1e-6
-DECODE_BAND_BYTES = 32 * 1024 * 1024
+DECODE_BAND_BYTES = 8 * 1024 * 1024
 """Decoder maps larger than this are computed in bands of rows (the same result, a smaller peak): at
 512x512 the 128- and 256-channel maps are 128-256 MiB each, and a whole-map GroupNorm + SiLU + conv
 holds several of them at once."""
 
 
 def _norm_silu_conv(
-    x: np.ndarray, norm: GroupNorm, conv: nn.Conv2d, rows: int, residual: Residual | None = None
+    x: np.ndarray,
+    norm: GroupNorm,
+    conv: nn.Conv2d,
+    rows: int,
+    residual: Residual | None = None,
+    in_place: bool = False,
 ) -> np.ndarray:
-    """conv(silu(norm(x))) in bands of rows; `x` (n, c, h, w) stays whole, temporaries are per band."""
+    """conv(silu(norm(x))) in bands of rows; `x` (n, c, h, w) stays whole, temporaries are per band.
+    `in_place` writes the result over `x` (same shape), which the caller must own."""
     mean, scale = norm.banded_affine(x, rows)
 
     def source(lo: int, hi: int) -> np.ndarray:
         return norm.silu_of_affine(x[:, :, lo:hi], mean, scale).astype(x.dtype, copy=False)
 
-    return banded_conv3x3(source, x.shape[2], conv, rows, residual)
+    return banded_conv3x3(source, x.shape[2], conv, rows, residual, into=x if in_place else None)
 
 
 class ResnetBlock(nn.Cell):
@@ -68,7 +74,7 @@ class ResnetBlock(nn.Cell):
             def residual(a: int, b: int) -> np.ndarray:
                 return values[:, :, a:b]
 
-        return Tensor.from_numpy(_norm_silu_conv(h, self.norm2, self.conv2, rows, residual))
+        return Tensor.from_numpy(_norm_silu_conv(h, self.norm2, self.conv2, rows, residual, True))
 
 
 class AttnBlock(nn.Cell):
