@@ -282,9 +282,12 @@ class WukongPipeline:
         z = _float_array(z, "latents", 4)
         if z.shape[1] != self.config.latent_channels:
             raise InvalidOption(f"The latents must have {self.config.latent_channels} channels.")
-        scaled = Tensor(z / np.float32(self.config.scale_factor), dtype=self._ms_dtype)
-        images = self.model.vae.decode(scaled).astype(ms.float32).asnumpy()
-        return np.clip(images, -1.0, 1.0)
+        s = self.config.latent_scale
+        images = np.empty((z.shape[0], 3, z.shape[2] * s, z.shape[3] * s), np.float32)
+        for i in range(z.shape[0]):  # one image at a time: the peak does not grow with the batch
+            scaled = Tensor(z[i : i + 1] / np.float32(self.config.scale_factor), dtype=self._ms_dtype)
+            images[i : i + 1] = self.model.vae.decode(scaled).astype(ms.float32).asnumpy()
+        return np.clip(images, -1.0, 1.0, out=images)
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         """Images (n, 3, H, W) in [-1, 1] -> latents (n, 4, H/8, W/8): posterior mean times 0.18215."""
