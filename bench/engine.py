@@ -4,8 +4,9 @@
 
 Phases: text encoding (batch 2: prompt and negative prompt), one guided UNet step (batch 2) in PyNative
 mode and compiled as a static graph (`unet-graph`, compared with the same diffusers step; its compile time
-is reported as a note), VAE decode (batch 1) at each of --sizes, and a whole image (text, --steps sampling
-steps, decode) at --image-size.
+is reported as a note), VAE decode (batch 1) at each of --sizes, computed in bands of rows as the pipeline
+does (`vae`) and with every map whole (`vae-whole`, for the memory comparison), and a whole image (text,
+--steps sampling steps, decode) at --image-size.
 Weights are random (timing does not depend on them). Every phase of every side runs in its own
 subprocess, so the peak resident memory (RSS high-water mark) reported is that phase's alone; it
 includes the weights the phase needs. The diffusers side needs the `bench` extra (torch, diffusers).
@@ -26,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = ROOT.parent / "shared" / "wukong" / "vocab_zh.txt"
-PHASES = ("text", "unet", "unet-graph", "vae", "image")
+PHASES = ("text", "unet", "unet-graph", "vae", "vae-whole", "image")
 CONTEXT_LENGTH, WIDTH = 77, 768
 
 
@@ -93,13 +94,14 @@ def _ours(phase: str, size: int, steps: int, warmup: int) -> float:
             step = ms.jit(unet.construct)
             _COMPILE["seconds"] = _timed(lambda: step(x, t_emb, ctx).asnumpy(), 0)  # compile + first run
         return _timed(lambda: step(x, t_emb, ctx).asnumpy(), warmup)
-    if phase == "vae":
-        from core.diffusion.vae import AutoencoderKL
+    if phase in ("vae", "vae-whole"):
+        from core.diffusion.vae import DECODE_BAND_BYTES, AutoencoderKL
 
         vae = AutoencoderKL(cfg)
         vae.set_train(False)
         z = Tensor(rng.standard_normal((1, 4, latent, latent), dtype=np.float32))
-        return _timed(lambda: vae.decode(z).asnumpy(), warmup)
+        band_bytes = DECODE_BAND_BYTES if phase == "vae" else None
+        return _timed(lambda: vae.decode(z, band_bytes).asnumpy(), warmup)
     from core.diffusion import WukongPipeline
 
     pipe = WukongPipeline.random(cfg, VOCAB, seed=0)
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     measured: dict[tuple[str, int], Result] = {}
     for phase, size in plan:
         ours = _measure("ours", phase, size, opts.steps, opts.warmup)
-        base = "unet" if phase == "unet-graph" else phase  # the same diffusers step, measured once
+        base = {"unet-graph": "unet", "vae-whole": "vae"}.get(phase, phase)  # the same diffusers work, once
         theirs = None
         if not opts.skip_diffusers:
             theirs = measured.get((base, size)) or _measure("diffusers", base, size, opts.steps, opts.warmup)
