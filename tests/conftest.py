@@ -16,7 +16,7 @@ import pytest
 from core.types import GenerationRequest, Job, JobKind
 from tests.support import CHROMIUM, CHROMIUM_ARGS
 
-pytest_plugins = ["tests.fake_llm"]
+pytest_plugins = ["tests.fake_llm", "tests.fake_discord"]
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 

@@ -14,10 +14,12 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import discord
+import pytest
 from aiohttp import web
 
 APP_ID = 1100000000000000001
@@ -275,3 +277,15 @@ def message_payload(
         message["webhook_id"] = str(APP_ID)
         message["application_id"] = str(APP_ID)
     return message
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeDiscord]:
+    """A fake Discord REST API on loopback, with discord.py's routes pointed at it."""
+    async with FakeDiscord() as fake:
+        saved = discord.http.Route.BASE
+        discord.http.Route.BASE = fake.base
+        try:
+            yield fake
+        finally:
+            discord.http.Route.BASE = saved

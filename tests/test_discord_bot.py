@@ -58,17 +58,6 @@ class Env:
     engine: PatternEngine
 
 
-@pytest.fixture
-async def api() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord() as fake:
-        saved = discord.http.Route.BASE
-        discord.http.Route.BASE = fake.base
-        try:
-            yield fake
-        finally:
-            discord.http.Route.BASE = saved
-
-
 async def start_bot(
     tmp_path: Path, api: FakeDiscord, engine: PatternEngine, *, edit_interval: float = 0.0, **overrides: Any
 ) -> Env:

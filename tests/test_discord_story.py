@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import discord
 import pytest
 from PIL import Image
 
@@ -58,17 +57,6 @@ EXCERPTS = (
     "莉莉 walks through the snowy forest at night.",
     "莉莉 finds a small red fox under the full moon.",
 )
-
-
-@pytest.fixture
-async def api() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord() as fake:
-        saved = discord.http.Route.BASE
-        discord.http.Route.BASE = fake.base
-        try:
-            yield fake
-        finally:
-            discord.http.Route.BASE = saved
 
 
 @pytest.fixture
