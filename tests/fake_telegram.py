@@ -54,6 +54,8 @@ class FakeTelegram:
         """Public channels: "@username" -> chat id; an unknown @username answers 400 chat not found."""
         self.forbidden: set[int] = set()
         """Chats the bot may not post in: sending there answers 403, as for a channel it is not in."""
+        self.forums: set[int] = set()
+        """Supergroups with topics: messages there may carry a `message_thread_id`."""
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
         self._message_ids = itertools.count(100)
@@ -118,17 +120,30 @@ class FakeTelegram:
         for username, channel_id in self.channels.items():
             if channel_id == chat_id:
                 return {"id": chat_id, "type": "channel", "title": "Gallery", "username": username[1:]}
+        if chat_id in self.forums:
+            return {"id": chat_id, "type": "supergroup", "title": "Test forum", "is_forum": True}
         if chat_id < 0:
             return {"id": chat_id, "type": "supergroup", "title": "Test group"}
         return {"id": chat_id, "type": "private", "first_name": "Alice"}
 
     def send_text(
-        self, chat_id: int, user_id: int, text: str, *, reply_to: dict[str, Any] | None = None
+        self,
+        chat_id: int,
+        user_id: int,
+        text: str,
+        *,
+        reply_to: dict[str, Any] | None = None,
+        thread_id: int | None = None,
     ) -> dict[str, Any]:
-        """A user writes `text`; returns the message as the bot will receive it."""
+        """A user writes `text` (in forum topic `thread_id`, if given); returns the message as the bot
+        will receive it."""
         message = self._message(chat_id, self.user(user_id), text=text, entities=_entities(text))
         if reply_to is not None:
             message["reply_to_message"] = reply_to
+        if thread_id is not None:
+            if chat_id not in self.forums:
+                raise ValueError(f"chat {chat_id} is not a forum: add it to fake.forums")
+            message.update(message_thread_id=thread_id, is_topic_message=True)
         self._push({"message": message})
         return message
 
@@ -309,6 +324,11 @@ class FakeTelegram:
                 raise ApiError("message to be replied not found")
             if target is not None:
                 message["reply_to_message"] = {k: v for k, v in target.items() if k != "reply_to_message"}
+        thread_id = params.get("message_thread_id")
+        if thread_id is not None:
+            if chat_id not in self.forums:
+                raise ApiError("message thread not found")
+            message.update(message_thread_id=int(thread_id), is_topic_message=True)
         return message
 
     def _existing(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from PIL import Image
 pytest.importorskip("telegram")
 
 from bots.telegram import keyboards
-from bots.telegram.delivery import META_REPLY, META_STATUS
+from bots.telegram.delivery import META_REPLY, META_STATUS, chat_key, parse_chat_key
 from core.service import Huahua, MessageContext, Reply
 from core.story.book import StoryBook
 from core.story.model import Story
@@ -321,3 +321,77 @@ async def test_story_pictures_queued_at_shutdown_are_delivered_after_restart(
             return done == status_ids
 
         await until(done_edited)
+
+
+FORUM = -100888
+"""A supergroup with topics: each topic keeps its own story."""
+
+
+async def test_each_forum_topic_keeps_its_own_story(tmp_path: Path, fake: FakeTelegram) -> None:
+    fake.forums.add(FORUM)
+    async with running(tmp_path, fake) as service:
+        assert (await say(fake, FORUM, "/story new A", thread_id=11))["text"].startswith("📖 Started “A”")
+        assert (await say(fake, FORUM, "/story new B", thread_id=22))["text"].startswith("📖 Started “B”")
+        assert (await story_of_key(service, f"tg:{FORUM}:11")).title == "A"
+        assert (await story_of_key(service, f"tg:{FORUM}:22")).title == "B"
+        assert await book_of(service).active(f"tg:{FORUM}") is None
+
+        await say(fake, FORUM, "/story add 莉莉走进森林", thread_id=22)
+        asked = fake.send_text(FORUM, USER, "/illustrate", thread_id=22)
+        photo = (await fake.wait_for("sendPhoto", chat_id=FORUM))[0]
+        status = fake.calls_of("sendMessage", chat_id=FORUM)[-1]
+        assert status.params["text"].startswith("🖼 Panel 1")
+        assert status.params["message_thread_id"] == 22
+        assert status.params["reply_parameters"]["message_id"] == asked["message_id"]
+        assert photo.params["message_thread_id"] == 22
+        job = await service.get_job(job_id_of(photo))
+        assert job.chat == f"tg:{FORUM}:22"
+        assert len((await story_of_key(service, f"tg:{FORUM}:22")).scenes) == 1
+        assert (await story_of_key(service, f"tg:{FORUM}:11")).scenes == ()
+
+
+async def test_a_topic_job_queued_at_shutdown_is_delivered_into_its_topic(
+    tmp_path: Path, fake: FakeTelegram
+) -> None:
+    fake.forums.add(FORUM)
+    gate = asyncio.Event()
+    async with running(tmp_path, fake, PatternEngine(gate=gate)) as service:
+        await say(fake, FORUM, "/story new C", thread_id=33)
+        await say(fake, FORUM, "/story add 狐狸在雪地里", thread_id=33)
+        asked = fake.send_text(FORUM, USER, "/illustrate", thread_id=33)
+
+        async def ids_kept() -> bool:
+            jobs = await service.store.unfinished_jobs()
+            return len(jobs) == 1 and META_STATUS in jobs[0].meta
+
+        await until(ids_kept)
+    assert not fake.calls_of("sendPhoto")
+
+    async with running(tmp_path, fake, PatternEngine()):
+        photo = (await fake.wait_for("sendPhoto", chat_id=FORUM))[0]
+        assert photo.params["message_thread_id"] == 33
+        assert photo.params["reply_parameters"]["message_id"] == asked["message_id"]
+
+
+async def story_of_key(service: Huahua, chat: str) -> Story:
+    story = await book_of(service).active(chat)
+    assert story is not None
+    return story
+
+
+@pytest.mark.parametrize(
+    ("chat", "parsed"),
+    [
+        ("tg:-100123", (-100123, None)),
+        ("tg:-100123:11", (-100123, 11)),
+        ("tg:42", (42, None)),
+        ("dc:42", None),
+        ("tg:abc", None),
+        ("tg:-100123:x", None),
+        ("tg:", None),
+    ],
+)
+def test_chat_keys_parse_back(chat: str, parsed: tuple[int, int | None] | None) -> None:
+    assert parse_chat_key(chat) == parsed
+    if parsed is not None:
+        assert chat_key(*parsed) == chat

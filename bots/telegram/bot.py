@@ -1,4 +1,9 @@
-"""The Telegram adapter: updates in, service calls, replies and job deliveries out."""
+"""The Telegram adapter: updates in, service calls, replies and job deliveries out.
+
+In a forum supergroup every topic is its own chat for the service ("tg:<chat_id>:<thread_id>"): it has
+its own active story, its own jobs, and its own chat settings (`/settings` in a topic changes that topic
+only; a topic's gallery is unset until set there). Messages outside topics use "tg:<chat_id>".
+"""
 
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from telegram.ext import (
 from telegram.ext import MessageHandler as TgMessageHandler
 
 from bots.telegram import keyboards, messages
-from bots.telegram.delivery import Delivery, StatusRef, meta_for
+from bots.telegram.delivery import Delivery, StatusRef, chat_key, meta_for
 from bots.telegram.gallery import Gallery, Sharer
 from core import images
 from core.errors import HuahuaError, InvalidOption, NotAllowed, ServiceUnavailable
@@ -71,8 +76,8 @@ class TelegramAdapter:
         self.settings = settings
         self.delivery = Delivery(service)
         self.gallery = Gallery(service)
-        self._chat_locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
-        """One message at a time per chat, so passages and commands keep the chat's order."""
+        self._chat_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        """One message at a time per chat (or topic), so passages and commands keep the chat's order."""
 
     # incoming messages -------------------------------------------------------------------------
 
@@ -80,14 +85,15 @@ class TelegramAdapter:
         message, chat, sender = update.effective_message, update.effective_chat, update.effective_user
         if message is None or chat is None or sender is None or sender.is_bot or not message.text:
             return
-        async with self._chat_locks[chat.id]:
+        async with self._chat_locks[chat_key(chat.id, topic_of(message))]:
             await self._on_message(message, chat, sender, context)
 
     async def _on_message(
         self, message: Message, chat: Chat, sender: User, context: ContextTypes.DEFAULT_TYPE
     ) -> None:
         sender_id = sender.id
-        user, chat_key = f"tg:{sender_id}", f"tg:{chat.id}"
+        thread_id = topic_of(message)
+        user, key = f"tg:{sender_id}", chat_key(chat.id, thread_id)
         incoming = await self.incoming(message, chat, context.bot.username)
         if incoming is None:
             return
@@ -101,11 +107,11 @@ class TelegramAdapter:
             status = await message.reply_text(WORKING, do_quote=True)
             meta = meta_for(status.message_id, message.message_id)
             reply = await self.service.handle_message(
-                chat_key, user, incoming.text, MessageContext(is_admin=is_admin, meta=meta)
+                key, user, incoming.text, MessageContext(is_admin=is_admin, meta=meta)
             )
             if reply.jobs:
                 await self.delivery.track(
-                    reply.jobs[0], StatusRef(chat.id, status.message_id, message.message_id)
+                    reply.jobs[0], StatusRef(chat.id, status.message_id, message.message_id, thread_id)
                 )
             else:
                 await status.edit_text(
@@ -119,7 +125,7 @@ class TelegramAdapter:
             meta=meta,
         )
         async with self.delivery.creating(chat.id):
-            reply = await self.service.handle_message(chat_key, user, incoming.text, context_)
+            reply = await self.service.handle_message(key, user, incoming.text, context_)
             await self._answer(message, reply)
 
     async def incoming(self, message: Message, chat: Chat, username: str) -> Incoming | None:
@@ -139,19 +145,19 @@ class TelegramAdapter:
         mentioned = None if chat.type == Chat.PRIVATE else _without_mention(message, username)
         if mentioned is not None:
             return Incoming(f"/imagine {mentioned}".strip(), "imagine")
-        if await self._story_auto(f"tg:{chat.id}"):
+        if await self._story_auto(chat_key(chat.id, topic_of(message))):
             return Incoming(stripped, "")
         if chat.type == Chat.PRIVATE:
             return Incoming(f"/imagine {stripped}", "imagine")
         return None
 
-    async def _story_auto(self, chat_key: str) -> bool:
+    async def _story_auto(self, key: str) -> bool:
         if "" not in self.service.commands():
             return False
         try:
-            return (await self.service.chat_settings(chat_key)).story_auto
+            return (await self.service.chat_settings(key)).story_auto
         except HuahuaError as err:
-            logger.warning("could not read the settings of chat %s: %s", chat_key, err.message)
+            logger.warning("could not read the settings of chat %s: %s", key, err.message)
             return False
 
     async def _is_admin(
@@ -183,7 +189,8 @@ class TelegramAdapter:
                 do_quote=True,
                 reply_markup=keyboards.cancel_keyboard(job.id),
             )
-            await self.delivery.track(job, StatusRef(message.chat_id, status.message_id, message.message_id))
+            ref = StatusRef(message.chat_id, status.message_id, message.message_id, topic_of(message))
+            await self.delivery.track(job, ref)
         await self._send_attachments(message, reply)
 
     async def _send_attachments(self, message: Message, reply: Reply) -> None:
@@ -214,7 +221,7 @@ class TelegramAdapter:
         self, message: Message, chat: Chat, sender: User, args: str, context: ContextTypes.DEFAULT_TYPE
     ) -> None:
         """/share, /share story, or /share as a reply to a result: the outcome as one sentence."""
-        sharer = _sharer(chat, sender)
+        sharer = _sharer(message, sender)
 
         async def is_admin() -> bool:
             return await self._is_admin(context, chat, sender.id, "share")
@@ -240,7 +247,8 @@ class TelegramAdapter:
         async def is_admin() -> bool:
             return await self._is_admin(context, chat, sender.id, "share")
 
-        return await self.gallery.share_picture(context.bot, _sharer(chat, sender), is_admin, job_id=job_id)
+        sharer = _sharer(query_message, sender)
+        return await self.gallery.share_picture(context.bot, sharer, is_admin, job_id=job_id)
 
     # buttons -----------------------------------------------------------------------------------
 
@@ -286,7 +294,8 @@ class TelegramAdapter:
                 with contextlib.suppress(TelegramError):
                     await status.delete()
                 raise
-            await self.delivery.track(job, StatusRef(message.chat_id, status.message_id, message.message_id))
+            ref = StatusRef(message.chat_id, status.message_id, message.message_id, topic_of(message))
+            await self.delivery.track(job, ref)
 
     async def _cancel(
         self, context: ContextTypes.DEFAULT_TYPE, chat: Chat | None, job_id: str, user: str
@@ -325,9 +334,16 @@ _ACK = {
 }
 
 
-def _sharer(chat: Chat, sender: User) -> Sharer:
+def topic_of(message: Message) -> int | None:
+    """The forum topic a message belongs to; None outside topics (a reply chain is not a topic)."""
+    return message.message_thread_id if message.is_topic_message else None
+
+
+def _sharer(message: Message, sender: User) -> Sharer:
+    chat = message.chat
     title = "a private chat" if chat.type == Chat.PRIVATE else (chat.title or "a group")
-    return Sharer(user=f"tg:{sender.id}", name=sender.full_name, chat=f"tg:{chat.id}", chat_title=title)
+    key = chat_key(chat.id, topic_of(message))
+    return Sharer(user=f"tg:{sender.id}", name=sender.full_name, chat=key, chat_title=title)
 
 
 def _is_photo(name: str, data: bytes) -> bool:

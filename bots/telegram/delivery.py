@@ -3,6 +3,10 @@
 Where a job's status message and reply target live: in memory for jobs this process started, and in the
 job's `meta` ("tg_status", "tg_reply_to") so delivery works after a restart. The service gives every job
 the adapter's meta from creation and never copies a parent's platform ids to its children.
+
+Chat keys: "tg:<chat_id>" for a chat, "tg:<chat_id>:<thread_id>" for a forum topic, so a topic keeps its
+own story, jobs and chat settings (a topic's gallery, like its other settings, starts unset). Messages
+sent for a topic's job without a reply target carry its thread id.
 """
 
 from __future__ import annotations
@@ -45,16 +49,31 @@ class StatusRef:
     chat_id: int
     status_id: int | None = None
     reply_to: int | None = None
+    thread_id: int | None = None
+    """The forum topic the job belongs to, None outside topics."""
+
+
+def chat_key(chat_id: int, thread_id: int | None = None) -> str:
+    """The service's chat id: "tg:-100123", or "tg:-100123:11" for forum topic 11."""
+    return f"{PLATFORM}{chat_id}" if thread_id is None else f"{PLATFORM}{chat_id}:{thread_id}"
+
+
+def parse_chat_key(chat: str) -> tuple[int, int | None] | None:
+    """ "tg:-100123:11" -> (-100123, 11), "tg:-100123" -> (-100123, None); None for other platforms or
+    malformed ids."""
+    if not chat.startswith(PLATFORM):
+        return None
+    head, _, thread = chat[len(PLATFORM) :].partition(":")
+    try:
+        return int(head), (int(thread) if thread else None)
+    except ValueError:
+        return None
 
 
 def chat_id_of(chat: str) -> int | None:
-    """ "tg:-100123" -> -100123; None for chats of other platforms or malformed ids."""
-    if not chat.startswith(PLATFORM):
-        return None
-    try:
-        return int(chat[len(PLATFORM) :])
-    except ValueError:
-        return None
+    """ "tg:-100123" (or topic "tg:-100123:11") -> -100123; None for other platforms or malformed ids."""
+    parsed = parse_chat_key(chat)
+    return None if parsed is None else parsed[0]
 
 
 def meta_for(status_id: int | None, reply_to: int | None) -> dict[str, str]:
@@ -70,14 +89,15 @@ def meta_for(status_id: int | None, reply_to: int | None) -> dict[str, str]:
 def ref_from_meta(job: Job) -> StatusRef | None:
     """The job's own Telegram ids from its meta, or None when the meta is missing (or, in jobs stored by
     earlier versions, a parent's)."""
-    chat_id = chat_id_of(job.chat)
-    if chat_id is None:
+    parsed = parse_chat_key(job.chat)
+    if parsed is None:
         return None
     if job.meta.get(LEGACY_META_JOB, job.id) != job.id:
         return None
     if META_STATUS not in job.meta and META_REPLY not in job.meta:
         return None
-    return StatusRef(chat_id, _int(job.meta.get(META_STATUS)), _int(job.meta.get(META_REPLY)))
+    chat_id, thread_id = parsed
+    return StatusRef(chat_id, _int(job.meta.get(META_STATUS)), _int(job.meta.get(META_REPLY)), thread_id)
 
 
 def _int(value: str | None) -> int | None:
@@ -168,9 +188,10 @@ class Delivery:
                 logger.warning("telegram delivery of job %s failed: %s", job.id, type(err).__name__)
 
     async def _ref(self, job: Job) -> StatusRef | None:
-        chat_id = chat_id_of(job.chat)
-        if chat_id is None:
+        parsed = parse_chat_key(job.chat)
+        if parsed is None:
             return None
+        chat_id, thread_id = parsed
         if job.id not in self._refs and self._creating[chat_id] > 0:
             with contextlib.suppress(TimeoutError):
                 async with self._created:
@@ -184,7 +205,7 @@ class Delivery:
         if ref is None:
             with contextlib.suppress(HuahuaError):
                 ref = ref_from_meta(await self.service.get_job(job.id))
-        return ref or StatusRef(chat_id)
+        return ref or StatusRef(chat_id, thread_id=thread_id)
 
     async def _progress(self, bot: Bot, job: Job, event: JobEvent, ref: StatusRef) -> None:
         if ref.status_id is None:
@@ -249,7 +270,9 @@ class Delivery:
             await asyncio.sleep(self._edit_wait(ref.chat_id))
             await self._edit(bot, job.id, ref, text, None)
         elif event.type != EventType.DONE:
-            await bot.send_message(ref.chat_id, text, reply_parameters=_reply(ref.reply_to))
+            await bot.send_message(
+                ref.chat_id, text, reply_parameters=_reply(ref.reply_to), message_thread_id=ref.thread_id
+            )
         if event.type == EventType.DONE:
             await self._send_result(bot, job, ref)
         self._refs.pop(job.id, None)
@@ -259,7 +282,10 @@ class Delivery:
             job = await self.service.get_job(job.id)
         if not job.images:
             await bot.send_message(
-                ref.chat_id, "The job finished without a picture.", reply_parameters=_reply(ref.reply_to)
+                ref.chat_id,
+                "The job finished without a picture.",
+                reply_parameters=_reply(ref.reply_to),
+                message_thread_id=ref.thread_id,
             )
             return
         picture = await result_picture(self.service, job)
@@ -273,6 +299,7 @@ class Delivery:
             "reply_markup": keyboard,
             "reply_parameters": _reply(ref.reply_to),
             "filename": f"huahua-{job.id}.png",
+            "message_thread_id": ref.thread_id,
         }
         if messages.fits_as_photo(len(picture), width, height):
             sent = await bot.send_photo(ref.chat_id, picture, **common)  # type: ignore[arg-type]
