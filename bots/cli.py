@@ -42,7 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     imagine.add_argument("-o", "--output", type=Path, default=Path("huahua.png"))
     model = sub.add_parser("model", help="fetch or check the official weights")
     model_sub = model.add_subparsers(dest="model_command", required=True)
-    model_sub.add_parser("fetch", help="download the checkpoint and the vocabulary into HUAHUA_MODEL_DIR")
+    fetch = model_sub.add_parser(
+        "fetch", help="download the checkpoint and the vocabulary into HUAHUA_MODEL_DIR"
+    )
+    fetch.add_argument(
+        "--vocab-only", action="store_true", help="only the vocabulary (enough for --engine tiny)"
+    )
     check = model_sub.add_parser("check", help="is this file a usable Wukong-Huahua checkpoint?")
     check.add_argument("path", nargs="?", type=Path)
     return parser
@@ -182,7 +187,7 @@ async def _model(args: argparse.Namespace, settings: Settings) -> int:
     from core.model_files import check_model, fetch_model
 
     if args.model_command == "fetch":
-        await fetch_model(settings)
+        await fetch_model(settings, vocab_only=args.vocab_only)
         return 0
     report = await asyncio.to_thread(check_model, args.path or settings.checkpoint_path, settings)
     print(report.text if hasattr(report, "text") else report)

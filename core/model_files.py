@@ -117,8 +117,11 @@ async def fetch_model(
     vocab_sha256: str = VOCAB_SHA256,
     config: Any = None,
     retries: int = 3,
+    vocab_only: bool = False,
 ) -> FetchResult:
     """Download the vocabulary and the weights into `settings.model_dir` (skipping present files).
+
+    `vocab_only` fetches just the tokenizer vocabulary, which is all the `tiny` engine needs.
 
     Each file is written to `<name>.part` and resumed with an HTTP Range request after a break; it
     becomes `<name>` only once checked (vocabulary by sha256, checkpoint by parameter names and shapes).
@@ -132,7 +135,7 @@ async def fetch_model(
             await download(session, vocab_url, vocab, progress=progress, retries=retries)
             _finish(vocab, _vocab_problem(vocab, vocab_sha256))
             downloaded.append(vocab)
-        if not checkpoint.is_file():
+        if not vocab_only and not checkpoint.is_file():
             await download(session, checkpoint_url, checkpoint, progress=progress, retries=retries)
             # readers pick the format by suffix, so the file is checked under `<stem>.checking<suffix>`
             checking = checkpoint.with_name(f"{checkpoint.stem}.checking{checkpoint.suffix}")

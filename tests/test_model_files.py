@@ -230,3 +230,14 @@ def test_check_model_reports_problems_by_name(tmp_path: Path, tiny_checkpoint: b
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(tiny_checkpoint[: len(tiny_checkpoint) // 2])
     assert not check_model(truncated).ok
+
+
+@needs_vocab
+async def test_vocab_only_fetches_just_the_vocabulary(files: FileServer, tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    files.files["vocab.txt"] = VOCAB.read_bytes()
+    result = await fetch_model(
+        settings, False, vocab_url=files.url("vocab.txt"), checkpoint_url=files.url("ck"), vocab_only=True
+    )
+    assert result.downloaded == (settings.resolved_vocab_path,)
+    assert sorted(p.name for p in settings.model_dir.iterdir()) == ["vocab_zh.txt"]
