@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Tensor, nn, ops
 
 from core.diffusion.config import WukongConfig
 from core.diffusion.layers import (
@@ -57,28 +57,9 @@ class CrossAttention(nn.Cell):
     def construct(self, x: Tensor, context: Tensor) -> Tensor:
         h = self.heads
         q = split_heads(self.to_q(x), h)
-        k, v = _projected_heads(context, (self.to_k.weight, self.to_v.weight), h)
+        k = split_heads(self.to_k(context), h)
+        v = split_heads(self.to_v(context), h)
         return self.to_out(merge_heads(attention(q, k, v), h))
-
-    def attend_self(self, x: Tensor) -> Tensor:
-        """The same as `construct(x, x)`, with q, k and v from one product on the stacked weights."""
-        h = self.heads
-        q, k, v = _projected_heads(x, (self.to_q.weight, self.to_k.weight, self.to_v.weight), h)
-        return self.to_out(merge_heads(attention(q, k, v), h))
-
-
-def _projected_heads(x: Tensor, weights: tuple[Parameter, ...], heads: int) -> tuple[Tensor, ...]:
-    """Bias-free projections of `x` (b, n, c) by each weight, split into heads (b*heads, n, d) each.
-
-    The weights are stacked at run time (the stored parameters keep the official names and shapes, and
-    a reload is picked up at once); one product and one head transpose then serve every projection.
-    """
-    b, n, _ = x.shape
-    stacked = ops.dense(x, ops.concat(weights, 0))
-    width = stacked.shape[2] // len(weights)
-    parts = stacked.reshape(b, n, len(weights), heads, width // heads).transpose(2, 0, 3, 1, 4)
-    parts = parts.reshape(len(weights), b * heads, n, width // heads)
-    return tuple(parts[i] for i in range(len(weights)))
 
 
 class GEGLU(nn.Cell):
@@ -114,7 +95,8 @@ class BasicTransformerBlock(nn.Cell):
         self.norm3 = LayerNorm(width, 1e-5)
 
     def construct(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.attn1.attend_self(self.norm1(x))
+        h = self.norm1(x)
+        x = x + self.attn1(h, h)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -133,8 +115,7 @@ class SpatialTransformer(nn.Cell):
 
     def construct(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        # The tokens are copied contiguous: the blocks' element-wise kernels are slow on strided views.
-        tokens = self.proj_in(self.norm(x)).reshape(b, c, h * w).transpose(0, 2, 1).contiguous()
+        tokens = self.proj_in(self.norm(x)).reshape(b, c, h * w).transpose(0, 2, 1)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
         return x + self.proj_out(tokens.transpose(0, 2, 1).reshape(b, c, h, w))
