@@ -63,10 +63,6 @@ class CheckpointError(HuahuaError):
     code = "checkpoint"
 
 
-class TranslationError(HuahuaError):
-    code = "translation"
-
-
 class JobCancelled(HuahuaError):
     code = "cancelled"
 

@@ -723,6 +723,3 @@ def _current_event(job: Job, position: int | None) -> JobEvent:
         JobStatus.CANCELLED: EventType.CANCELLED,
     }
     return JobEvent(job.id, kinds[job.status], progress=job.progress, position=position, error=job.error)
-
-
-AsyncCallback = Callable[..., Awaitable[None]]

@@ -70,12 +70,6 @@ def parse_chat_key(chat: str) -> tuple[int, int | None] | None:
         return None
 
 
-def chat_id_of(chat: str) -> int | None:
-    """ "tg:-100123" (or topic "tg:-100123:11") -> -100123; None for other platforms or malformed ids."""
-    parsed = parse_chat_key(chat)
-    return None if parsed is None else parsed[0]
-
-
 def meta_for(status_id: int | None, reply_to: int | None) -> dict[str, str]:
     """The job meta that keeps a job's Telegram ids."""
     meta = {}
