@@ -11,6 +11,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from core import presenter
@@ -507,6 +508,10 @@ class Huahua:
 
     async def image(self, digest: str) -> bytes:
         return await self.store.get_image(digest)
+
+    def image_path(self, digest: str) -> Path:
+        """Where a stored picture lives (for adapters that serve files); NotFound for a bad digest."""
+        return self.store.image_path(digest)
 
     def listen(self, chat_prefix: str, listener: Listener, types: frozenset[EventType] = ALL_EVENTS) -> None:
         """Deliver job events to an adapter; survives restarts, since recovered jobs emit events too."""

@@ -270,7 +270,7 @@ def _attachments_json(request: web.Request, reply: Reply) -> list[dict[str, Any]
     found = []
     for name, data in reply.attachments:
         digest = hashlib.sha256(data).hexdigest()
-        if name.lower().endswith(".png") and service.store.image_path(digest).is_file():
+        if name.lower().endswith(".png") and service.image_path(digest).is_file():
             url: str | None = image_url(digest)
         else:
             token = shelf.put(name, data)
@@ -330,7 +330,7 @@ async def get_image(request: web.Request) -> web.StreamResponse:
     digest = request.match_info["digest"]
     if not _DIGEST.fullmatch(digest):
         raise NotFound("There is no image with that id.")
-    path = service.store.image_path(digest)
+    path = service.image_path(digest)
     if not path.is_file():
         raise NotFound("That image is no longer stored.")
     return web.FileResponse(path, headers={"Cache-Control": IMAGE_CACHE, "Content-Type": "image/png"})
