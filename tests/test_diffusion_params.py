@@ -19,7 +19,12 @@ from core.diffusion.layers import (  # noqa: E402
     GroupNorm,
     LayerNorm,
     attention,
+    attention_keys_first,
     gelu_tanh,
+    merge_heads,
+    set_cpu_paths,
+    split_heads,
+    split_heads_transposed,
     timestep_embedding,
 )
 from core.diffusion.text_encoder import MultiheadAttention  # noqa: E402
@@ -105,9 +110,11 @@ def _softmax(s: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 1])
+@pytest.mark.parametrize("chunk_bytes", [None, 200, 40, 1])
 def test_attention_matches_numpy(monkeypatch: pytest.MonkeyPatch, chunk_bytes: int | None) -> None:
-    if chunk_bytes is not None:  # force one head per slice
+    # one head's scores are 5 * 5 * 4 = 100 bytes: 200 takes heads in pairs, 40 slices each head's
+    # queries in pairs, 1 takes one query at a time
+    if chunk_bytes is not None:
         monkeypatch.setattr("core.diffusion.layers._ATTENTION_CHUNK_BYTES", chunk_bytes)
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((4, 5, 8)).astype(np.float32) for _ in range(3))
@@ -141,10 +148,12 @@ def test_fused_in_proj_is_q_k_v_in_that_order() -> None:
     np.testing.assert_allclose(out[0], np.concatenate(heads_out, -1), rtol=1e-4, atol=1e-5)
 
 
-def test_group_norm_matches_numpy() -> None:
+@pytest.mark.parametrize("tiled", [True, False])
+def test_group_norm_matches_numpy(tiled: bool) -> None:
     rng = np.random.default_rng(2)
     x = (rng.standard_normal((2, 8, 3, 3)) * 3 + 1).astype(np.float32)
     norm = GroupNorm(4, 8, 1e-6)
+    norm.tiled = tiled
     gamma = rng.standard_normal(8).astype(np.float32)
     beta = rng.standard_normal(8).astype(np.float32)
     norm.gamma.set_data(Tensor(gamma))
@@ -155,10 +164,59 @@ def test_group_norm_matches_numpy() -> None:
     np.testing.assert_allclose(norm(Tensor(x)).asnumpy(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_layer_norm_matches_numpy() -> None:
-    x = np.random.default_rng(3).standard_normal((2, 3, 6)).astype(np.float32) * 5
-    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
-    np.testing.assert_allclose(LayerNorm(6, 1e-5)(Tensor(x)).asnumpy(), ref, rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("tiled", [True, False])
+def test_layer_norm_matches_numpy(tiled: bool) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 6)).astype(np.float32) * 5 + 2
+    gamma, beta = (rng.standard_normal(6).astype(np.float32) for _ in range(2))
+    norm = LayerNorm(6, 1e-5)
+    norm.tiled = tiled
+    norm.gamma.set_data(Tensor(gamma))
+    norm.beta.set_data(Tensor(beta))
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * gamma + beta
+    np.testing.assert_allclose(norm(Tensor(x)).asnumpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_paths_are_on_by_default_here_and_change_nothing() -> None:
+    """The CPU implementations (tiled norms, numpy layout copies, fused 1x1 projections) give the
+    framework kernels' results on a whole tiny UNet."""
+    cfg = WukongConfig.tiny()
+    model = build_model(cfg)
+    randomize(model, seed=4)
+    unet = model.unet
+    unet.set_train(False)
+    switches = [sub.host for _, sub in unet.cells_and_names() if hasattr(sub, "host")]
+    assert switches and all(switches)
+    rng = np.random.default_rng(5)
+    x = Tensor(rng.standard_normal((2, 4, 8, 8)).astype(np.float32))
+    ctx = Tensor(rng.standard_normal((2, cfg.context_length, cfg.context_dim)).astype(np.float32))
+    t_emb = unet.embed_timesteps(np.array([3, 800]))
+    fast = unet(x, t_emb, ctx).asnumpy()
+    set_cpu_paths(unet, tiled=False, host=False, fused_proj=False)
+    generic = unet(x, t_emb, ctx).asnumpy()
+    assert np.abs(generic).max() > 0.1
+    np.testing.assert_allclose(fast, generic, rtol=1e-4, atol=1e-5)
+
+
+def test_set_cpu_paths_rejects_unknown_switches() -> None:
+    with pytest.raises(ValueError, match="fast"):
+        set_cpu_paths(GroupNorm(2, 4, 1e-5), fast=True)
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_heads_split_and_merge(host: bool) -> None:
+    x = np.arange(2 * 3 * 8, dtype=np.float32).reshape(2, 3, 8)  # (b, n, heads * d), heads 2, d 4
+    heads = x.reshape(2, 3, 2, 4).transpose(0, 2, 1, 3).reshape(4, 3, 4)
+    np.testing.assert_array_equal(split_heads(Tensor(x), 2, host).asnumpy(), heads)
+    keys = split_heads_transposed(Tensor(x), 2, host).asnumpy()
+    np.testing.assert_array_equal(keys, heads.transpose(0, 2, 1))
+    np.testing.assert_array_equal(merge_heads(Tensor(heads), 2, host).asnumpy(), x)
+    q, v = Tensor(heads), Tensor(heads * 0.5)
+    np.testing.assert_allclose(
+        attention_keys_first(q, Tensor(keys), v).asnumpy(),
+        attention(q, Tensor(heads), v).asnumpy(),
+        rtol=1e-6,
+    )
 
 
 def test_vae_downsample_pads_only_bottom_and_right() -> None:

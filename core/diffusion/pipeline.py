@@ -18,6 +18,7 @@ from mindspore import Tensor
 
 from core.diffusion.checkpoint import WukongModel, build_model, load_weights, randomize
 from core.diffusion.config import WukongConfig
+from core.diffusion.layers import set_cpu_paths
 from core.diffusion.samplers import SAMPLER_NAMES, NoiseSchedule, add_noise, make_timesteps, run_sampler
 from core.errors import EngineUnavailable, InvalidOption, JobCancelled
 from core.tokenizer import WordPieceTokenizer
@@ -82,6 +83,8 @@ class WukongPipeline:
         # faster, but each new input shape (batch, height, width) first compiles for 10-40 s, and at
         # 512x512 the graph holds about 3 GB more activations than PyNative (7.5 vs 4.5 GB peak).
         self.graph = graph
+        if graph:  # numpy layout copies cannot run inside a compiled graph
+            set_cpu_paths(model.unet, host=False)
         self._unet = ms.jit(model.unet.construct) if graph else model.unet
         model.set_train(False)
 

@@ -27,4 +27,9 @@ def use_synchronous_cpu_launch() -> bool:
     return True
 
 
+def on_cpu() -> bool:
+    """Whether operators run on the CPU (read when a cell is built, after the pipeline chose a device)."""
+    return bool(ms.get_context("device_target") == "CPU")
+
+
 SYNCHRONOUS_CPU_LAUNCH = use_synchronous_cpu_launch()

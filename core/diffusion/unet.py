@@ -6,6 +6,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from core.diffusion import runtime
 from core.diffusion.config import WukongConfig
 from core.diffusion.layers import (
     GroupNorm,
@@ -14,13 +15,19 @@ from core.diffusion.layers import (
     SiLU,
     WrappedConv,
     attention,
+    attention_keys_first,
     conv2d,
+    expand,
     gelu_tanh,
     merge_heads,
     split_heads,
+    split_heads_transposed,
     timestep_embedding,
     upsample_nearest,
 )
+
+_bmm_a_t = ops.BatchMatMul(transpose_a=True)
+_bmm_b_t = ops.BatchMatMul(transpose_b=True)
 
 RESBLOCK_NORM_EPS = 1e-5
 TRANSFORMER_NORM_EPS = 1e-6
@@ -35,16 +42,23 @@ class ResBlock(nn.Cell):
         self.out_layers_norm = GroupNorm(groups, c_out, RESBLOCK_NORM_EPS)
         self.out_layers_conv = WrappedConv(c_out, c_out, 3)
         self.skip_connection = WrappedConv(c_in, c_out, 1) if c_in != c_out else Identity()
+        self.tiled = runtime.on_cpu()
 
     def construct(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
         h = self.in_layers_conv(ops.silu(self.in_layers_norm(x)))
-        h = h + self.emb_layers(emb)[:, :, None, None]
+        e = self.emb_layers(emb)
+        b, c = e.shape
+        h = h + (expand(e.reshape(b, c, 1, 1), h.shape) if self.tiled else e.reshape(b, c, 1, 1))
         h = self.out_layers_conv(ops.silu(self.out_layers_norm(h)))
         return self.skip_connection(x) + h
 
 
 class CrossAttention(nn.Cell):
-    """Multi-head attention of image tokens over themselves (attn1) or over the text (attn2)."""
+    """Multi-head attention of image tokens over themselves (attn1) or over the text (attn2).
+
+    `host` (on by default on the CPU, off for a compiled graph): heads are split and merged by copies
+    through numpy, see `host_permute`.
+    """
 
     def __init__(self, width: int, context_width: int, heads: int) -> None:
         super().__init__()
@@ -53,9 +67,15 @@ class CrossAttention(nn.Cell):
         self.to_k = nn.Dense(context_width, width, has_bias=False)
         self.to_v = nn.Dense(context_width, width, has_bias=False)
         self.to_out = nn.SequentialCell([nn.Dense(width, width)])
+        self.host = runtime.on_cpu()
 
     def construct(self, x: Tensor, context: Tensor) -> Tensor:
         h = self.heads
+        if self.host:
+            q = split_heads(self.to_q(x), h, host=True)
+            k_t = split_heads_transposed(self.to_k(context), h, host=True)
+            v = split_heads(self.to_v(context), h, host=True)
+            return self.to_out(merge_heads(attention_keys_first(q, k_t, v), h, host=True))
         q = split_heads(self.to_q(x), h)
         k = split_heads(self.to_k(context), h)
         v = split_heads(self.to_v(context), h)
@@ -67,11 +87,19 @@ class GEGLU(nn.Cell):
         super().__init__()
         self.inner = inner
         self.proj = nn.Dense(width, 2 * inner)
+        self.host = runtime.on_cpu()
 
     def construct(self, x: Tensor) -> Tensor:
-        # The split halves are strided views; copied contiguous first, since MindSpore's CPU
-        # element-wise kernels are several times slower on strided views than the copies cost.
-        value, gate = ops.split(self.proj(x), self.inner, axis=-1)
+        # The split halves are strided views; copied contiguous first (through numpy on the CPU, where
+        # that copy is several times faster), since MindSpore's CPU element-wise kernels are several
+        # times slower on strided views than the copies cost.
+        both = self.proj(x)
+        if self.host:
+            values = both.asnumpy()
+            value = Tensor.from_numpy(np.ascontiguousarray(values[..., : self.inner]))
+            gate = Tensor.from_numpy(np.ascontiguousarray(values[..., self.inner :]))
+            return value * gelu_tanh(gate)
+        value, gate = ops.split(both, self.inner, axis=-1)
         return value.contiguous() * gelu_tanh(gate.contiguous())
 
 
@@ -112,13 +140,36 @@ class SpatialTransformer(nn.Cell):
             [BasicTransformerBlock(width, context_width, heads) for _ in range(depth)]
         )
         self.proj_out = conv2d(width, width, 1)
+        self.fused_proj = runtime.on_cpu()
 
     def construct(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
         b, c, h, w = x.shape
+        if self.fused_proj:
+            return x + self._out_fused(self._blocks(self._in_fused(self.norm(x)), context), h, w)
         tokens = self.proj_in(self.norm(x)).reshape(b, c, h * w).transpose(0, 2, 1)
+        return x + self.proj_out(self._blocks(tokens, context).transpose(0, 2, 1).reshape(b, c, h, w))
+
+    def _blocks(self, tokens: Tensor, context: Tensor) -> Tensor:
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        return x + self.proj_out(tokens.transpose(0, 2, 1).reshape(b, c, h, w))
+        return tokens
+
+    # On the CPU the 1x1 projections in and out are products whose transposed operand is read in
+    # place (transpose flags), so neither the convolution nor the token transposes run: MindSpore's
+    # CPU 1x1 convolution is about 2x slower than a product of the same size, its Transpose slower still.
+
+    def _in_fused(self, x: Tensor) -> Tensor:
+        """(b, c, h, w) -> tokens (b, h*w, c) through proj_in."""
+        b, c, h, w = x.shape
+        weight = self.proj_in.weight.reshape(1, c, c)
+        tokens = _bmm_a_t(x.reshape(b, c, h * w), ops.tile(weight.transpose(0, 2, 1), (b, 1, 1)))
+        return ops.bias_add(tokens.reshape(b * h * w, c), self.proj_in.bias).reshape(b, h * w, c)
+
+    def _out_fused(self, tokens: Tensor, h: int, w: int) -> Tensor:
+        """tokens (b, h*w, c) -> (b, c, h, w) through proj_out."""
+        b, _, c = tokens.shape
+        weight = ops.tile(self.proj_out.weight.reshape(1, c, c), (b, 1, 1))
+        return ops.bias_add(_bmm_b_t(weight, tokens), self.proj_out.bias).reshape(b, c, h, w)
 
 
 class Downsample(nn.Cell):
