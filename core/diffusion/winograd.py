@@ -1,0 +1,289 @@
+"""3x3 convolutions (stride 1, padding 1, NCHW float32) by Winograd's minimal filtering, for the CPU.
+
+MindSpore's CPU Conv2D (oneDNN im2col + sgemm) spends 9 multiply-adds per input value and output
+channel; F(4x4, 3x3) spends 36/16 = 2.25. Per band of tile rows, numpy gathers the overlapping 6x6
+input tiles and transforms them with one small matrix product, MindSpore's BatchMatMul multiplies
+them by the cached transformed weights (36 products of (c_out, c_in) by (c_in, tiles)), and numpy
+transforms the products back into 4x4 output tiles, adding the bias.
+
+The transforms come from Toom-Cook interpolation points. Max error relative to the largest output,
+960 input channels, against a float64 convolution: ops.conv2d 4e-7, F(2x2, 3x3) 8e-7, F(4x4, 3x3)
+on the textbook points (0, +-1, +-2) 1.5e-5, on (0, +-1, 1/2, -2) 5.5e-6: the best of every pair
+added to (0, +-1) from +-{1/4, 1/2, 3/4, 3/2, 2, 3, 4}.
+
+Transformed weights cost memory: F4's are 4x the weight, F2's 16/9. For the official UNet at 64x64
+latents, the 3x3 convolutions `worth_it` selects would hold 5.6 GiB beside their 1.9 GiB of weights
+(2.9 GiB of it at 16x16, 1.8 GiB at 8x8, 0.8 GiB at 32x32, 0.2 GiB at 64x64).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from fractions import Fraction
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, ops
+
+from core.diffusion import runtime  # noqa: F401  (process settings before the first operator)
+
+_bmm = ops.BatchMatMul()
+_BAND_BYTES = 16 * 1024 * 1024
+"""Largest block of gathered input tiles made at once: the input is processed in bands of tile rows,
+so the temporaries (gathered tiles, their transform, the products) stay a fraction of the input."""
+_WEIGHT_CHUNK = 64
+"""Output channels transformed at once (in float64) when a weight enters the cache."""
+
+
+@dataclass(frozen=True, eq=False)
+class Scheme:
+    """F(tile x tile, 3x3): Y = A^T [(G g G^T) * (B^T d B)] A on (tile + 2)^2 input tiles.
+
+    `a_t`, `b_t` and `g` are float64 (exact for `a_t` and `b_t`: the points are dyadic). The data
+    transforms act on tiles flattened row by row, as Kronecker products: `tiles_in` = B^T (x) B^T,
+    `tiles_out` = A^T (x) A^T, both float32 (still exact).
+    """
+
+    tile: int
+    points: tuple[Fraction, ...]
+    a_t: np.ndarray
+    b_t: np.ndarray
+    g: np.ndarray
+    tiles_in: np.ndarray
+    tiles_out: np.ndarray
+
+    @property
+    def alpha(self) -> int:
+        return self.tile + 2
+
+
+def _expand(roots: list[Fraction]) -> list[Fraction]:
+    """Coefficients, lowest degree first, of the product of (x - root)."""
+    coeffs = [Fraction(1)]
+    for root in roots:
+        coeffs = [Fraction(0), *coeffs]
+        for k in range(len(coeffs) - 1):
+            coeffs[k] -= root * coeffs[k + 1]
+    return coeffs
+
+
+def scheme(tile: int, points: tuple[int | Fraction, ...]) -> Scheme:
+    """The F(tile, 3) transforms on `tile + 1` distinct finite points and infinity (Toom-Cook)."""
+    alpha = tile + 2
+    pts = tuple(Fraction(p) for p in points)
+    if len(pts) != alpha - 1 or len(set(pts)) != len(pts):
+        raise ValueError(f"F({tile}, 3) needs {alpha - 1} distinct points, got {points}")
+    a_t = [[p**j for p in pts] + [Fraction(int(j == tile - 1))] for j in range(tile)]
+    g: list[list[Fraction]] = []
+    b_t: list[list[Fraction]] = []
+    for i, p in enumerate(pts):
+        others = [q for j, q in enumerate(pts) if j != i]
+        scale = Fraction(1)
+        for q in others:
+            scale *= p - q
+        g.append([p**k / scale for k in range(3)])
+        b_t.append([*_expand(others), Fraction(0)])
+    g.append([Fraction(0), Fraction(0), Fraction(1)])
+    b_t.append(_expand(list(pts)))
+    a64, b64 = np.array(a_t, np.float64), np.array(b_t, np.float64)
+    return Scheme(
+        tile=tile,
+        points=pts,
+        a_t=a64,
+        b_t=b64,
+        g=np.array(g, np.float64),
+        tiles_in=np.kron(b64, b64).astype(np.float32),
+        tiles_out=np.kron(a64, a64).astype(np.float32),
+    )
+
+
+F2 = scheme(2, (0, 1, -1))
+"""F(2x2, 3x3): 16 products per 4 outputs, transformed weights 16/9 of the weight; max error about
+1e-6 of the largest output, like the direct convolution (measured against ops.conv2d)."""
+F4 = scheme(4, (0, 1, -1, Fraction(1, 2), -2))
+"""F(4x4, 3x3): 36 products per 16 outputs, transformed weights 4x the weight; max error 2e-6 to
+6e-6 of the largest output (32 to 2560 input channels)."""
+
+
+def scheme_for(h: int, w: int) -> Scheme:
+    """F4 from 16x16 up, F2 below: on small maps the products are too few to pay for reading F4's
+    larger transformed weights (1280->1280, batch 2, F4 / F2 ms: 28.8 / 39.5 at 16x16, 26.0 / 25.1
+    at 12x12, 18.6 / 12.4 at 8x8)."""
+    return F4 if h * w >= 256 else F2
+
+
+def worth_it(c_in: int, c_out: int, h: int, w: int) -> bool:
+    """Whether `conv3x3` (with `scheme_for(h, w)`) beat MindSpore 2.8's CPU Conv2D + BiasAdd here.
+
+    Measured on 2 shared cores (batch 2, float32, best of 3 to 5; Conv2D / Winograd ms):
+    960->320@64 282/126, 640->640@64 318/159, 320->320@64 89/62, 1280->1280@32 332/111,
+    640->640@32 79/32, 2560->1280@16 156/52, 1280->1280@16 79/29, 2560->1280@8 40/21,
+    1280->1280@8 21/12, 320->320@8 3.0/2.3, 128->128@16 2.1/1.5, 64->64@64 9.3/6.9,
+    64->64@32 3.3/2.0 (batch 1 128->128@32 4.2/2.5); even: 128->128@8 0.7/0.6,
+    1280->1280@4 13.8/14.1; slower: 64->64@16 0.8/0.9, 64->64@8 0.35/0.42, 32->32@64 3.5/4.5,
+    4->320@64 3.5/13.4, 320->4@64 9.5/16.8, batch 1 1280->1280@4 7.3/13.5.
+    Under another process's load every time doubled in some runs; the ratios held. So: 64 channels
+    or more on both sides, maps of 8x8 or more, and enough work (c_in * c_out * h * w of 2^22,
+    64->64@32, or more).
+    """
+    return min(c_in, c_out) >= 64 and h * w >= 64 and c_in * c_out * h * w >= 1 << 22
+
+
+@dataclass(frozen=True, eq=False)
+class _Entry:
+    owner: weakref.ref[Tensor]
+    source: np.ndarray
+    """The weight's storage as it was read. Held, so that its address cannot be given to new data:
+    an unchanged data pointer then means unchanged storage."""
+    version: int
+    values: Tensor
+
+
+_cache: dict[tuple[int, int], _Entry] = {}
+
+
+def clear_cache() -> None:
+    """Drop every transformed weight (they are rebuilt on the next use)."""
+    _cache.clear()
+
+
+def cached_bytes() -> int:
+    """Bytes held by the cache: transformed weights (the held source weights are not counted)."""
+    return sum(entry.values.nbytes for entry in _cache.values())
+
+
+def _version(weight: Tensor) -> int:
+    return int(getattr(weight, "_version", 0))
+
+
+def _fresh(entry: _Entry, weight: Tensor) -> bool:
+    """Whether `entry` was made from `weight`'s present storage and version."""
+    same_storage = weight.data_ptr() == entry.source.ctypes.data
+    return same_storage and entry.version == _version(weight) and entry.owner() is weight
+
+
+def transformed_weight(weight: Tensor, how: Scheme) -> Tensor:
+    """G w G^T of a (c_out, c_in, 3, 3) float32 weight as (alpha^2, c_out, c_in), cached per weight.
+
+    The cache entry is reused while the weight has the same storage (its data pointer: `set_data`
+    always installs new storage, and the entry holds the old one, so the address cannot come back
+    with new values; the old storage is let go at the weight's next use) and the same version
+    (MindSpore counts in-place operator writes such as `copy_`). Writes that bypass both (through
+    an `asnumpy()` view, `ops.assign`) are not seen: call `clear_cache()` after them.
+    """
+    key = (id(weight), how.tile)
+    entry = _cache.get(key)
+    if entry is not None and _fresh(entry, weight):
+        return entry.values
+    if weight.dtype != ms.float32 or len(weight.shape) != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"expected a float32 (c_out, c_in, 3, 3) weight, got {weight.dtype} {weight.shape}")
+    source = weight.asnumpy()
+    c_out, c_in = source.shape[:2]
+    values = np.empty((how.alpha**2, c_out, c_in), np.float32)
+    g = how.g
+    for lo in range(0, c_out, _WEIGHT_CHUNK):
+        part = source[lo : lo + _WEIGHT_CHUNK].astype(np.float64)
+        values[:, lo : lo + len(part)] = np.einsum("ai,ocij,bj->aboc", g, part, g, optimize=True).reshape(
+            how.alpha**2, len(part), c_in
+        )
+    entry = _Entry(
+        owner=weakref.ref(weight, lambda _ref: _cache.pop(key, None)),
+        source=source,
+        version=_version(weight),
+        values=Tensor.from_numpy(values),
+    )
+    _cache[key] = entry
+    return entry.values
+
+
+def _valid(start: int, step: int, count: int, size: int) -> tuple[int, int]:
+    """The range [lo, hi) of t in [0, count) with 0 <= start + step * t < size."""
+    lo = min(count, max(0, -(start // step)))
+    hi = max(lo, min(count, (size - 1 - start) // step + 1))
+    return lo, hi
+
+
+def _gather(x: np.ndarray, tile: int, first: int, into: np.ndarray) -> None:
+    """Tiles of the zero-padded `x` (n, c, h, w) starting at tile row `first` into `into`
+    (alpha^2, c, n, rows, cols): into[alpha * i + j][:, :, r, s] = x_pad[:, :, tile * (first + r) + i,
+    tile * s + j] where x_pad has one row and column of zeros around `x`."""
+    _, _, h, w = x.shape
+    alpha, rows, cols = tile + 2, into.shape[3], into.shape[4]
+    for i in range(alpha):
+        top = tile * first + i - 1
+        r_lo, r_hi = _valid(top, tile, rows, h)
+        for j in range(alpha):
+            c_lo, c_hi = _valid(j - 1, tile, cols, w)
+            dest = into[alpha * i + j].transpose(1, 0, 2, 3)
+            if r_hi == r_lo or c_hi == c_lo:
+                dest[...] = 0
+                continue
+            dest[:, :, :r_lo] = 0
+            dest[:, :, r_hi:] = 0
+            dest[:, :, r_lo:r_hi, :c_lo] = 0
+            dest[:, :, r_lo:r_hi, c_hi:] = 0
+            y0, x0 = top + tile * r_lo, j - 1 + tile * c_lo
+            dest[:, :, r_lo:r_hi, c_lo:c_hi] = x[:, :, y0::tile][:, :, : r_hi - r_lo, x0::tile][
+                ..., : c_hi - c_lo
+            ]
+
+
+def _scatter(y: np.ndarray, tile: int, first: int, bias: np.ndarray | None, out: np.ndarray) -> None:
+    """Output tiles y (tile^2, c_out, n, rows, cols) into `out` (n, c_out, h, w) from tile row `first`,
+    plus the bias; tile parts beyond h and w are dropped."""
+    _, _, h, w = out.shape
+    rows, cols = y.shape[3], y.shape[4]
+    for i in range(tile):
+        top = tile * first + i
+        r_lo, r_hi = _valid(top, tile, rows, h)
+        for j in range(tile):
+            c_lo, c_hi = _valid(j, tile, cols, w)
+            if r_hi == r_lo or c_hi == c_lo:
+                continue
+            y0, x0 = top + tile * r_lo, j + tile * c_lo
+            dest = out[:, :, y0::tile][:, :, : r_hi - r_lo, x0::tile][..., : c_hi - c_lo]
+            part = y[tile * i + j].transpose(1, 0, 2, 3)[:, :, r_lo:r_hi, c_lo:c_hi]
+            if bias is None:
+                np.copyto(dest, part)
+            else:
+                np.add(part, bias, out=dest)
+
+
+def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None, how: Scheme | None = None) -> Tensor:
+    """`ops.conv2d(x, weight, bias, pad_mode="pad", padding=1)` for a float32 NCHW `x` and a float32
+    (c_out, c_in, 3, 3) weight, by Winograd's F(tile x tile, 3x3) (`scheme_for(h, w)` unless `how`
+    is given), in bands of tile rows; any n, h, w."""
+    if x.dtype != ms.float32 or len(x.shape) != 4:
+        raise ValueError(f"expected a float32 (n, c, h, w) input, got {x.dtype} {x.shape}")
+    n, c, h, w = x.shape
+    how = how or scheme_for(h, w)
+    u = transformed_weight(weight, how)
+    alpha2, c_out, c_in = u.shape
+    if c != c_in:
+        raise ValueError(f"input has {c} channels, the weight expects {c_in}")
+    b = None
+    if bias is not None:
+        if tuple(bias.shape) != (c_out,) or bias.dtype != ms.float32:
+            raise ValueError(f"expected a float32 ({c_out},) bias, got {bias.dtype} {bias.shape}")
+        b = bias.asnumpy()[None, :, None, None]
+    tile = how.tile
+    tile_rows, tile_cols = -(-h // tile), -(-w // tile)
+    row_bytes = alpha2 * c_in * n * tile_cols * 4
+    band = max(1, min(tile_rows, _BAND_BYTES // row_bytes))
+    xs = x.asnumpy()
+    out = np.empty((n, c_out, h, w), np.float32)
+    gathered = np.empty(alpha2 * c_in * n * band * tile_cols, np.float32)
+    transformed = np.empty_like(gathered)
+    tiles = np.empty(tile * tile * c_out * n * band * tile_cols, np.float32)
+    for first in range(0, tile_rows, band):
+        rows = min(band, tile_rows - first)
+        d = gathered[: alpha2 * c_in * n * rows * tile_cols].reshape(alpha2, c_in, n, rows, tile_cols)
+        v = transformed[: d.size].reshape(alpha2, -1)
+        y = tiles[: tile * tile * c_out * n * rows * tile_cols].reshape(tile * tile, -1)
+        _gather(xs, tile, first, d)
+        np.matmul(how.tiles_in, d.reshape(alpha2, -1), out=v)
+        products = _bmm(u, Tensor.from_numpy(v.reshape(alpha2, c_in, -1))).asnumpy()
+        np.matmul(how.tiles_out, products.reshape(alpha2, -1), out=y)
+        _scatter(y.reshape(tile * tile, c_out, n, rows, tile_cols), tile, first, b, out)
+    return Tensor.from_numpy(out)
