@@ -216,8 +216,8 @@ def test_graph_mode_unet_equals_pynative(pipe: WukongPipeline, ctx: np.ndarray) 
     )
 
 
-@pytest.mark.parametrize("chunk_bytes", [3 * 4 * 9 * 4, 4 * 9 * 4])
-def test_query_chunked_attention_equals_one_block(monkeypatch: pytest.MonkeyPatch, chunk_bytes: int) -> None:
+@pytest.mark.parametrize("chunk_bytes", [10 * 9 * 4 + 8, 4 * 9 * 4])
+def test_chunked_attention_equals_one_block(monkeypatch: pytest.MonkeyPatch, chunk_bytes: int) -> None:
     from mindspore import Tensor
 
     from core.diffusion import layers
@@ -233,10 +233,11 @@ def test_query_chunked_attention_equals_one_block(monkeypatch: pytest.MonkeyPatc
         calls.append(1)
         return attend(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(layers, "_ATTENTION_CHUNK_BYTES", chunk_bytes)  # 3 or 1 query rows per block
+    # one head's scores are 10 * 9 * 4 bytes: a block of one whole head, or of 4 of its query rows
+    monkeypatch.setattr(layers, "_ATTENTION_CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(layers, "_attend", counted)
     sliced = layers.attention(Tensor(q), Tensor(k), Tensor(v)).asnumpy()
-    assert len(calls) == (4 if chunk_bytes > 4 * 9 * 4 else 10)  # uneven last slice included
+    assert len(calls) == (4 if chunk_bytes > 10 * 9 * 4 else 4 * 3)  # uneven last slices included
     np.testing.assert_allclose(sliced, whole, rtol=1e-5, atol=1e-6)
     expected = np.stack([_np_attention(q[h], k[h], v[h]) for h in range(4)])
     np.testing.assert_allclose(sliced, expected, rtol=1e-4, atol=1e-5)

@@ -9,7 +9,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from core.diffusion import runtime  # (also applies process settings before the first operator)
+from core.diffusion import runtime, winograd  # runtime: process settings before the first operator
 
 _bmm = ops.BatchMatMul()
 _ATTENTION_CHUNK_BYTES = 64 * 1024 * 1024
@@ -187,13 +187,23 @@ def banded_conv3x3(
 
 
 class WrappedConv(nn.Cell):
-    """A convolution one name level down (`<name>.conv.weight`), as the official UNet stores it."""
+    """A convolution one name level down (`<name>.conv.weight`), as the official UNet stores it.
+
+    `host` (on by default on the CPU, off in a compiled graph): 3x3 stride-1 float32 convolutions on
+    maps where it pays (`winograd.worth_it`) run by Winograd's algorithm, 1.4-3x faster there.
+    """
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1) -> None:
         super().__init__()
         self.conv = conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2)
+        self.three_by_three = kernel == 3 and stride == 1
+        self.host = runtime.on_cpu()
 
     def construct(self, x: Tensor) -> Tensor:
+        if self.host and self.three_by_three and x.dtype == ms.float32:
+            _, c_in, h, w = x.shape
+            if winograd.worth_it(c_in, self.conv.out_channels, h, w):
+                return winograd.conv3x3(x, self.conv.weight, self.conv.bias)
         return self.conv(x)
 
 

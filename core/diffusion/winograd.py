@@ -3,7 +3,7 @@
 MindSpore's CPU Conv2D (oneDNN im2col + sgemm) spends 9 multiply-adds per input value and output
 channel; F(4x4, 3x3) spends 36/16 = 2.25. Per band of tile rows, numpy gathers the overlapping 6x6
 input tiles and transforms them with one small matrix product, MindSpore's BatchMatMul multiplies
-them by the cached transformed weights (36 products of (c_out, c_in) by (c_in, tiles)), and numpy
+them by the transformed weights (36 products of (c_out, c_in) by (c_in, tiles)), and numpy
 transforms the products back into 4x4 output tiles, adding the bias.
 
 The transforms come from Toom-Cook interpolation points. Max error relative to the largest output,
@@ -11,14 +11,13 @@ The transforms come from Toom-Cook interpolation points. Max error relative to t
 on the textbook points (0, +-1, +-2) 1.5e-5, on (0, +-1, 1/2, -2) 5.5e-6: the best of every pair
 added to (0, +-1) from +-{1/4, 1/2, 3/4, 3/2, 2, 3, 4}.
 
-Transformed weights cost memory: F4's are 4x the weight, F2's 16/9. For the official UNet at 64x64
-latents, the 3x3 convolutions `worth_it` selects would hold 5.6 GiB beside their 1.9 GiB of weights
-(2.9 GiB of it at 16x16, 1.8 GiB at 8x8, 0.8 GiB at 32x32, 0.2 GiB at 64x64).
+Transformed weights are 4x the weight for F4 (16/9 for F2): kept for every convolution of the
+official UNet they would take 5.6 GiB beside its 1.9 GiB of 3x3 weights, so they are made per call
+(`transformed_weight`) and only where that still pays (`worth_it`).
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -32,8 +31,6 @@ _bmm = ops.BatchMatMul()
 _BAND_BYTES = 16 * 1024 * 1024
 """Largest block of gathered input tiles made at once: the input is processed in bands of tile rows,
 so the temporaries (gathered tiles, their transform, the products) stay a fraction of the input."""
-_WEIGHT_CHUNK = 64
-"""Output channels transformed at once (in float64) when a weight enters the cache."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,87 +111,34 @@ def scheme_for(h: int, w: int) -> Scheme:
 
 
 def worth_it(c_in: int, c_out: int, h: int, w: int) -> bool:
-    """Whether `conv3x3` (with `scheme_for(h, w)`) beat MindSpore 2.8's CPU Conv2D + BiasAdd here.
+    """Whether `conv3x3`, its weight transform included, beats MindSpore 2.8's CPU Conv2D here.
 
-    Measured on 2 shared cores (batch 2, float32, best of 3 to 5; Conv2D / Winograd ms):
-    960->320@64 282/126, 640->640@64 318/159, 320->320@64 89/62, 1280->1280@32 332/111,
-    640->640@32 79/32, 2560->1280@16 156/52, 1280->1280@16 79/29, 2560->1280@8 40/21,
-    1280->1280@8 21/12, 320->320@8 3.0/2.3, 128->128@16 2.1/1.5, 64->64@64 9.3/6.9,
-    64->64@32 3.3/2.0 (batch 1 128->128@32 4.2/2.5); even: 128->128@8 0.7/0.6,
-    1280->1280@4 13.8/14.1; slower: 64->64@16 0.8/0.9, 64->64@8 0.35/0.42, 32->32@64 3.5/4.5,
-    4->320@64 3.5/13.4, 320->4@64 9.5/16.8, batch 1 1280->1280@4 7.3/13.5.
-    Under another process's load every time doubled in some runs; the ratios held. So: 64 channels
-    or more on both sides, maps of 8x8 or more, and enough work (c_in * c_out * h * w of 2^22,
-    64->64@32, or more).
+    Convolution alone, batch 2, float32, 2 shared cores (Conv2D / Winograd ms): 960->320@64 282/126,
+    640->640@64 318/159, 320->320@64 89/62, 1280->1280@32 332/111, 640->640@32 79/32,
+    1920->640@32 234/94; the weight transform per call adds 10 ms (960x320) to 66 ms (1280x1280).
+    At 16x16 and below the transform eats the gain (1280->1280@16 79 against 29 + 66; 2560->1280@16
+    156 against 52 + 116), and with few channels Winograd loses outright (64->64@16, 32->32@64,
+    4->320@64, 320->4@64). So: maps of 32x32 or more, 64 channels or more on both sides.
     """
-    return min(c_in, c_out) >= 64 and h * w >= 64 and c_in * c_out * h * w >= 1 << 22
+    return min(c_in, c_out) >= 64 and h * w >= 32 * 32
 
 
-@dataclass(frozen=True, eq=False)
-class _Entry:
-    owner: weakref.ref[Tensor]
-    source: np.ndarray
-    """The weight's storage as it was read. Held, so that its address cannot be given to new data:
-    an unchanged data pointer then means unchanged storage."""
-    version: int
-    values: Tensor
-
-
-_cache: dict[tuple[int, int], _Entry] = {}
-
-
-def clear_cache() -> None:
-    """Drop every transformed weight (they are rebuilt on the next use)."""
-    _cache.clear()
-
-
-def cached_bytes() -> int:
-    """Bytes held by the cache: transformed weights (the held source weights are not counted)."""
-    return sum(entry.values.nbytes for entry in _cache.values())
-
-
-def _version(weight: Tensor) -> int:
-    return int(getattr(weight, "_version", 0))
-
-
-def _fresh(entry: _Entry, weight: Tensor) -> bool:
-    """Whether `entry` was made from `weight`'s present storage and version."""
-    same_storage = weight.data_ptr() == entry.source.ctypes.data
-    return same_storage and entry.version == _version(weight) and entry.owner() is weight
+_weights_product = ops.MatMul(transpose_b=True)
 
 
 def transformed_weight(weight: Tensor, how: Scheme) -> Tensor:
-    """G w G^T of a (c_out, c_in, 3, 3) float32 weight as (alpha^2, c_out, c_in), cached per weight.
+    """G w G^T of a (c_out, c_in, 3, 3) float32 weight as (alpha^2, c_out, c_in), made on every call.
 
-    The cache entry is reused while the weight has the same storage (its data pointer: `set_data`
-    always installs new storage, and the entry holds the old one, so the address cannot come back
-    with new values; the old storage is let go at the weight's next use) and the same version
-    (MindSpore counts in-place operator writes such as `copy_`). Writes that bypass both (through
-    an `asnumpy()` view, `ops.assign`) are not seen: call `clear_cache()` after them.
+    One product, (G (x) G) (alpha^2, 9) by the weight seen as (c_out * c_in, 9) transposed, gives the
+    layout the batched products want. Nothing is cached: kept, the transformed weights of the official
+    UNet would need 4x its 3x3 weights (GiBs); made per call they cost 10 ms (960 -> 320) to 66 ms
+    (1280 -> 1280) and only the maps of 32x32 and more use them (`worth_it`).
     """
-    key = (id(weight), how.tile)
-    entry = _cache.get(key)
-    if entry is not None and _fresh(entry, weight):
-        return entry.values
     if weight.dtype != ms.float32 or len(weight.shape) != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"expected a float32 (c_out, c_in, 3, 3) weight, got {weight.dtype} {weight.shape}")
-    source = weight.asnumpy()
-    c_out, c_in = source.shape[:2]
-    values = np.empty((how.alpha**2, c_out, c_in), np.float32)
-    g = how.g
-    for lo in range(0, c_out, _WEIGHT_CHUNK):
-        part = source[lo : lo + _WEIGHT_CHUNK].astype(np.float64)
-        values[:, lo : lo + len(part)] = np.einsum("ai,ocij,bj->aboc", g, part, g, optimize=True).reshape(
-            how.alpha**2, len(part), c_in
-        )
-    entry = _Entry(
-        owner=weakref.ref(weight, lambda _ref: _cache.pop(key, None)),
-        source=source,
-        version=_version(weight),
-        values=Tensor.from_numpy(values),
-    )
-    _cache[key] = entry
-    return entry.values
+    c_out, c_in = weight.shape[:2]
+    kernel = Tensor.from_numpy(np.kron(how.g, how.g).astype(np.float32))
+    return _weights_product(kernel, weight.reshape(c_out * c_in, 9)).reshape(how.alpha**2, c_out, c_in)
 
 
 def _valid(start: int, step: int, count: int, size: int) -> tuple[int, int]:
