@@ -91,6 +91,9 @@ def _ours(phase: str, size: int, steps: int, warmup: int) -> float:
         t_emb = unet.embed_timesteps(np.array([500, 500]))
         step = unet
         if phase == "unet-graph":
+            from core.diffusion.layers import set_cpu_paths
+
+            set_cpu_paths(unet, host=False)  # as WukongPipeline(graph=True): no numpy inside a graph
             step = ms.jit(unet.construct)
             _COMPILE["seconds"] = _timed(lambda: step(x, t_emb, ctx).asnumpy(), 0)  # compile + first run
         return _timed(lambda: step(x, t_emb, ctx).asnumpy(), warmup)
