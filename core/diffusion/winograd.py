@@ -200,7 +200,16 @@ def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None, how: Scheme |
     is given), in bands of tile rows; any n, h, w."""
     if x.dtype != ms.float32 or len(x.shape) != 4:
         raise ValueError(f"expected a float32 (n, c, h, w) input, got {x.dtype} {x.shape}")
-    n, c, h, w = x.shape
+    return Tensor.from_numpy(conv3x3_array(x.asnumpy(), weight, bias, how))
+
+
+def conv3x3_array(
+    xs: np.ndarray, weight: Tensor, bias: Tensor | None = None, how: Scheme | None = None
+) -> np.ndarray:
+    """`conv3x3` of a float32 numpy map (n, c, h, w), returning a new numpy array."""
+    if xs.dtype != np.float32 or xs.ndim != 4:
+        raise ValueError(f"expected a float32 (n, c, h, w) input, got {xs.dtype} {xs.shape}")
+    n, c, h, w = xs.shape
     how = how or scheme_for(h, w)
     u = transformed_weight(weight, how)
     alpha2, c_out, c_in = u.shape
@@ -215,7 +224,6 @@ def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None, how: Scheme |
     tile_rows, tile_cols = -(-h // tile), -(-w // tile)
     row_bytes = alpha2 * c_in * n * tile_cols * 4
     band = max(1, min(tile_rows, _BAND_BYTES // row_bytes))
-    xs = x.asnumpy()
     out = np.empty((n, c_out, h, w), np.float32)
     gathered = np.empty(alpha2 * c_in * n * band * tile_cols, np.float32)
     transformed = np.empty_like(gathered)
@@ -230,4 +238,4 @@ def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None, how: Scheme |
         products = _bmm(u, Tensor.from_numpy(v.reshape(alpha2, c_in, -1))).asnumpy()
         np.matmul(how.tiles_out, products.reshape(alpha2, -1), out=y)
         _scatter(y.reshape(tile * tile, c_out, n, rows, tile_cols), tile, first, b, out)
-    return Tensor.from_numpy(out)
+    return out
