@@ -148,12 +148,12 @@ def test_fused_in_proj_is_q_k_v_in_that_order() -> None:
     np.testing.assert_allclose(out[0], np.concatenate(heads_out, -1), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("tiled", [True, False])
-def test_group_norm_matches_numpy(tiled: bool) -> None:
+@pytest.mark.parametrize("kernels", [True, False])
+def test_group_norm_matches_numpy(kernels: bool) -> None:
     rng = np.random.default_rng(2)
     x = (rng.standard_normal((2, 8, 3, 3)) * 3 + 1).astype(np.float32)
     norm = GroupNorm(4, 8, 1e-6)
-    norm.tiled = tiled
+    norm.kernels = kernels and norm.kernels
     gamma = rng.standard_normal(8).astype(np.float32)
     beta = rng.standard_normal(8).astype(np.float32)
     norm.gamma.set_data(Tensor(gamma))
@@ -164,13 +164,13 @@ def test_group_norm_matches_numpy(tiled: bool) -> None:
     np.testing.assert_allclose(norm(Tensor(x)).asnumpy(), ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("tiled", [True, False])
-def test_layer_norm_matches_numpy(tiled: bool) -> None:
+@pytest.mark.parametrize("kernels", [True, False])
+def test_layer_norm_matches_numpy(kernels: bool) -> None:
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 3, 6)).astype(np.float32) * 5 + 2
     gamma, beta = (rng.standard_normal(6).astype(np.float32) for _ in range(2))
     norm = LayerNorm(6, 1e-5)
-    norm.tiled = tiled
+    norm.kernels = kernels and norm.kernels
     norm.gamma.set_data(Tensor(gamma))
     norm.beta.set_data(Tensor(beta))
     ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * gamma + beta
@@ -178,7 +178,7 @@ def test_layer_norm_matches_numpy(tiled: bool) -> None:
 
 
 def test_cpu_paths_are_on_by_default_here_and_change_nothing() -> None:
-    """The CPU implementations (tiled norms, numpy layout copies, fused 1x1 projections) give the
+    """The CPU implementations (our C++ kernels, numpy layout copies, fused 1x1 projections) give the
     framework kernels' results on a whole tiny UNet."""
     cfg = WukongConfig.tiny()
     model = build_model(cfg)
@@ -192,7 +192,7 @@ def test_cpu_paths_are_on_by_default_here_and_change_nothing() -> None:
     ctx = Tensor(rng.standard_normal((2, cfg.context_length, cfg.context_dim)).astype(np.float32))
     t_emb = unet.embed_timesteps(np.array([3, 800]))
     fast = unet(x, t_emb, ctx).asnumpy()
-    set_cpu_paths(unet, tiled=False, host=False, fused_proj=False)
+    set_cpu_paths(unet, kernels=False, tiled=False, host=False, fused_proj=False)
     generic = unet(x, t_emb, ctx).asnumpy()
     assert np.abs(generic).max() > 0.1
     np.testing.assert_allclose(fast, generic, rtol=1e-4, atol=1e-5)

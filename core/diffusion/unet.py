@@ -6,7 +6,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from core.diffusion import runtime
+from core.diffusion import cpu_kernels, runtime
 from core.diffusion.config import WukongConfig
 from core.diffusion.layers import (
     GroupNorm,
@@ -17,8 +17,8 @@ from core.diffusion.layers import (
     attention,
     attention_keys_first,
     conv2d,
-    expand,
     gelu_tanh,
+    kernels_available,
     merge_heads,
     split_heads,
     split_heads_transposed,
@@ -42,14 +42,11 @@ class ResBlock(nn.Cell):
         self.out_layers_norm = GroupNorm(groups, c_out, RESBLOCK_NORM_EPS)
         self.out_layers_conv = WrappedConv(c_out, c_out, 3)
         self.skip_connection = WrappedConv(c_in, c_out, 1) if c_in != c_out else Identity()
-        self.tiled = runtime.on_cpu()
 
     def construct(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
-        h = self.in_layers_conv(ops.silu(self.in_layers_norm(x)))
-        e = self.emb_layers(emb)
-        b, c = e.shape
-        h = h + (expand(e.reshape(b, c, 1, 1), h.shape) if self.tiled else e.reshape(b, c, 1, 1))
-        h = self.out_layers_conv(ops.silu(self.out_layers_norm(h)))
+        # conv(x) + emb is only read by the next GroupNorm + SiLU, which adds the embedding itself
+        h = self.in_layers_conv(self.in_layers_norm.silu_of(x))
+        h = self.out_layers_conv(self.out_layers_norm.silu_of(h, self.emb_layers(emb)))
         return self.skip_connection(x) + h
 
 
@@ -57,7 +54,7 @@ class CrossAttention(nn.Cell):
     """Multi-head attention of image tokens over themselves (attn1) or over the text (attn2).
 
     `host` (on by default on the CPU, off for a compiled graph): heads are split and merged by copies
-    through numpy, see `host_permute`.
+    through numpy, see `host_permute`. `kernels`: the softmax is our C++ kernel (see `cpu_kernels`).
     """
 
     def __init__(self, width: int, context_width: int, heads: int) -> None:
@@ -68,6 +65,7 @@ class CrossAttention(nn.Cell):
         self.to_v = nn.Dense(context_width, width, has_bias=False)
         self.to_out = nn.SequentialCell([nn.Dense(width, width)])
         self.host = runtime.on_cpu()
+        self.kernels = kernels_available()
 
     def construct(self, x: Tensor, context: Tensor) -> Tensor:
         h = self.heads
@@ -75,25 +73,31 @@ class CrossAttention(nn.Cell):
             q = split_heads(self.to_q(x), h, host=True)
             k_t = split_heads_transposed(self.to_k(context), h, host=True)
             v = split_heads(self.to_v(context), h, host=True)
-            return self.to_out(merge_heads(attention_keys_first(q, k_t, v), h, host=True))
+            return self.to_out(merge_heads(attention_keys_first(q, k_t, v, None, self.kernels), h, host=True))
         q = split_heads(self.to_q(x), h)
         k = split_heads(self.to_k(context), h)
         v = split_heads(self.to_v(context), h)
-        return self.to_out(merge_heads(attention(q, k, v), h))
+        return self.to_out(merge_heads(attention(q, k, v, None, self.kernels), h))
 
 
 class GEGLU(nn.Cell):
+    """value * gelu_tanh(gate), both halves of one projection; `kernels`: one C++ kernel reads the
+    halves in place (see `cpu_kernels`)."""
+
     def __init__(self, width: int, inner: int) -> None:
         super().__init__()
         self.inner = inner
         self.proj = nn.Dense(width, 2 * inner)
         self.host = runtime.on_cpu()
+        self.kernels = kernels_available()
 
     def construct(self, x: Tensor) -> Tensor:
+        both = self.proj(x)
+        if self.kernels and both.dtype == ms.float32:
+            return cpu_kernels.geglu(both)
         # The split halves are strided views; copied contiguous first (through numpy on the CPU, where
         # that copy is several times faster), since MindSpore's CPU element-wise kernels are several
         # times slower on strided views than the copies cost.
-        both = self.proj(x)
         if self.host:
             values = both.asnumpy()
             value = Tensor.from_numpy(np.ascontiguousarray(values[..., : self.inner]))
@@ -265,7 +269,8 @@ class UNetModel(nn.Cell):
             h = ops.concat((h, skips[i]), 1)
             for layer in block:
                 h = layer(h, emb, context)
-        return self.out(h)
+        norm, conv = self.out[0], self.out[2]  # out[1] is the SiLU, fused into the norm
+        return conv(norm.silu_of(h))
 
     def embed_timesteps(self, timesteps: np.ndarray, dtype: ms.Type = ms.float32) -> Tensor:
         """The UNet's `t_emb` input for integer timesteps (n,)."""

@@ -1,0 +1,199 @@
+"""Fused float32 CPU kernels (GroupNorm [+ SiLU], LayerNorm, softmax, GEGLU) as MindSpore AOT custom ops.
+
+MindSpore's CPU kernels for these are 10-30x slower than PyTorch's. The C++ source beside this module
+(`cpu_kernels.cc`) is compiled once per source, compiler and host CPU (`-march=native`) into a cache
+directory and loaded as `ops.Custom(..., func_type="aot")` operators. When no compiler is found or the
+build fails, one line is logged, `available()` is False and the layers keep MindSpore's operators.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from mindspore import Tensor, ops
+
+from core.diffusion import runtime  # noqa: F401  (process settings before the first operator)
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+COMPILER = "g++"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread")
+_COMPILE_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class _Operators:
+    group_norm: ops.Custom
+    group_norm_bias: ops.Custom
+    layer_norm: ops.Custom
+    softmax: ops.Custom
+    geglu: ops.Custom
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (built on the first call, then remembered)."""
+    return _operators() is not None
+
+
+def group_norm(
+    x: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    groups: int,
+    eps: float,
+    *,
+    silu: bool = False,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """GroupNorm of float32 `x` (n, c, ...) with per-channel `gamma` and `beta`; `bias` (n, c), if
+    given, is added to `x` first (per sample and channel); `silu` applies SiLU to the result."""
+    kernels = _require()
+    settings = _settings(float(groups), float(eps), 1.0 if silu else 0.0)
+    if bias is None:
+        return kernels.group_norm(x, gamma, beta, settings)
+    return kernels.group_norm_bias(x, bias, gamma, beta, settings)
+
+
+def layer_norm(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> Tensor:
+    """LayerNorm of float32 `x` over its last axis."""
+    return _require().layer_norm(x, gamma, beta, _settings(float(eps)))
+
+
+def softmax(x: Tensor) -> Tensor:
+    """Softmax of float32 `x` over its last axis (-inf entries give 0; a row of only -inf gives zeros)."""
+    return _require().softmax(x)
+
+
+def geglu(h: Tensor) -> Tensor:
+    """h[..., :inner] * gelu_tanh(h[..., inner:]) of float32 `h` (..., 2 * inner), read in place."""
+    return _require().geglu(h)
+
+
+def _require() -> _Operators:
+    kernels = _operators()
+    if kernels is None:
+        raise RuntimeError("the CPU kernels are not available; check cpu_kernels.available() first")
+    return kernels
+
+
+@functools.cache
+def _settings(*values: float) -> Tensor:
+    """The small float32 tensor that carries a kernel's scalar settings (one per distinct setting)."""
+    return Tensor(np.array(values, np.float32))
+
+
+@functools.cache
+def _operators() -> _Operators | None:
+    library = build()
+    if library is None:
+        return None
+    try:
+        kernels = _load(library)
+        probe = Tensor(np.array([[0.0, -np.inf, 0.0]], np.float32))
+        if not np.allclose(kernels.softmax(probe).asnumpy(), [[0.5, 0.0, 0.5]]):
+            raise RuntimeError("a probe softmax gave wrong values")
+    except Exception as exc:  # a library MindSpore cannot load or run: keep its own operators
+        logger.warning("CPU kernels unusable (%s); using MindSpore's operators", exc)
+        return None
+    return kernels
+
+
+def _load(library: Path) -> _Operators:
+    def custom(name: str, out_shape: object) -> ops.Custom:
+        return ops.Custom(f"{library}:{name}", out_shape, lambda x, *_: x, func_type="aot")
+
+    def same(x: list[int], *_: object) -> list[int]:
+        return x
+
+    def halved(h: list[int], *_: object) -> list[int]:
+        return [*h[:-1], h[-1] // 2]
+
+    return _Operators(
+        group_norm=custom("GroupNorm", same),
+        group_norm_bias=custom("GroupNormBias", same),
+        layer_norm=custom("LayerNorm", same),
+        softmax=custom("Softmax", same),
+        geglu=custom("Geglu", halved),
+    )
+
+
+def build() -> Path | None:
+    """The compiled library, built unless the cache holds it; None (and one log line) on failure.
+
+    The name carries a hash of the source, the compiler's version, the target `-march=native` means
+    here and the flags, so a changed source, compiler or CPU gets its own build. It is compiled to a
+    temporary name and renamed into place, so processes building at once never load a partial file.
+    """
+    compiler = shutil.which(COMPILER)
+    if compiler is None:
+        logger.warning("no C++ compiler (%s) found: the UNet runs MindSpore's slower CPU operators", COMPILER)
+        return None
+    try:
+        version = _run([compiler, "--version"])
+        target = _run([compiler, *FLAGS[:3], "-dM", "-E", "-x", "c++", os.devnull])
+        source = SOURCE.read_bytes()
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("cannot build the CPU kernels (%s): using MindSpore's operators", exc)
+        return None
+    key = hashlib.sha256(b"\0".join([source, version, target, " ".join(FLAGS).encode()])).hexdigest()[:20]
+    directory = _cache_directory()
+    if directory is None:
+        logger.warning("no writable cache directory for the CPU kernels: using MindSpore's operators")
+        return None
+    library = directory / f"cpu_kernels-{key}.so"
+    if library.exists():
+        return library
+    fd, partial = tempfile.mkstemp(prefix=f".{library.stem}-", suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, *FLAGS, "-o", partial, str(SOURCE)],
+            capture_output=True,
+            text=True,
+            timeout=_COMPILE_TIMEOUT_S,
+        )
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            logger.warning("building the CPU kernels failed (%s): using MindSpore's operators", last)
+            return None
+        os.replace(partial, library)
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("building the CPU kernels failed (%s): using MindSpore's operators", exc)
+        return None
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    logger.info("built the CPU kernels: %s", library)
+    return library
+
+
+def _run(command: list[str]) -> bytes:
+    return subprocess.run(command, capture_output=True, check=True, timeout=60).stdout
+
+
+def _cache_directory() -> Path | None:
+    """`$XDG_CACHE_HOME/huahua/kernels` (default `~/.cache`), else a private folder in the temp dir."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(
+        Path.home() / ".cache"
+    )  # the XDG convention, not a setting
+    for directory in (
+        Path(base) / "huahua" / "kernels",
+        Path(tempfile.gettempdir()) / f"huahua-kernels-{os.getuid()}",
+    ):
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if directory.stat().st_uid == os.getuid() and os.access(directory, os.W_OK):
+                return directory
+        except OSError:
+            continue
+    return None
