@@ -19,7 +19,7 @@ from mindspore import Tensor  # noqa: E402
 from core.diffusion import WukongConfig, cpu_kernels  # noqa: E402
 from core.diffusion.checkpoint import build_model, randomize  # noqa: E402
 from core.diffusion.layers import GroupNorm, LayerNorm, attention, set_cpu_paths  # noqa: E402
-from core.diffusion.unet import GEGLU  # noqa: E402
+from core.diffusion.unet import GEGLU, ResBlock  # noqa: E402
 
 needs_compiler = pytest.mark.skipif(shutil.which(cpu_kernels.COMPILER) is None, reason="no C++ compiler")
 
@@ -295,3 +295,17 @@ def test_tiny_unet_with_kernels_equals_all_cpu_paths_off() -> None:
     generic = unet(x, t_emb, ctx).asnumpy()
     assert np.abs(generic).max() > 0.1
     np.testing.assert_allclose(fast, generic, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_resblock_in_a_compiled_graph_equals_pynative(rng: np.random.Generator, kernels: bool) -> None:
+    """The custom operators run inside `ms.jit`, and so does the generic path (GroupNorm.silu_of)."""
+    block = ResBlock(8, 16, 12, 4)
+    set_cpu_paths(block, kernels=kernels and cpu_kernels.available())
+    for param in block.get_parameters():
+        param.set_data(Tensor((rng.standard_normal(param.shape) * 0.3).astype(np.float32)))
+    x = Tensor(rng.standard_normal((2, 8, 5, 5)).astype(np.float32))
+    emb = Tensor(rng.standard_normal((2, 12)).astype(np.float32))
+    eager = block(x, emb, emb).asnumpy()
+    compiled = ms.jit(block.construct)(x, emb, emb).asnumpy()
+    np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-5)

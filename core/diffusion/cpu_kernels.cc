@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -31,19 +32,23 @@ int worker_count() {
 }
 
 // Calls fn(begin, end) on consecutive ranges of [0, units) from up to worker_count() threads (the
-// caller runs the last range); `work` is the number of floats touched per unit.
+// caller runs the last range, and any range no thread could be started for); `work` is the number of
+// floats touched per unit.
 template <typename Fn>
 void parallel_for(int64_t units, int64_t work, const Fn &fn) {
+  if (units <= 0) return;
   int64_t threads = std::min<int64_t>(worker_count(), units);
-  threads = std::min<int64_t>(threads, std::max<int64_t>(1, units * work / kMinWorkPerThread));
-  if (threads <= 1) {
-    fn(int64_t{0}, units);
-    return;
-  }
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, units * work / kMinWorkPerThread));
   std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
+  pool.reserve(threads);
   for (int64_t t = 0; t + 1 < threads; ++t) {
-    pool.emplace_back([&fn, units, threads, t] { fn(units * t / threads, units * (t + 1) / threads); });
+    const int64_t begin = units * t / threads;
+    const int64_t end = units * (t + 1) / threads;
+    try {
+      pool.emplace_back([&fn, begin, end] { fn(begin, end); });
+    } catch (const std::system_error &) {
+      fn(begin, end);
+    }
   }
   fn(units * (threads - 1) / threads, units);
   for (auto &thread : pool) thread.join();
@@ -189,6 +194,9 @@ int group_norm(int nparam, void **params, int *ndims, int64_t **shapes, const ch
   const bool with_silu = settings[2] != 0.0f;
   if (groups <= 0 || c % groups != 0) return 1;
   if (has_bias && element_count(ndims[1], shapes[1]) != n * c) return 1;
+  for (int i = inputs - 3; i < inputs - 1; ++i) {
+    if (element_count(ndims[i], shapes[i]) != c) return 1;  // gamma, beta
+  }
   const int64_t per_group = c / groups;
   const int64_t group_size = per_group * spatial;
 
@@ -250,6 +258,7 @@ int LayerNorm(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   const double eps = static_cast<const float *>(params[3])[0];
   float *y = static_cast<float *>(params[4]);
   const int64_t width = shapes[0][ndims[0] - 1];
+  if (element_count(ndims[1], shapes[1]) != width || element_count(ndims[2], shapes[2]) != width) return 1;
   if (width <= 0) return 0;
   const int64_t rows = element_count(ndims[0], shapes[0]) / width;
 

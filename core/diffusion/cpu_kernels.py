@@ -153,17 +153,19 @@ def build() -> Path | None:
     library = directory / f"cpu_kernels-{key}.so"
     if library.exists():
         return library
-    fd, partial = tempfile.mkstemp(prefix=f".{library.stem}-", suffix=".so", dir=directory)
-    os.close(fd)
+    partial: str | None = None
     try:
+        fd, partial = tempfile.mkstemp(prefix=f".{library.stem}-", suffix=".so", dir=directory)
+        os.close(fd)
+        # compiled from the bytes just hashed (on stdin), so the library always matches its name
         done = subprocess.run(
-            [compiler, *FLAGS, "-o", partial, str(SOURCE)],
+            [compiler, *FLAGS, "-x", "c++", "-o", partial, "-"],
+            input=source,
             capture_output=True,
-            text=True,
             timeout=_COMPILE_TIMEOUT_S,
         )
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            last = (done.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
             logger.warning("building the CPU kernels failed (%s): using MindSpore's operators", last)
             return None
         os.replace(partial, library)
@@ -171,7 +173,7 @@ def build() -> Path | None:
         logger.warning("building the CPU kernels failed (%s): using MindSpore's operators", exc)
         return None
     finally:
-        if os.path.exists(partial):
+        if partial is not None and os.path.exists(partial):
             os.unlink(partial)
     logger.info("built the CPU kernels: %s", library)
     return library
@@ -182,14 +184,16 @@ def _run(command: list[str]) -> bytes:
 
 
 def _cache_directory() -> Path | None:
-    """`$XDG_CACHE_HOME/huahua/kernels` (default `~/.cache`), else a private folder in the temp dir."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(
-        Path.home() / ".cache"
-    )  # the XDG convention, not a setting
-    for directory in (
-        Path(base) / "huahua" / "kernels",
-        Path(tempfile.gettempdir()) / f"huahua-kernels-{os.getuid()}",
-    ):
+    """`$XDG_CACHE_HOME/huahua/kernels` (default `~/.cache/huahua/kernels`) if writable, else a
+    private folder in the temp directory."""
+    candidates = []
+    xdg = os.environ.get("XDG_CACHE_HOME")  # the XDG base-directory convention, not one of our settings
+    try:
+        candidates.append((Path(xdg) if xdg else Path.home() / ".cache") / "huahua" / "kernels")
+    except RuntimeError:  # no home directory
+        pass
+    candidates.append(Path(tempfile.gettempdir()) / f"huahua-kernels-{os.getuid()}")
+    for directory in candidates:
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             if directory.stat().st_uid == os.getuid() and os.access(directory, os.W_OK):

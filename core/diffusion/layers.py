@@ -59,7 +59,7 @@ class GroupNorm(nn.GroupNorm):
             n, c = bias.shape
             per_channel = bias.reshape(n, c, 1, 1)
             x = x + (expand(per_channel, x.shape) if self.tiled else per_channel)
-        return ops.silu(self(x))
+        return ops.silu(self.construct(x))  # not self(x): a compiled graph calls no cell here
 
     def banded_affine(self, x: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel (mean, rstd * gamma) of the whole map `x`, each (n, c, 1, 1) float32, read in
