@@ -9,11 +9,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from core.diffusion import (
-    cpu_kernels,
-    runtime,
-    winograd,
-)  # runtime: process settings before the first operator
+# runtime applies process settings before the first operator
+from core.diffusion import cpu_kernels, runtime, winograd
 
 _bmm = ops.BatchMatMul()
 _ATTENTION_CHUNK_BYTES = 64 * 1024 * 1024

@@ -83,7 +83,7 @@ class WukongPipeline:
         # faster, but each new input shape (batch, height, width) first compiles for 10-40 s, and at
         # 512x512 the graph holds about 3 GB more activations than PyNative (7.5 vs 4.5 GB peak).
         self.graph = graph
-        if graph:  # numpy layout copies cannot run inside a compiled graph
+        if graph:  # numpy layout copies cannot run inside a compiled graph (the C++ `kernels` can)
             set_cpu_paths(model.unet, host=False)
         self._unet = ms.jit(model.unet.construct) if graph else model.unet
         model.set_train(False)
