@@ -195,14 +195,16 @@ def test_exp_relative_error_over_the_float_range() -> None:
 @pytest.mark.parametrize(
     ("shape", "scale"), [((1, 2), 1.0), ((3, 18), 3.0), ((2, 5, 34), 20.0), ((512, 640), 1.0)]
 )
-def test_geglu(rng: np.random.Generator, shape: tuple[int, ...], scale: float) -> None:
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_geglu(rng: np.random.Generator, shape: tuple[int, ...], scale: float, with_bias: bool) -> None:
     h = (rng.standard_normal(shape) * scale).astype(np.float32)
-    out = cpu_kernels.geglu(Tensor(h)).asnumpy()
+    bias = (rng.standard_normal(shape[-1]) * scale).astype(np.float32) if with_bias else None
+    out = cpu_kernels.geglu(Tensor(h), None if bias is None else Tensor(bias)).asnumpy()
     inner = shape[-1] // 2
-    h64 = h.astype(np.float64)
-    ref = h64[..., :inner] * _gelu_tanh(h64[..., inner:])
+    u = (h if bias is None else h + bias).astype(np.float64)  # the bias is added in float32
+    ref = u[..., :inner] * _gelu_tanh(u[..., inner:])
     assert out.shape == (*shape[:-1], inner)
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6 * scale * scale)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=4e-6 * scale * scale)
 
 
 @needs_compiler

@@ -38,6 +38,7 @@ class _Operators:
     layer_norm: ops.Custom
     softmax: ops.Custom
     geglu: ops.Custom
+    geglu_bias: ops.Custom
 
 
 def available() -> bool:
@@ -74,9 +75,11 @@ def softmax(x: Tensor) -> Tensor:
     return _require().softmax(x)
 
 
-def geglu(h: Tensor) -> Tensor:
-    """h[..., :inner] * gelu_tanh(h[..., inner:]) of float32 `h` (..., 2 * inner), read in place."""
-    return _require().geglu(h)
+def geglu(h: Tensor, bias: Tensor | None = None) -> Tensor:
+    """u[..., :inner] * gelu_tanh(u[..., inner:]) of u = h + bias, float32 `h` (..., 2 * inner) and
+    `bias` (2 * inner) if given (the projection's, so its own add is skipped); `h` is read in place."""
+    kernels = _require()
+    return kernels.geglu(h) if bias is None else kernels.geglu_bias(h, bias)
 
 
 def _require() -> _Operators:
@@ -124,6 +127,7 @@ def _load(library: Path) -> _Operators:
         layer_norm=custom("LayerNorm", same),
         softmax=custom("Softmax", same),
         geglu=custom("Geglu", halved),
+        geglu_bias=custom("GegluBias", halved),
     )
 
 

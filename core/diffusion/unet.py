@@ -28,6 +28,7 @@ from core.diffusion.layers import (
 
 _bmm_a_t = ops.BatchMatMul(transpose_a=True)
 _bmm_b_t = ops.BatchMatMul(transpose_b=True)
+_matmul_b_t = ops.MatMul(transpose_b=True)
 
 RESBLOCK_NORM_EPS = 1e-5
 TRANSFORMER_NORM_EPS = 1e-6
@@ -81,8 +82,8 @@ class CrossAttention(nn.Cell):
 
 
 class GEGLU(nn.Cell):
-    """value * gelu_tanh(gate), both halves of one projection; `kernels`: one C++ kernel reads the
-    halves in place (see `cpu_kernels`)."""
+    """value * gelu_tanh(gate), both halves of one projection; `kernels`: one C++ kernel adds the
+    projection's bias and reads the halves in place (see `cpu_kernels`)."""
 
     def __init__(self, width: int, inner: int) -> None:
         super().__init__()
@@ -92,9 +93,11 @@ class GEGLU(nn.Cell):
         self.kernels = kernels_available()
 
     def construct(self, x: Tensor) -> Tensor:
+        if self.kernels and x.dtype == ms.float32:
+            b, n, width = x.shape  # tokens
+            product = _matmul_b_t(x.reshape(b * n, width), self.proj.weight)  # nn.Dense without its bias
+            return cpu_kernels.geglu(product, self.proj.bias).reshape(b, n, self.inner)
         both = self.proj(x)
-        if self.kernels and both.dtype == ms.float32:
-            return cpu_kernels.geglu(both)
         # The split halves are strided views; copied contiguous first (through numpy on the CPU, where
         # that copy is several times faster), since MindSpore's CPU element-wise kernels are several
         # times slower on strided views than the copies cost.
