@@ -13,6 +13,7 @@ from mindspore import Parameter, Tensor, ops  # noqa: E402
 
 from core.diffusion import WukongConfig, winograd  # noqa: E402
 from core.diffusion.checkpoint import build_model, randomize  # noqa: E402
+from core.diffusion.layers import banded_conv3x3, conv2d  # noqa: E402
 
 TOLERANCE = 1e-5
 """Max abs difference from ops.conv2d relative to the largest output (measured at these sizes:
@@ -163,3 +164,32 @@ def test_randomize_and_in_place_copies_are_seen() -> None:
     assert _error(winograd.conv3x3(x, weight), _reference(x, weight, None)) < TOLERANCE
     weight.copy_(Tensor(_random(tuple(weight.shape), 21)))
     assert _error(winograd.conv3x3(x, weight), _reference(x, weight, None)) < TOLERANCE
+
+
+@pytest.mark.parametrize("rows", [16, 40])
+def test_banded_convolution_by_winograd_equals_the_whole_map(rows: int) -> None:
+    """The VAE decoder's banded 3x3 convolution, on a map where Winograd pays, equals one whole-map
+    convolution: every band reads its real halo rows, and the rows made from zero padding are dropped."""
+    conv = conv2d(64, 64, 3, padding=1)
+    conv.weight.set_data(Tensor(_random((64, 64, 3, 3), 30) * 0.1))
+    conv.bias.set_data(Tensor(_random((64,), 31)))
+    x = _random((1, 64, 40, 64), 32)
+    assert conv.winograd_for(64, rows + 2, 64)
+    expected = _reference(Tensor(x), conv.weight, conv.bias)
+    got = banded_conv3x3(lambda lo, hi: x[:, :, lo:hi], 40, conv, rows)
+    assert _error(Tensor(got), expected) < TOLERANCE
+    into = x.copy()
+    in_place = banded_conv3x3(lambda lo, hi: into[:, :, lo:hi], 40, conv, rows, into=into)
+    assert in_place is into
+    assert _error(Tensor(into), expected) < TOLERANCE
+
+
+def test_convolution_cells_pick_winograd_where_it_pays() -> None:
+    conv = conv2d(64, 64, 3, padding=1)
+    x = Tensor(_random((2, 64, 32, 32), 33))
+    assert conv.host and conv.winograd_for(64, 32, 32)
+    assert not conv2d(64, 64, 3, stride=2, padding=1).winograd_for(64, 32, 32)
+    assert not conv2d(64, 64, 1).winograd_for(64, 32, 32)
+    by_winograd = conv(x).asnumpy()
+    conv.host = False
+    assert _error(Tensor(by_winograd), conv(x).asnumpy()) < TOLERANCE

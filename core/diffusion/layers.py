@@ -122,12 +122,37 @@ def expand(x: Tensor, shape: tuple[int, ...]) -> Tensor:
     return ops.tile(x, tuple(full // part for full, part in zip(shape, x.shape)))  # noqa: B905 (graph mode)
 
 
-def conv2d(
-    c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int | tuple[int, ...] = 0
-) -> nn.Conv2d:
-    """A biased 2-D convolution with explicit padding."""
-    mode = "pad" if padding else "valid"
-    return nn.Conv2d(c_in, c_out, kernel, stride=stride, pad_mode=mode, padding=padding, has_bias=True)
+class Conv2d(nn.Conv2d):
+    """A biased 2-D convolution with explicit padding (parameters weight/bias, as nn.Conv2d).
+
+    `host` (on by default on the CPU, off in a compiled graph): a 3x3, stride-1, padding-1 float32
+    convolution on a map where it pays (`winograd.worth_it`) runs by Winograd's algorithm, 1.4-3x
+    faster there than MindSpore's CPU convolution.
+    """
+
+    def __init__(
+        self, c_in: int, c_out: int, kernel: int, stride: int, padding: int | tuple[int, ...]
+    ) -> None:
+        mode = "pad" if padding else "valid"
+        super().__init__(c_in, c_out, kernel, stride=stride, pad_mode=mode, padding=padding, has_bias=True)
+        self.three_by_three = kernel == 3 and stride == 1 and padding == 1
+        self.host = runtime.on_cpu()
+
+    def winograd_for(self, c_in: int, h: int, w: int) -> bool:
+        """Whether a float32 (n, c_in, h, w) input runs by Winograd's algorithm."""
+        return self.host and self.three_by_three and winograd.worth_it(c_in, self.out_channels, h, w)
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.host and self.three_by_three and x.dtype == ms.float32:
+            _, c_in, h, w = x.shape
+            if winograd.worth_it(c_in, self.out_channels, h, w):
+                return winograd.conv3x3(x, self.weight, self.bias)
+        return super().construct(x)
+
+
+def conv2d(c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int | tuple[int, ...] = 0) -> Conv2d:
+    """A biased 2-D convolution with explicit padding (see `Conv2d`)."""
+    return Conv2d(c_in, c_out, kernel, stride, padding)
 
 
 def band_rows(shape: tuple[int, ...], itemsize: int, band_bytes: int | None) -> int | None:
@@ -160,6 +185,12 @@ def banded_conv3x3(
     """
     dtype = conv.weight.dtype
     starts = list(range(0, height, rows))
+    if dtype == ms.float32 and isinstance(conv, Conv2d):
+        # Winograd pads every band with zeros itself: bands carry their real halo rows and the
+        # output rows computed from the zero rows beyond a band are dropped.
+        band = source(0, min(height, rows + 1)).astype(np.float32, copy=False)
+        if conv.winograd_for(band.shape[1], min(height, rows + 2), band.shape[3]):
+            return _banded_winograd(source, height, conv, rows, band, residual, into)
 
     def band_input(a: int) -> Tensor:
         b = min(height, a + rows)
@@ -182,24 +213,47 @@ def banded_conv3x3(
     return out
 
 
-class WrappedConv(nn.Cell):
-    """A convolution one name level down (`<name>.conv.weight`), as the official UNet stores it.
+def _banded_winograd(
+    source: Callable[[int, int], np.ndarray],
+    height: int,
+    conv: Conv2d,
+    rows: int,
+    first: np.ndarray,
+    residual: Callable[[int, int], np.ndarray] | None,
+    into: np.ndarray | None,
+) -> np.ndarray:
+    """`banded_conv3x3` by Winograd's algorithm; `first` is source(0, min(height, rows + 1))."""
+    how = winograd.scheme_for(min(height, rows + 2), first.shape[3])
+    transformed = winograd.transformed_weight(conv.weight, how)
+    out = into
+    upcoming: np.ndarray | None = first
+    for a in range(0, height, rows):
+        b = min(height, a + rows)
+        lo = max(0, a - 1)
+        assert upcoming is not None
+        values = winograd.conv3x3_array(upcoming, conv.weight, conv.bias, how, transformed)
+        values = values[:, :, a - lo : a - lo + b - a]
+        if b < height:  # the next band's input is made before this band's output lands in `into`
+            upcoming = source(b - 1, min(height, b + rows + 1)).astype(np.float32, copy=False)
+            if into is not None and np.may_share_memory(upcoming, into):
+                upcoming = upcoming.copy()
+        if out is None:
+            out = np.empty((*values.shape[:2], height, values.shape[3]), np.float32)
+        out[:, :, a:b] = values
+        if residual is not None:
+            out[:, :, a:b] += residual(a, b)
+    assert out is not None
+    return out
 
-    `host` (on by default on the CPU, off in a compiled graph): 3x3 stride-1 float32 convolutions on
-    maps where it pays (`winograd.worth_it`) run by Winograd's algorithm, 1.4-3x faster there.
-    """
+
+class WrappedConv(nn.Cell):
+    """A convolution one name level down (`<name>.conv.weight`), as the official UNet stores it."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1) -> None:
         super().__init__()
         self.conv = conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2)
-        self.three_by_three = kernel == 3 and stride == 1
-        self.host = runtime.on_cpu()
 
     def construct(self, x: Tensor) -> Tensor:
-        if self.host and self.three_by_three and x.dtype == ms.float32:
-            _, c_in, h, w = x.shape
-            if winograd.worth_it(c_in, self.conv.out_channels, h, w):
-                return winograd.conv3x3(x, self.conv.weight, self.conv.bias)
         return self.conv(x)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
 from core.diffusion.config import WukongConfig
 from core.diffusion.layers import (
@@ -58,8 +58,8 @@ class ResnetBlock(nn.Cell):
         rows = band_rows(x.shape, x.itemsize, band_bytes)
         if rows is not None:
             return self._banded(x, rows)
-        h = self.conv1(ops.silu(self.norm1(x)))
-        h = self.conv2(ops.silu(self.norm2(h)))
+        h = self.conv1(self.norm1.silu_of(x))
+        h = self.conv2(self.norm2.silu_of(h))
         return (self.nin_shortcut(x) if self.has_shortcut else x) + h
 
     def _banded(self, x: Tensor, rows: int) -> Tensor:
@@ -185,7 +185,7 @@ class Encoder(nn.Cell):
         for i, level in enumerate(self.down):
             h = level(h, i != last)
         h = self.mid(h)
-        return self.conv_out(ops.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out.silu_of(h))
 
 
 class Decoder(nn.Cell):
@@ -221,7 +221,7 @@ class Decoder(nn.Cell):
         rows = band_rows(h.shape, h.itemsize, band_bytes)
         if rows is not None:
             return Tensor.from_numpy(_norm_silu_conv(h.asnumpy(), self.norm_out, self.conv_out, rows))
-        return self.conv_out(ops.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out.silu_of(h))
 
 
 class AutoencoderKL(nn.Cell):

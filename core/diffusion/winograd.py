@@ -204,14 +204,19 @@ def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None, how: Scheme |
 
 
 def conv3x3_array(
-    xs: np.ndarray, weight: Tensor, bias: Tensor | None = None, how: Scheme | None = None
+    xs: np.ndarray,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    how: Scheme | None = None,
+    transformed: Tensor | None = None,
 ) -> np.ndarray:
-    """`conv3x3` of a float32 numpy map (n, c, h, w), returning a new numpy array."""
+    """`conv3x3` of a float32 numpy map (n, c, h, w), returning a new numpy array; `transformed`,
+    if given, is `transformed_weight(weight, how)` made once for several calls."""
     if xs.dtype != np.float32 or xs.ndim != 4:
         raise ValueError(f"expected a float32 (n, c, h, w) input, got {xs.dtype} {xs.shape}")
     n, c, h, w = xs.shape
     how = how or scheme_for(h, w)
-    u = transformed_weight(weight, how)
+    u = transformed_weight(weight, how) if transformed is None else transformed
     alpha2, c_out, c_in = u.shape
     if c != c_in:
         raise ValueError(f"input has {c} channels, the weight expects {c_in}")
