@@ -11,7 +11,7 @@ ms = pytest.importorskip("mindspore")
 
 from mindspore import Parameter, Tensor, ops  # noqa: E402
 
-from core.diffusion import WukongConfig, winograd  # noqa: E402
+from core.diffusion import WukongConfig, cpu_kernels, winograd  # noqa: E402
 from core.diffusion.checkpoint import build_model, randomize  # noqa: E402
 from core.diffusion.layers import banded_conv3x3, conv2d  # noqa: E402
 
@@ -46,7 +46,21 @@ def _error(got: Tensor, expected: np.ndarray) -> float:
         (2, 6, 3, 2, 3),
     ],
 )
-def test_equals_conv2d(how: winograd.Scheme, n: int, c_in: int, c_out: int, h: int, w: int) -> None:
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "numpy"])
+def test_equals_conv2d(
+    how: winograd.Scheme,
+    n: int,
+    c_in: int,
+    c_out: int,
+    h: int,
+    w: int,
+    kernels: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both ways of making the data transforms: the C++ kernels (where built) and numpy."""
+    if kernels and not cpu_kernels.available():
+        pytest.skip("the CPU kernels are not built here")
+    monkeypatch.setattr(winograd.cpu_kernels, "available", lambda: kernels)
     x = Tensor(_random((n, c_in, h, w), 1))
     weight = Parameter(Tensor(_random((c_out, c_in, 3, 3), 2)), name="w")
     bias = Parameter(Tensor(_random((c_out,), 3)), name="b")
@@ -70,6 +84,7 @@ def test_bands_of_tile_rows(how: winograd.Scheme, rows: int, monkeypatch: pytest
         real_gather(x, tile, first, into)
 
     tile_rows, tile_cols = -(-h // how.tile), -(-w // how.tile)
+    monkeypatch.setattr(winograd.cpu_kernels, "available", lambda: False)  # the numpy path bands
     monkeypatch.setattr(winograd, "_gather", gather)
     monkeypatch.setattr(winograd, "_BAND_BYTES", rows * how.alpha**2 * c_in * n * tile_cols * 4)
     got = winograd.conv3x3(x, weight, bias, how)

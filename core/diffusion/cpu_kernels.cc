@@ -20,6 +20,7 @@
 namespace {
 
 constexpr int kLanes = 16;
+constexpr int64_t kMaxAlpha = 8;
 constexpr int64_t kMinWorkPerThread = 32 * 1024;  // floats: below this a thread costs more than it saves
 
 int worker_count() {
@@ -364,6 +365,110 @@ int Geglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **
       const float *gate = value + inner;
       float *out = y + r * inner;
       for (int64_t i = 0; i < inner; ++i) out[i] = value[i] * gelu_tanh(gate[i]);
+    }
+  });
+  return 0;
+}
+
+// Winograd F(m x m, 3x3) data transforms (see winograd.py), alpha = m + 2 <= kMaxAlpha.
+// x (n, c, h, w), bt (alpha, alpha) = B^T -> v (alpha^2, c, n * rows * cols): the zero-padded
+// alpha x alpha input tiles d (stride m, one row and column of padding) transformed to B^T d B.
+// Per image, channel and tile row: first B^T along the rows (contiguous over the columns), then B
+// along the columns (contiguous over the tiles).
+int WinogradInput(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 3 || ndims[0] != 4 || ndims[1] != 2 || !all_float32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *bt = static_cast<const float *>(params[1]);
+  float *v = static_cast<float *>(params[2]);
+  const int64_t n = shapes[0][0], c = shapes[0][1], h = shapes[0][2], w = shapes[0][3];
+  const int64_t alpha = shapes[1][0];
+  if (alpha < 3 || alpha > kMaxAlpha || shapes[1][1] != alpha) return 1;
+  const int64_t m = alpha - 2, rows = (h + m - 1) / m, cols = (w + m - 1) / m;
+  const int64_t tiles = n * rows * cols, padded = cols * m + 2;
+  if (n * c * h * w == 0) return 0;
+  parallel_for(n * c, h * w * alpha * alpha / (m * m), [=](int64_t begin, int64_t end) {
+    std::vector<float> line(alpha * padded), col(cols);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t image = plane / c, channel = plane % c;
+      const float *source = x + plane * h * w;
+      for (int64_t r = 0; r < rows; ++r) {
+        std::fill(line.begin(), line.end(), 0.0f);
+        for (int64_t i = 0; i < alpha; ++i) {  // line[i] = sum_k bt[i][k] * padded input row r*m + k
+          float *out = line.data() + i * padded + 1;
+          for (int64_t k = 0; k < alpha; ++k) {
+            const int64_t y = r * m + k - 1;
+            const float coefficient = bt[i * alpha + k];
+            if (y < 0 || y >= h || coefficient == 0.0f) continue;
+            const float *row = source + y * w;
+            for (int64_t j = 0; j < w; ++j) out[j] += coefficient * row[j];
+          }
+        }
+        const int64_t first = (image * rows + r) * cols;
+        for (int64_t i = 0; i < alpha; ++i) {
+          const float *in = line.data() + i * padded;
+          for (int64_t j = 0; j < alpha; ++j) {  // v[i*alpha + j] = sum_k in[tile*m + k] * bt[j][k]
+            std::fill(col.begin(), col.end(), 0.0f);
+            for (int64_t k = 0; k < alpha; ++k) {
+              const float coefficient = bt[j * alpha + k];
+              if (coefficient == 0.0f) continue;
+              for (int64_t t = 0; t < cols; ++t) col[t] += coefficient * in[t * m + k];
+            }
+            std::copy(col.begin(), col.end(), v + ((i * alpha + j) * c + channel) * tiles + first);
+          }
+        }
+      }
+    }
+  });
+  return 0;
+}
+
+// p (alpha^2, c, n * rows * cols) products, at (m, alpha) = A^T, bias (c), shape (n, 1, h, w) whose
+// shape alone is read -> y (n, c, h, w): the m x m output tiles A^T P A plus the bias, cropped to h, w.
+int WinogradOutput(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 5 || ndims[0] != 3 || ndims[1] != 2 || ndims[3] != 4 || !all_float32(nparam, dtypes)) return 1;
+  const float *p = static_cast<const float *>(params[0]);
+  const float *at = static_cast<const float *>(params[1]);
+  const float *bias = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[4]);
+  const int64_t m = shapes[1][0], alpha = shapes[1][1];
+  const int64_t n = shapes[3][0], h = shapes[3][2], w = shapes[3][3], c = shapes[0][1];
+  const int64_t rows = (h + m - 1) / m, cols = (w + m - 1) / m, tiles = n * rows * cols;
+  if (alpha != m + 2 || alpha > kMaxAlpha || shapes[0][0] != alpha * alpha || shapes[0][2] != tiles) return 1;
+  if (element_count(ndims[2], shapes[2]) != c) return 1;
+  if (n * c * h * w == 0) return 0;
+  parallel_for(n * c, h * w * alpha * alpha / (m * m), [=](int64_t begin, int64_t end) {
+    std::vector<float> half(alpha * m * cols), sum(cols);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t image = plane / c, channel = plane % c;
+      float *target = y + plane * h * w;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t first = (image * rows + r) * cols;
+        for (int64_t a = 0; a < alpha; ++a) {  // half[a][j] = sum_b p[a*alpha + b] * at[j][b]
+          for (int64_t j = 0; j < m; ++j) {
+            float *out = half.data() + (a * m + j) * cols;
+            std::fill(out, out + cols, 0.0f);
+            for (int64_t b = 0; b < alpha; ++b) {
+              const float coefficient = at[j * alpha + b];
+              if (coefficient == 0.0f) continue;
+              const float *in = p + ((a * alpha + b) * c + channel) * tiles + first;
+              for (int64_t t = 0; t < cols; ++t) out[t] += coefficient * in[t];
+            }
+          }
+        }
+        for (int64_t i = 0; i < m && r * m + i < h; ++i) {  // rows of y: sum_a at[i][a] * half[a]
+          float *row = target + (r * m + i) * w;
+          for (int64_t j = 0; j < m; ++j) {
+            std::fill(sum.begin(), sum.end(), bias[channel]);
+            for (int64_t a = 0; a < alpha; ++a) {
+              const float coefficient = at[i * alpha + a];
+              if (coefficient == 0.0f) continue;
+              const float *in = half.data() + (a * m + j) * cols;
+              for (int64_t t = 0; t < cols; ++t) sum[t] += coefficient * in[t];
+            }
+            for (int64_t t = 0; t < cols && t * m + j < w; ++t) row[t * m + j] = sum[t];
+          }
+        }
+      }
     }
   });
   return 0;

@@ -1,4 +1,5 @@
-"""Fused float32 CPU kernels (GroupNorm [+ SiLU], LayerNorm, softmax, GEGLU) as MindSpore AOT custom ops.
+"""Fused float32 CPU kernels (GroupNorm [+ SiLU], LayerNorm, softmax, GEGLU, Winograd transforms) as
+MindSpore AOT custom ops.
 
 MindSpore's CPU kernels for these are 10-30x slower than PyTorch's. The C++ source beside this module
 (`cpu_kernels.cc`) is compiled once per source, compiler and host CPU (`-march=native`) into a cache
@@ -39,6 +40,8 @@ class _Operators:
     softmax: ops.Custom
     geglu: ops.Custom
     geglu_bias: ops.Custom
+    winograd_input: ops.Custom
+    winograd_output: ops.Custom
 
 
 def available() -> bool:
@@ -82,6 +85,24 @@ def geglu(h: Tensor, bias: Tensor | None = None) -> Tensor:
     return kernels.geglu(h) if bias is None else kernels.geglu_bias(h, bias)
 
 
+def winograd_input(x: Tensor, b_t: Tensor) -> Tensor:
+    """Winograd input tiles of float32 `x` (n, c, h, w) transformed by `b_t` (alpha, alpha):
+    (alpha^2, c, n * rows * cols), tiles of stride alpha - 2 over `x` padded by one zero row and column."""
+    return _require().winograd_input(x, b_t)
+
+
+def winograd_output(products: Tensor, a_t: Tensor, bias: Tensor, n: int, h: int, w: int) -> Tensor:
+    """The (n, c, h, w) map from Winograd `products` (alpha^2, c, tiles) transformed by `a_t`
+    (m, alpha), plus the per-channel `bias` (c)."""
+    return _require().winograd_output(products, a_t, bias, _shape_of(n, h, w))
+
+
+@functools.cache
+def _shape_of(n: int, h: int, w: int) -> Tensor:
+    """A small tensor whose shape (n, 1, h, w) tells the output kernel the map's size."""
+    return Tensor(np.zeros((n, 1, h, w), np.float32))
+
+
 def _require() -> _Operators:
     kernels = _operators()
     if kernels is None:
@@ -121,6 +142,13 @@ def _load(library: Path) -> _Operators:
     def halved(h: list[int], *_: object) -> list[int]:
         return [*h[:-1], h[-1] // 2]
 
+    def input_tiles(x: list[int], b_t: list[int]) -> list[int]:
+        m = b_t[0] - 2
+        return [b_t[0] * b_t[0], x[1], x[0] * -(-x[2] // m) * -(-x[3] // m)]
+
+    def output_map(products: list[int], a_t: list[int], bias: list[int], shape: list[int]) -> list[int]:
+        return [shape[0], products[1], shape[2], shape[3]]
+
     return _Operators(
         group_norm=custom("GroupNorm", same),
         group_norm_bias=custom("GroupNormBias", same),
@@ -128,6 +156,8 @@ def _load(library: Path) -> _Operators:
         softmax=custom("Softmax", same),
         geglu=custom("Geglu", halved),
         geglu_bias=custom("GegluBias", halved),
+        winograd_input=custom("WinogradInput", input_tiles),
+        winograd_output=custom("WinogradOutput", output_map),
     )
 
 
