@@ -14,8 +14,9 @@ from core.diffusion import cpu_kernels, runtime, winograd
 
 _bmm = ops.BatchMatMul()
 _ATTENTION_CHUNK_BYTES = 64 * 1024 * 1024
-"""Largest float32 score block (heads, queries, keys) built at once: longer sequences are attended in
-slices of the query axis, so one guided 512x512 step never holds its full 1 GiB score matrix."""
+"""Largest float32 score block (heads, queries, keys) built at once: heads are attended in groups that
+fit (query slices where one head alone does not), so one guided 512x512 step never holds its full
+1 GiB score matrix."""
 _GELU_2_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715 * _GELU_2_SQRT_2_OVER_PI
 
