@@ -98,9 +98,9 @@ def _ours(phase: str, size: int, steps: int, warmup: int) -> float:
         t_emb = unet.embed_timesteps(np.array([500, 500]))
         step = unet
         if phase == "unet-graph":
-            from core.diffusion.layers import set_cpu_paths
+            from core.diffusion.layers import prepare_for_graph
 
-            set_cpu_paths(unet, host=False)  # as WukongPipeline(graph=True): no numpy inside a graph
+            prepare_for_graph(unet)  # as WukongPipeline(graph=True): no numpy inside a graph
             step = ms.jit(unet.construct)
             _COMPILE["seconds"] = _timed(lambda: step(x, t_emb, ctx).asnumpy(), 0)  # compile + first run
         return _timed(lambda: step(x, t_emb, ctx).asnumpy(), warmup)

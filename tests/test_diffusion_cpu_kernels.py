@@ -293,7 +293,7 @@ def test_tiny_unet_with_kernels_equals_all_cpu_paths_off() -> None:
     ctx = Tensor(rng.standard_normal((2, cfg.context_length, cfg.context_dim)).astype(np.float32))
     t_emb = unet.embed_timesteps(np.array([5, 900]))
     fast = unet(x, t_emb, ctx).asnumpy()
-    set_cpu_paths(unet, kernels=False, tiled=False, host=False, fused_proj=False)
+    set_cpu_paths(unet, kernels=False, tiled=False, host=False, winograd=False, fused_proj=False)
     generic = unet(x, t_emb, ctx).asnumpy()
     assert np.abs(generic).max() > 0.1
     np.testing.assert_allclose(fast, generic, rtol=1e-4, atol=1e-4)

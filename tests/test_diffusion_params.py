@@ -192,7 +192,7 @@ def test_cpu_paths_are_on_by_default_here_and_change_nothing() -> None:
     ctx = Tensor(rng.standard_normal((2, cfg.context_length, cfg.context_dim)).astype(np.float32))
     t_emb = unet.embed_timesteps(np.array([3, 800]))
     fast = unet(x, t_emb, ctx).asnumpy()
-    set_cpu_paths(unet, kernels=False, tiled=False, host=False, fused_proj=False)
+    set_cpu_paths(unet, kernels=False, tiled=False, host=False, winograd=False, fused_proj=False)
     generic = unet(x, t_emb, ctx).asnumpy()
     assert np.abs(generic).max() > 0.1
     np.testing.assert_allclose(fast, generic, rtol=1e-4, atol=1e-5)

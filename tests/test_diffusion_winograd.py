@@ -13,7 +13,7 @@ from mindspore import Parameter, Tensor, ops  # noqa: E402
 
 from core.diffusion import WukongConfig, cpu_kernels, winograd  # noqa: E402
 from core.diffusion.checkpoint import build_model, randomize  # noqa: E402
-from core.diffusion.layers import banded_conv3x3, conv2d  # noqa: E402
+from core.diffusion.layers import banded_conv3x3, conv2d, prepare_for_graph  # noqa: E402
 
 TOLERANCE = 1e-5
 """Max abs difference from ops.conv2d relative to the largest output (measured at these sizes:
@@ -202,9 +202,21 @@ def test_banded_convolution_by_winograd_equals_the_whole_map(rows: int) -> None:
 def test_convolution_cells_pick_winograd_where_it_pays() -> None:
     conv = conv2d(64, 64, 3, padding=1)
     x = Tensor(_random((2, 64, 32, 32), 33))
-    assert conv.host and conv.winograd_for(64, 32, 32)
+    assert conv.winograd and conv.winograd_for(64, 32, 32)
     assert not conv2d(64, 64, 3, stride=2, padding=1).winograd_for(64, 32, 32)
     assert not conv2d(64, 64, 1).winograd_for(64, 32, 32)
     by_winograd = conv(x).asnumpy()
-    conv.host = False
+    conv.winograd = False
     assert _error(Tensor(by_winograd), conv(x).asnumpy()) < TOLERANCE
+
+
+def test_winograd_by_the_kernels_runs_in_a_compiled_graph() -> None:
+    if not cpu_kernels.available():
+        pytest.skip("the CPU kernels are not built here")
+    conv = conv2d(64, 64, 3, padding=1)
+    x = Tensor(_random((2, 64, 32, 32), 34))
+    prepare_for_graph(conv)
+    assert conv.winograd
+    compiled = ms.jit(conv.construct)(x).asnumpy()
+    np.testing.assert_array_equal(compiled, conv(x).asnumpy())  # the same Winograd operators
+    assert _error(Tensor(compiled), _reference(x, conv.weight, conv.bias)) < TOLERANCE

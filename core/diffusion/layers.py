@@ -126,9 +126,10 @@ def expand(x: Tensor, shape: tuple[int, ...]) -> Tensor:
 class Conv2d(nn.Conv2d):
     """A biased 2-D convolution with explicit padding (parameters weight/bias, as nn.Conv2d).
 
-    `host` (on by default on the CPU, off in a compiled graph): a 3x3, stride-1, padding-1 float32
-    convolution on a map where it pays (`winograd.worth_it`) runs by Winograd's algorithm, 1.4-3x
-    faster there than MindSpore's CPU convolution.
+    `winograd` (on by default on the CPU): a 3x3, stride-1, padding-1 float32 convolution on a map
+    where it pays (`winograd.worth_it`) runs by Winograd's algorithm, 1.4-3x faster there than
+    MindSpore's CPU convolution. With the C++ kernels it also runs in a compiled graph; without them
+    its transforms are numpy, so a compiled graph turns it off.
     """
 
     def __init__(
@@ -137,14 +138,14 @@ class Conv2d(nn.Conv2d):
         mode = "pad" if padding else "valid"
         super().__init__(c_in, c_out, kernel, stride=stride, pad_mode=mode, padding=padding, has_bias=True)
         self.three_by_three = kernel == 3 and stride == 1 and padding == 1
-        self.host = runtime.on_cpu()
+        self.winograd = runtime.on_cpu()
 
     def winograd_for(self, c_in: int, h: int, w: int) -> bool:
         """Whether a float32 (n, c_in, h, w) input runs by Winograd's algorithm."""
-        return self.host and self.three_by_three and winograd.worth_it(c_in, self.out_channels, h, w)
+        return self.winograd and self.three_by_three and winograd.worth_it(c_in, self.out_channels, h, w)
 
     def construct(self, x: Tensor) -> Tensor:
-        if self.host and self.three_by_three and x.dtype == ms.float32:
+        if self.winograd and self.three_by_three and x.dtype == ms.float32:
             _, c_in, h, w = x.shape
             if winograd.worth_it(c_in, self.out_channels, h, w):
                 return winograd.conv3x3(x, self.weight, self.bias)
@@ -385,11 +386,18 @@ def timestep_embedding(timesteps: np.ndarray, dim: int, max_period: float = 1000
     return emb.astype(np.float32)
 
 
-CPU_PATHS = ("kernels", "tiled", "host", "fused_proj")
+CPU_PATHS = ("kernels", "tiled", "host", "winograd", "fused_proj")
 """Switches that cells read to pick their CPU implementations (each is on when built on the CPU):
 `kernels` (our C++ kernels from `cpu_kernels`, when they built), `tiled` (no broadcasting element-wise
-operators), `host` (layout copies through numpy: PyNative only) and `fused_proj` (1x1 projections as
-products with transpose flags)."""
+operators), `host` (layout copies through numpy: PyNative only), `winograd` (3x3 convolutions by
+Winograd's algorithm, see `Conv2d`) and `fused_proj` (1x1 projections as products with transpose
+flags)."""
+
+
+def prepare_for_graph(cell: nn.Cell) -> None:
+    """Turn off the CPU paths a compiled graph cannot run: numpy copies, and Winograd's numpy
+    transforms where the C++ kernels are not built."""
+    set_cpu_paths(cell, host=False, winograd=runtime.on_cpu() and cpu_kernels.available())
 
 
 def set_cpu_paths(cell: nn.Cell, **switches: bool) -> None:

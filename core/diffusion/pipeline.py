@@ -18,7 +18,7 @@ from mindspore import Tensor
 
 from core.diffusion.checkpoint import WukongModel, build_model, load_weights, randomize
 from core.diffusion.config import WukongConfig
-from core.diffusion.layers import set_cpu_paths
+from core.diffusion.layers import prepare_for_graph
 from core.diffusion.samplers import SAMPLER_NAMES, NoiseSchedule, add_noise, make_timesteps, run_sampler
 from core.errors import EngineUnavailable, InvalidOption, JobCancelled
 from core.tokenizer import WordPieceTokenizer
@@ -80,12 +80,11 @@ class WukongPipeline:
         self.schedule = NoiseSchedule.official()
         self._ms_dtype = ms.float16 if dtype == "float16" else ms.float32
         # graph=True runs the UNet as a compiled static graph: the same results, but each new input shape
-        # (batch, height, width) first compiles for 10-40 s, the numpy paths (Winograd convolutions,
-        # head copies) are off, and at 512x512 the graph holds about 3 GB more (7.2 against 4.4 GB
-        # peak); on 2 CPU cores a 512x512 step took 10.7 s compiled against 10.5-12 s in PyNative.
+        # (batch, height, width) first compiles for 10-40 s, the numpy head copies are off, and at
+        # 512x512 the graph holds about 3 GB more than PyNative (7.2 against 4.4 GB peak).
         self.graph = graph
-        if graph:  # numpy layout copies cannot run inside a compiled graph (the C++ `kernels` can)
-            set_cpu_paths(model.unet, host=False)
+        if graph:
+            prepare_for_graph(model.unet)
         self._unet = ms.jit(model.unet.construct) if graph else model.unet
         model.set_train(False)
 
