@@ -13,9 +13,10 @@ ms = pytest.importorskip("mindspore")
 
 from mindspore import Tensor  # noqa: E402
 
-from core.diffusion import WukongConfig  # noqa: E402
+from core.diffusion import WukongConfig, cpu_kernels  # noqa: E402
 from core.diffusion.checkpoint import build_model, expected_shapes, randomize  # noqa: E402
 from core.diffusion.layers import (  # noqa: E402
+    CPU_PATHS,
     GroupNorm,
     LayerNorm,
     attention,
@@ -178,15 +179,17 @@ def test_layer_norm_matches_numpy(kernels: bool) -> None:
 
 
 def test_cpu_paths_are_on_by_default_here_and_change_nothing() -> None:
-    """The CPU implementations (our C++ kernels, numpy layout copies, fused 1x1 projections) give the
-    framework kernels' results on a whole tiny UNet."""
+    """The CPU implementations (our C++ kernels where they build, numpy layout copies, fused 1x1
+    projections) give the framework operators' results on a whole tiny UNet."""
     cfg = WukongConfig.tiny()
     model = build_model(cfg)
     randomize(model, seed=4)
     unet = model.unet
     unet.set_train(False)
-    switches = [sub.host for _, sub in unet.cells_and_names() if hasattr(sub, "host")]
-    assert switches and all(switches)
+    for switch in CPU_PATHS:
+        values = [getattr(sub, switch) for _, sub in unet.cells_and_names() if hasattr(sub, switch)]
+        expected = cpu_kernels.available() if switch == "kernels" else True
+        assert values and all(value == expected for value in values), switch
     rng = np.random.default_rng(5)
     x = Tensor(rng.standard_normal((2, 4, 8, 8)).astype(np.float32))
     ctx = Tensor(rng.standard_normal((2, cfg.context_length, cfg.context_dim)).astype(np.float32))

@@ -213,15 +213,25 @@ def _by_kernels(
     at once (the transformed tiles are alpha^2 / m^2 times the input, 2.25x for F4)."""
     n, c, h, w = x.shape
     how = how or scheme_for(h, w)
-    u = transformed_weight(weight, how) if transformed is None else transformed
-    _, c_out, c_in = u.shape
-    if c != c_in:
-        raise ValueError(f"input has {c} channels, the weight expects {c_in}")
-    if bias is not None and (tuple(bias.shape) != (c_out,) or bias.dtype != ms.float32):
-        raise ValueError(f"expected a float32 ({c_out},) bias, got {bias.dtype} {bias.shape}")
+    u = _checked_weight(c, weight, bias, how, transformed)
+    c_out = u.shape[1]
     b_t, a_t = _matrices(how)
     products = _bmm(u, cpu_kernels.winograd_input(x, b_t))
     return cpu_kernels.winograd_output(products, a_t, _zeros(c_out) if bias is None else bias, n, h, w)
+
+
+def _checked_weight(
+    channels: int, weight: Tensor, bias: Tensor | None, how: Scheme, transformed: Tensor | None
+) -> Tensor:
+    """The transformed weight (alpha^2, c_out, c_in), after checking it fits an input of `channels`
+    and that `bias`, if any, is float32 (c_out,)."""
+    u = transformed_weight(weight, how) if transformed is None else transformed
+    _, c_out, c_in = u.shape
+    if channels != c_in:
+        raise ValueError(f"input has {channels} channels, the weight expects {c_in}")
+    if bias is not None and (tuple(bias.shape) != (c_out,) or bias.dtype != ms.float32):
+        raise ValueError(f"expected a float32 ({c_out},) bias, got {bias.dtype} {bias.shape}")
+    return u
 
 
 @functools.cache
@@ -250,15 +260,9 @@ def conv3x3_array(
         return _by_kernels(x, weight, bias, how, transformed).asnumpy()
     n, c, h, w = xs.shape
     how = how or scheme_for(h, w)
-    u = transformed_weight(weight, how) if transformed is None else transformed
+    u = _checked_weight(c, weight, bias, how, transformed)
     alpha2, c_out, c_in = u.shape
-    if c != c_in:
-        raise ValueError(f"input has {c} channels, the weight expects {c_in}")
-    b = None
-    if bias is not None:
-        if tuple(bias.shape) != (c_out,) or bias.dtype != ms.float32:
-            raise ValueError(f"expected a float32 ({c_out},) bias, got {bias.dtype} {bias.shape}")
-        b = bias.asnumpy()[None, :, None, None]
+    b = None if bias is None else bias.asnumpy()[None, :, None, None]
     tile = how.tile
     tile_rows, tile_cols = -(-h // tile), -(-w // tile)
     row_bytes = alpha2 * c_in * n * tile_cols * 4
