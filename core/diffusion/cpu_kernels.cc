@@ -321,9 +321,9 @@ int Softmax(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   return 0;
 }
 
-// h (..., 2 * inner), bias (2 * inner) or none -> (..., inner): with u = h + bias,
+// h (..., 2 * inner), bias (2 * inner) -> (..., inner): with u = h + bias,
 // u[..., :inner] * gelu_tanh(u[..., inner:]).
-int GegluBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+int Geglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (nparam != 3 || ndims[0] < 1 || !all_float32(nparam, dtypes)) return 1;
   const float *h = static_cast<const float *>(params[0]);
   const float *bias = static_cast<const float *>(params[1]);
@@ -344,27 +344,6 @@ int GegluBias(int nparam, void **params, int *ndims, int64_t **shapes, const cha
       for (int64_t i = 0; i < inner; ++i) {
         out[i] = (value[i] + value_bias[i]) * gelu_tanh(gate[i] + gate_bias[i]);
       }
-    }
-  });
-  return 0;
-}
-
-int Geglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (nparam != 2 || ndims[0] < 1 || !all_float32(nparam, dtypes)) return 1;
-  const float *h = static_cast<const float *>(params[0]);
-  float *y = static_cast<float *>(params[1]);
-  const int64_t width = shapes[0][ndims[0] - 1];
-  if (width % 2 != 0) return 1;
-  const int64_t inner = width / 2;
-  if (inner == 0) return 0;
-  const int64_t rows = element_count(ndims[0], shapes[0]) / width;
-
-  parallel_for(rows, 3 * inner, [=](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float *value = h + r * width;
-      const float *gate = value + inner;
-      float *out = y + r * inner;
-      for (int64_t i = 0; i < inner; ++i) out[i] = value[i] * gelu_tanh(gate[i]);
     }
   });
   return 0;

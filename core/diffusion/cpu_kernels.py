@@ -39,7 +39,6 @@ class _Operators:
     layer_norm: ops.Custom
     softmax: ops.Custom
     geglu: ops.Custom
-    geglu_bias: ops.Custom
     winograd_input: ops.Custom
     winograd_output: ops.Custom
 
@@ -81,8 +80,7 @@ def softmax(x: Tensor) -> Tensor:
 def geglu(h: Tensor, bias: Tensor | None = None) -> Tensor:
     """u[..., :inner] * gelu_tanh(u[..., inner:]) of u = h + bias, float32 `h` (..., 2 * inner) and
     `bias` (2 * inner) if given (the projection's, so its own add is skipped); `h` is read in place."""
-    kernels = _require()
-    return kernels.geglu(h) if bias is None else kernels.geglu_bias(h, bias)
+    return _require().geglu(h, _zeros(h.shape[-1]) if bias is None else bias)
 
 
 def winograd_input(x: Tensor, b_t: Tensor) -> Tensor:
@@ -95,6 +93,11 @@ def winograd_output(products: Tensor, a_t: Tensor, bias: Tensor, n: int, h: int,
     """The (n, c, h, w) map from Winograd `products` (alpha^2, c, tiles) transformed by `a_t`
     (m, alpha), plus the per-channel `bias` (c)."""
     return _require().winograd_output(products, a_t, bias, _shape_of(n, h, w))
+
+
+@functools.cache
+def _zeros(width: int) -> Tensor:
+    return Tensor(np.zeros(width, np.float32))
 
 
 @functools.cache
@@ -155,7 +158,6 @@ def _load(library: Path) -> _Operators:
         layer_norm=custom("LayerNorm", same),
         softmax=custom("Softmax", same),
         geglu=custom("Geglu", halved),
-        geglu_bias=custom("GegluBias", halved),
         winograd_input=custom("WinogradInput", input_tiles),
         winograd_output=custom("WinogradOutput", output_map),
     )
