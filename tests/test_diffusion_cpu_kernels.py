@@ -8,6 +8,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -290,3 +291,42 @@ def test_resblock_in_a_compiled_graph_equals_pynative(rng: np.random.Generator, 
     eager = block(x, emb, emb).asnumpy()
     compiled = ms.jit(block.construct)(x, emb, emb).asnumpy()
     np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize(("heads", "n", "m", "d"), [(1, 1, 1, 1), (3, 130, 77, 8), (2, 64, 200, 40)])
+def test_fused_attention_matches_numpy(rng: np.random.Generator, heads: int, n: int, m: int, d: int) -> None:
+    """Blocks of 64 queries (an uneven last block included) over every key give one softmax product."""
+    if not cpu_kernels.attention_available():
+        pytest.skip("MindSpore's oneDNN sgemm is not found here")
+    q = rng.standard_normal((heads, n, d)).astype(np.float32)
+    k = rng.standard_normal((heads, m, d)).astype(np.float32) * 2
+    v = rng.standard_normal((heads, m, d)).astype(np.float32)
+    scale = 1.0 / np.sqrt(d)
+    got = cpu_kernels.attention(Tensor(q), Tensor(k.transpose(0, 2, 1).copy()), Tensor(v), scale).asnumpy()
+    scores = (q.astype(np.float64) @ k.transpose(0, 2, 1)) * scale
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = (weights / weights.sum(-1, keepdims=True)) @ v
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5)
+
+
+@needs_compiler
+def test_unet_attention_uses_the_fused_kernel_and_agrees(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not cpu_kernels.attention_available():
+        pytest.skip("MindSpore's oneDNN sgemm is not found here")
+    calls: list[int] = []
+    fused_kernel = cpu_kernels.attention
+
+    def counted(*args: Any) -> Tensor:
+        calls.append(1)
+        return fused_kernel(*args)
+
+    monkeypatch.setattr(cpu_kernels, "attention", counted)
+    q, k, v = (rng.standard_normal((4, 70, 8)).astype(np.float32) for _ in range(3))
+    fused = attention(Tensor(q), Tensor(k), Tensor(v), kernels=True).asnumpy()
+    assert calls == [1]
+    blocks = attention(Tensor(q), Tensor(k), Tensor(v)).asnumpy()
+    assert calls == [1]
+    np.testing.assert_allclose(fused, blocks, rtol=1e-4, atol=1e-5)

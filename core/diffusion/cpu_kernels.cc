@@ -7,9 +7,11 @@
 // thread pool keeps the cores. Inner loops are branch-free and written for GCC's vectoriser: the
 // reductions keep `kLanes` partial results side by side.
 
+#include <dlfcn.h>
 #include <sched.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -236,6 +238,55 @@ int group_norm(int nparam, void **params, int *ndims, int64_t **shapes, const ch
   return 0;
 }
 
+// Softmax of one row of `width` floats from rx into ry (may be the same row).
+void softmax_row(const float *rx, float *ry, int64_t width) {
+  const int64_t full = width - width % kLanes;
+  const int64_t rest = width - full;
+  float tail[kLanes];  // the last width % 16 entries, padded with -inf (whose exp is 0)
+  for (int k = 0; k < kLanes; ++k) tail[k] = k < rest ? rx[full + k] : -INFINITY;
+
+  vfloat top = load(tail);
+  for (int64_t i = 0; i < full; i += kLanes) {
+    const vfloat v = load(rx + i);
+    top = v > top ? v : top;
+  }
+  float peak = top[0];
+  for (int k = 1; k < kLanes; ++k) peak = top[k] > peak ? top[k] : peak;
+  peak = peak == -INFINITY ? 0.0f : peak;  // all -inf: every exp is 0 below
+
+  const vfloat tail_exp = exp_fast(load(tail) - peak);
+  vfloat sums = tail_exp;
+  for (int64_t i = 0; i < full; i += kLanes) {
+    const vfloat e = exp_fast(load(rx + i) - peak);
+    store(ry + i, e);
+    sums += e;
+  }
+  float total = 0.0f;
+  for (int k = 0; k < kLanes; ++k) total += sums[k];
+  const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
+  for (int64_t i = 0; i < full; i += kLanes) store(ry + i, load(ry + i) * inverse);
+  for (int64_t k = 0; k < rest; ++k) ry[full + k] = tail_exp[k] * inverse;
+}
+
+// oneDNN's row-major sgemm (C = alpha A B + beta C), from the libdnnl that MindSpore itself loads: found
+// at run time, so the library builds and its other kernels work without it (Attention then fails).
+typedef int (*Sgemm)(char, char, int64_t, int64_t, int64_t, float, const float *, int64_t, const float *,
+                     int64_t, float, float *, int64_t);
+
+Sgemm find_sgemm() {
+  static const Sgemm sgemm = [] {
+    void *symbol = dlsym(RTLD_DEFAULT, "dnnl_sgemm");
+    if (symbol == nullptr) {  // loaded privately (RTLD_LOCAL) by MindSpore: ask that copy by name
+      void *library = dlopen("libdnnl.so.2", RTLD_NOW | RTLD_NOLOAD);
+      if (library != nullptr) symbol = dlsym(library, "dnnl_sgemm");
+    }
+    return reinterpret_cast<Sgemm>(symbol);
+  }();
+  return sgemm;
+}
+
+constexpr int64_t kAttentionRows = 64;  // queries per block: their scores (64 x keys) stay in cache
+
 }  // namespace
 
 extern "C" {
@@ -287,36 +338,7 @@ int Softmax(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   const int64_t rows = element_count(ndims[0], shapes[0]) / width;
 
   parallel_for(rows, width, [=](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float *rx = x + r * width;
-      float *ry = y + r * width;
-      const int64_t full = width - width % kLanes;
-      const int64_t rest = width - full;
-      float tail[kLanes];  // the last width % 16 entries, padded with -inf (whose exp is 0)
-      for (int k = 0; k < kLanes; ++k) tail[k] = k < rest ? rx[full + k] : -INFINITY;
-
-      vfloat top = load(tail);
-      for (int64_t i = 0; i < full; i += kLanes) {
-        const vfloat v = load(rx + i);
-        top = v > top ? v : top;
-      }
-      float peak = top[0];
-      for (int k = 1; k < kLanes; ++k) peak = top[k] > peak ? top[k] : peak;
-      peak = peak == -INFINITY ? 0.0f : peak;  // all -inf: every exp is 0 below
-
-      const vfloat tail_exp = exp_fast(load(tail) - peak);
-      vfloat sums = tail_exp;
-      for (int64_t i = 0; i < full; i += kLanes) {
-        const vfloat e = exp_fast(load(rx + i) - peak);
-        store(ry + i, e);
-        sums += e;
-      }
-      float total = 0.0f;
-      for (int k = 0; k < kLanes; ++k) total += sums[k];
-      const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
-      for (int64_t i = 0; i < full; i += kLanes) store(ry + i, load(ry + i) * inverse);
-      for (int64_t k = 0; k < rest; ++k) ry[full + k] = tail_exp[k] * inverse;
-    }
+    for (int64_t r = begin; r < end; ++r) softmax_row(x + r * width, y + r * width, width);
   });
   return 0;
 }
@@ -451,6 +473,51 @@ int WinogradOutput(int nparam, void **params, int *ndims, int64_t **shapes, cons
     }
   });
   return 0;
+}
+
+// q (bh, n, d), k_t (bh, d, m), v (bh, m, d), settings (scale) -> softmax(scale q k_t) v (bh, n, d).
+// Per head and block of kAttentionRows queries: the scores by oneDNN's sgemm into a per-thread block
+// that stays in cache, the softmax in place, the product with v by sgemm; no score matrix is kept.
+int Attention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 5 || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || !all_float32(nparam, dtypes)) return 1;
+  const Sgemm sgemm = find_sgemm();
+  if (sgemm == nullptr) return 1;
+  const float *q = static_cast<const float *>(params[0]);
+  const float *k_t = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  const float scale = static_cast<const float *>(params[3])[0];
+  float *out = static_cast<float *>(params[4]);
+  const int64_t heads = shapes[0][0], n = shapes[0][1], d = shapes[0][2], m = shapes[1][2];
+  if (shapes[1][0] != heads || shapes[1][1] != d || shapes[2][0] != heads || shapes[2][1] != m ||
+      shapes[2][2] != d) {
+    return 1;
+  }
+  if (heads * n * d == 0) return 0;
+  if (m == 0) {
+    std::fill(out, out + heads * n * d, 0.0f);
+    return 0;
+  }
+  const int64_t blocks = (n + kAttentionRows - 1) / kAttentionRows;
+  std::atomic<bool> failed{false};
+  parallel_for(heads * blocks, kAttentionRows * m * 2, [=, &failed](int64_t begin, int64_t end) {
+    std::vector<float> scores(kAttentionRows * m);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t head = unit / blocks, first = (unit % blocks) * kAttentionRows;
+      const int64_t rows = std::min(kAttentionRows, n - first);
+      const float *qb = q + (head * n + first) * d;
+      if (sgemm('N', 'N', rows, m, d, scale, qb, d, k_t + head * d * m, m, 0.0f, scores.data(), m) != 0) {
+        failed = true;
+        return;
+      }
+      for (int64_t r = 0; r < rows; ++r) softmax_row(scores.data() + r * m, scores.data() + r * m, m);
+      float *ob = out + (head * n + first) * d;
+      if (sgemm('N', 'N', rows, d, m, 1.0f, scores.data(), m, v + head * m * d, d, 0.0f, ob, d) != 0) {
+        failed = true;
+        return;
+      }
+    }
+  });
+  return failed ? 1 : 0;
 }
 
 }  // extern "C"

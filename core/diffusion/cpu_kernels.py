@@ -39,6 +39,7 @@ class _Operators:
     layer_norm: ops.Custom
     softmax: ops.Custom
     geglu: ops.Custom
+    attention: ops.Custom
     winograd_input: ops.Custom
     winograd_output: ops.Custom
 
@@ -81,6 +82,30 @@ def geglu(h: Tensor, bias: Tensor | None = None) -> Tensor:
     """u[..., :inner] * gelu_tanh(u[..., inner:]) of u = h + bias, float32 `h` (..., 2 * inner) and
     `bias` (2 * inner) if given (the projection's, so its own add is skipped); `h` is read in place."""
     return _require().geglu(h, _zeros(h.shape[-1]) if bias is None else bias)
+
+
+def attention(q: Tensor, k_t: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(scale q k_t) v for float32 q (bh, n, d), k_t (bh, d, m), v (bh, m, d), in blocks of
+    queries whose scores stay in cache (no score matrix is kept). Check `attention_available()`."""
+    return _require().attention(q, k_t, v, _settings(float(scale)))
+
+
+@functools.cache
+def attention_available() -> bool:
+    """Whether `attention` runs here: it needs the sgemm of the oneDNN library MindSpore loads."""
+    if _operators() is None:
+        return False
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 3, 4)).astype(np.float32) for _ in range(3))
+    try:
+        got = attention(Tensor(q), Tensor(k.transpose(0, 2, 1).copy()), Tensor(v), 0.5).asnumpy()
+    except Exception as exc:  # no sgemm found: the kernel reports failure
+        logger.info("fused CPU attention unavailable (%s)", exc)
+        return False
+    scores = 0.5 * q @ k.transpose(0, 2, 1)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = (weights / weights.sum(-1, keepdims=True)) @ v
+    return bool(np.allclose(got, expected, rtol=1e-4, atol=1e-5))
 
 
 def winograd_input(x: Tensor, b_t: Tensor) -> Tensor:
@@ -158,6 +183,7 @@ def _load(library: Path) -> _Operators:
         layer_norm=custom("LayerNorm", same),
         softmax=custom("Softmax", same),
         geglu=custom("Geglu", halved),
+        attention=custom("Attention", same),
         winograd_input=custom("WinogradInput", input_tiles),
         winograd_output=custom("WinogradOutput", output_map),
     )
