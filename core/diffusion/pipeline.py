@@ -81,7 +81,7 @@ class WukongPipeline:
         self._ms_dtype = ms.float16 if dtype == "float16" else ms.float32
         # graph=True runs the UNet as a compiled static graph: the same results, but each new input shape
         # (batch, height, width) first compiles for 10-40 s, the numpy head copies are off, and at
-        # 512x512 the graph holds about 3 GB more than PyNative (7.2 against 4.4 GB peak).
+        # 512x512 the graph holds about 3 GB more than PyNative (7.4 against 4.4 GB peak).
         self.graph = graph
         if graph:
             prepare_for_graph(model.unet)
