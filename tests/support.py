@@ -93,3 +93,12 @@ async def make_service(  # type: ignore[no-untyped-def]
     service = await build_service(make_settings(tmp_path, **overrides), engine=engine)
     await service.start()
     return service
+
+
+async def until(check: Any, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    """Poll an async predicate every 50 ms (stores and platforms are updated by listeners)."""
+    for _ in range(int(timeout / 0.05)):
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"condition not met in time: {check.__name__}")

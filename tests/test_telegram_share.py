@@ -16,6 +16,7 @@ from bots.telegram.delivery import META_RESULT
 from bots.telegram.gallery import Sharer
 from core.types import Action, JobStatus
 from tests.fake_telegram import Call, FakeTelegram
+from tests.support import until
 from tests.test_telegram_bot import button_data, buttons, running, sent_message
 
 USER = 3001
@@ -228,11 +229,3 @@ def test_credit_line_is_bounded_and_the_share_button_round_trips() -> None:
     assert keyboards.decode(keyboards.encode(Action.REROLL, 0, "abc")).action == Action.REROLL  # type: ignore[union-attr]
     labels = [b.text for row in keyboards.result_keyboard("abc", 1, share=True).inline_keyboard for b in row]
     assert labels == ["🔄", "V1", "U1", "↗️ Share"]
-
-
-async def until(check: Any, timeout: float = 5.0) -> None:  # noqa: ASYNC109
-    for _ in range(int(timeout / 0.05)):
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not met in time: {check.__name__}")

@@ -20,7 +20,7 @@ from core.story.book import StoryBook
 from core.story.model import Story
 from core.types import Action, JobKind
 from tests.fake_telegram import FakeTelegram
-from tests.support import PatternEngine
+from tests.support import PatternEngine, until
 from tests.test_telegram_bot import button_data, buttons, running, sent_message
 
 USER = 2001
@@ -62,15 +62,6 @@ def job_id_of(call: Any, label: str = "🔄") -> str:
     press = keyboards.decode(button_data(call, label))
     assert press is not None
     return press.job_id
-
-
-async def until(check: Any, timeout: float = 5.0) -> None:  # noqa: ASYNC109
-    """Poll an async predicate (the store is updated by listeners after the photo is sent)."""
-    for _ in range(int(timeout / 0.05)):
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not met in time: {check.__name__}")
 
 
 async def test_a_whole_story_told_to_the_bot(tmp_path: Path, fake: FakeTelegram) -> None:
