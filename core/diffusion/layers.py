@@ -206,12 +206,25 @@ def banded_conv3x3(
         b = min(height, a + rows)
         values = ops.conv2d(upcoming, conv.weight, conv.bias).asnumpy()
         upcoming = band_input(starts[i + 1]) if i + 1 < len(starts) else None
-        if out is None:
-            out = np.empty((*values.shape[:2], height, values.shape[3]), values.dtype)
-        out[:, :, a:b] = values
-        if residual is not None:
-            out[:, :, a:b] += residual(a, b)
+        out = _place_band(out, values, a, b, height, residual)
     assert out is not None
+    return out
+
+
+def _place_band(
+    out: np.ndarray | None,
+    values: np.ndarray,
+    a: int,
+    b: int,
+    height: int,
+    residual: Callable[[int, int], np.ndarray] | None,
+) -> np.ndarray:
+    """Output rows [a, b) of a banded convolution into `out` (made on the first band), plus the residual."""
+    if out is None:
+        out = np.empty((*values.shape[:2], height, values.shape[3]), values.dtype)
+    out[:, :, a:b] = values
+    if residual is not None:
+        out[:, :, a:b] += residual(a, b)
     return out
 
 
@@ -239,11 +252,7 @@ def _banded_winograd(
             upcoming = source(b - 1, min(height, b + rows + 1)).astype(np.float32, copy=False)
             if into is not None and np.may_share_memory(upcoming, into):
                 upcoming = upcoming.copy()
-        if out is None:
-            out = np.empty((*values.shape[:2], height, values.shape[3]), np.float32)
-        out[:, :, a:b] = values
-        if residual is not None:
-            out[:, :, a:b] += residual(a, b)
+        out = _place_band(out, values, a, b, height, residual)
     assert out is not None
     return out
 
