@@ -440,6 +440,10 @@ def _is_group_member(unit: _Unit) -> bool:
     return unit.word_class in NOMINAL or unit.word_class in MODIFIERS
 
 
+_WORD_CHUNKS = {W.LOCATIVE: "place", W.TIME_PHRASE: "time", W.VERB: "verb", W.ADVERB: "adverb"}
+"""Word classes that make a chunk of one word, and the chunk's kind."""
+
+
 def _chunks(units: list[_Unit]) -> list[_Chunk]:
     """Groups a clause's units: counted noun groups, prepositional phrases, verbs and the rest."""
     units = [unit for unit in units if unit.word_class is not W.STOP or unit.english == "and"]
@@ -465,17 +469,8 @@ def _chunks(units: list[_Unit]) -> list[_Chunk]:
             end, pieces, _ = _noun_group(units, index)
             chunks.append(_Chunk("noun", pieces))
             index = end
-        elif cls is W.LOCATIVE:
-            chunks.append(_Chunk("place", [(unit.chinese, False)]))
-            index += 1
-        elif cls is W.TIME_PHRASE:
-            chunks.append(_Chunk("time", [(unit.chinese, False)]))
-            index += 1
-        elif cls is W.VERB:
-            chunks.append(_Chunk("verb", [(unit.chinese, False)]))
-            index += 1
-        elif cls is W.ADVERB:
-            chunks.append(_Chunk("adverb", [(unit.chinese, False)]))
+        elif cls in _WORD_CHUNKS:
+            chunks.append(_Chunk(_WORD_CHUNKS[cls], [(unit.chinese, False)]))
             index += 1
         elif cls is W.STOP:
             chunks.append(_Chunk("and"))
