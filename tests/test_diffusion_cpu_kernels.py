@@ -311,6 +311,41 @@ def test_fused_attention_matches_numpy(rng: np.random.Generator, heads: int, n: 
 
 
 @needs_compiler
+@pytest.mark.parametrize(
+    ("batch", "heads", "n", "m", "width"),
+    [(1, 1, 1, 1, 1), (2, 8, 130, 77, 64), (1, 1, 300, 90, 24), (3, 5, 65, 200, 40)],
+)
+def test_token_layout_attention_matches_numpy(
+    rng: np.random.Generator, batch: int, heads: int, n: int, m: int, width: int
+) -> None:
+    """Heads read in place as column groups; one head over several query blocks is split across threads."""
+    if not cpu_kernels.attention_available():
+        pytest.skip("MindSpore's oneDNN sgemm is not found here")
+    q = rng.standard_normal((batch, n, width)).astype(np.float32)
+    k = rng.standard_normal((batch, m, width)).astype(np.float32) * 2
+    v = rng.standard_normal((batch, m, width)).astype(np.float32)
+    d = width // heads
+    got = cpu_kernels.attention_tokens(Tensor(q), Tensor(k), Tensor(v), heads, 0.3).asnumpy()
+
+    def per_head(x: np.ndarray) -> np.ndarray:  # (batch, tokens, width) -> (batch, heads, tokens, d)
+        return x.reshape(batch, -1, heads, d).transpose(0, 2, 1, 3).astype(np.float64)
+
+    scores = per_head(q) @ per_head(k).transpose(0, 1, 3, 2) * 0.3
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = ((weights / weights.sum(-1, keepdims=True)) @ per_head(v)).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(got, expected.reshape(batch, n, width), rtol=1e-4, atol=2e-5)
+
+
+@needs_compiler
+def test_token_layout_attention_rejects_heads_that_do_not_divide_the_width() -> None:
+    if not cpu_kernels.attention_available():
+        pytest.skip("MindSpore's oneDNN sgemm is not found here")
+    x = Tensor(np.ones((1, 4, 10), np.float32))
+    with pytest.raises(RuntimeError):
+        cpu_kernels.attention_tokens(x, x, x, 3, 1.0).asnumpy()
+
+
+@needs_compiler
 def test_unet_attention_uses_the_fused_kernel_and_agrees(
     rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -521,3 +521,70 @@ int Attention(int nparam, void **params, int *ndims, int64_t **shapes, const cha
 }
 
 }  // extern "C"
+
+extern "C" {
+
+// q (b, n, width), k and v (b, m, width), settings (scale, heads) -> (b, n, width): the attention of
+// every head (width / heads columns each) read and written in place in the token layout, so no head
+// is split out or merged back by a copy; otherwise as Attention (blocks of queries, no score matrix).
+int AttentionTokens(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                    void *) {
+  if (nparam != 5 || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] != 1 ||
+      shapes[3][0] != 2 || !all_float32(nparam, dtypes)) {
+    return 1;
+  }
+  const Sgemm sgemm = find_sgemm();
+  if (sgemm == nullptr) return 1;
+  const float *q = static_cast<const float *>(params[0]);
+  const float *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  const float *settings = static_cast<const float *>(params[3]);
+  float *out = static_cast<float *>(params[4]);
+  const float scale = settings[0];
+  const int64_t heads = static_cast<int64_t>(settings[1]);
+  const int64_t batch = shapes[0][0], n = shapes[0][1], width = shapes[0][2], m = shapes[1][1];
+  if (heads < 1 || width % heads != 0 || shapes[1][0] != batch || shapes[1][2] != width ||
+      shapes[2][0] != batch || shapes[2][1] != m || shapes[2][2] != width) {
+    return 1;
+  }
+  if (batch * n * width == 0) return 0;
+  if (m == 0) {
+    std::fill(out, out + batch * n * width, 0.0f);
+    return 0;
+  }
+  const int64_t d = width / heads, blocks = (n + kAttentionRows - 1) / kAttentionRows;
+  // units: per image and head, the query blocks in as many parts as keep every thread busy
+  const int64_t parts = std::clamp<int64_t>(2 * worker_count() / (batch * heads), 1, blocks);
+  std::atomic<bool> failed{false};
+  // per unit: the head's keys copied once into a transposed (d, m) block, which the score products
+  // read faster than the strided keys, then the unit's queries in blocks of kAttentionRows
+  parallel_for(batch * heads * parts, n * m * 2 / parts, [=, &failed](int64_t begin, int64_t end) {
+    std::vector<float> scores(kAttentionRows * m), keys(d * m);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t image = unit / (heads * parts), column = (unit / parts % heads) * d;
+      const int64_t part = unit % parts;
+      const float *kb = k + image * m * width + column;
+      for (int64_t j = 0; j < m; ++j) {
+        for (int64_t c = 0; c < d; ++c) keys[c * m + j] = kb[j * width + c];
+      }
+      const float *vb = v + image * m * width + column;
+      for (int64_t block = blocks * part / parts; block < blocks * (part + 1) / parts; ++block) {
+        const int64_t first = block * kAttentionRows, rows = std::min(kAttentionRows, n - first);
+        const float *qb = q + (image * n + first) * width + column;
+        if (sgemm('N', 'N', rows, m, d, scale, qb, width, keys.data(), m, 0.0f, scores.data(), m) != 0) {
+          failed = true;
+          return;
+        }
+        for (int64_t r = 0; r < rows; ++r) softmax_row(scores.data() + r * m, scores.data() + r * m, m);
+        float *ob = out + (image * n + first) * width + column;
+        if (sgemm('N', 'N', rows, d, m, 1.0f, scores.data(), m, vb, width, 0.0f, ob, width) != 0) {
+          failed = true;
+          return;
+        }
+      }
+    }
+  });
+  return failed ? 1 : 0;
+}
+
+}  // extern "C"

@@ -40,6 +40,7 @@ class _Operators:
     softmax: ops.Custom
     geglu: ops.Custom
     attention: ops.Custom
+    attention_tokens: ops.Custom
     winograd_input: ops.Custom
     winograd_output: ops.Custom
 
@@ -88,6 +89,13 @@ def attention(q: Tensor, k_t: Tensor, v: Tensor, scale: float) -> Tensor:
     """softmax(scale q k_t) v for float32 q (bh, n, d), k_t (bh, d, m), v (bh, m, d), in blocks of
     queries whose scores stay in cache (no score matrix is kept). Check `attention_available()`."""
     return _require().attention(q, k_t, v, _settings(float(scale)))
+
+
+def attention_tokens(q: Tensor, k: Tensor, v: Tensor, heads: int, scale: float) -> Tensor:
+    """`attention` of every head with q (b, n, width), k and v (b, m, width) in the token layout (head
+    j is columns [j * width / heads, (j + 1) * width / heads)), the result (b, n, width) likewise: no
+    copies split the heads out or merge them back. Check `attention_available()`."""
+    return _require().attention_tokens(q, k, v, _settings(float(scale), float(heads)))
 
 
 @functools.cache
@@ -184,6 +192,7 @@ def _load(library: Path) -> _Operators:
         softmax=custom("Softmax", same),
         geglu=custom("Geglu", halved),
         attention=custom("Attention", same),
+        attention_tokens=custom("AttentionTokens", same),
         winograd_input=custom("WinogradInput", input_tiles),
         winograd_output=custom("WinogradOutput", output_map),
     )

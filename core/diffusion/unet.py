@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
@@ -54,13 +56,17 @@ class ResBlock(nn.Cell):
 class CrossAttention(nn.Cell):
     """Multi-head attention of image tokens over themselves (attn1) or over the text (attn2).
 
-    `host` (on by default on the CPU, off for a compiled graph): heads are split and merged by copies
-    through numpy, see `host_permute`. `kernels`: the softmax is our C++ kernel (see `cpu_kernels`).
+    `kernels` (on the CPU when our C++ kernels built, see `cpu_kernels`): one fused kernel attends
+    every head in place in the token layout, so no copy splits or merges the heads, in PyNative and in
+    a compiled graph (where each Transpose would also hold its memory to the end of the graph). Without
+    it, `host` (on by default on the CPU, off for a compiled graph) splits and merges the heads by
+    copies through numpy, see `host_permute`.
     """
 
     def __init__(self, width: int, context_width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
+        self.scale = 1.0 / math.sqrt(width // heads)
         self.to_q = nn.Dense(width, width, has_bias=False)
         self.to_k = nn.Dense(context_width, width, has_bias=False)
         self.to_v = nn.Dense(context_width, width, has_bias=False)
@@ -70,14 +76,14 @@ class CrossAttention(nn.Cell):
 
     def construct(self, x: Tensor, context: Tensor) -> Tensor:
         h = self.heads
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if self.kernels and q.dtype == ms.float32 and cpu_kernels.attention_available():
+            return self.to_out(cpu_kernels.attention_tokens(q, k, v, h, self.scale))
         if self.host:
-            q = split_heads(self.to_q(x), h, host=True)
-            k_t = split_heads_transposed(self.to_k(context), h, host=True)
-            v = split_heads(self.to_v(context), h, host=True)
+            k_t = split_heads_transposed(k, h, host=True)
+            q, v = split_heads(q, h, host=True), split_heads(v, h, host=True)
             return self.to_out(merge_heads(attention_keys_first(q, k_t, v, None, self.kernels), h, host=True))
-        q = split_heads(self.to_q(x), h)
-        k = split_heads(self.to_k(context), h)
-        v = split_heads(self.to_v(context), h)
+        q, k, v = split_heads(q, h), split_heads(k, h), split_heads(v, h)
         return self.to_out(merge_heads(attention(q, k, v, None, self.kernels), h))
 
 
