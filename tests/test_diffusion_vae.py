@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
 ms = pytest.importorskip("mindspore")
 
-from mindspore import Tensor  # noqa: E402
+from mindspore import Tensor, ops  # noqa: E402
 
 from core.diffusion import WukongConfig  # noqa: E402
 from core.diffusion.checkpoint import build_model, randomize  # noqa: E402
-from core.diffusion.layers import band_rows  # noqa: E402
+from core.diffusion.layers import band_rows, pooled_array  # noqa: E402
 from core.diffusion.vae import DECODE_BAND_BYTES, ResnetBlock, Upsample  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -71,3 +73,15 @@ def test_banded_upsample_equals_whole() -> None:
     banded = up(x, 18 * 64 * 4 * 3).asnumpy()  # three output rows per band: halos cross source rows
     assert banded.shape == whole.shape == (1, 64, 14, 18)
     assert np.abs(banded - whole).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_pooled_array_is_zeroed_writable_and_outlives_its_tensor(dtype: type) -> None:
+    """The map stays valid after every name for its tensor is gone and the pool hands out more blocks."""
+    array = pooled_array((2, 3, 64, 64), np.dtype(dtype))
+    assert array.shape == (2, 3, 64, 64) and array.dtype == dtype and not array.any()
+    array += 1.5
+    gc.collect()
+    others = [ops.ones((2, 3, 64, 64), ms.float32) * 7.0 for _ in range(4)]
+    assert float(others[-1].asnumpy()[0, 0, 0, 0]) == 7.0
+    np.testing.assert_array_equal(array, np.full((2, 3, 64, 64), 1.5, dtype))

@@ -221,11 +221,25 @@ def _place_band(
 ) -> np.ndarray:
     """Output rows [a, b) of a banded convolution into `out` (made on the first band), plus the residual."""
     if out is None:
-        out = np.empty((*values.shape[:2], height, values.shape[3]), values.dtype)
+        out = pooled_array((*values.shape[:2], height, values.shape[3]), values.dtype)
     out[:, :, a:b] = values
     if residual is not None:
         out[:, :, a:b] += residual(a, b)
     return out
+
+
+def pooled_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A zeroed numpy array for a whole map; on the CPU it lies in MindSpore's memory pool.
+
+    The pool keeps every block it ever held, and after a UNet step it holds hundreds of MiB of free
+    blocks: a decoder map placed there reuses them instead of growing the process by a fresh numpy
+    allocation. The array is a zero-copy view of a tensor's memory and keeps that memory alive itself
+    (its base is the tensor's device address).
+    """
+    pool_dtype = {np.dtype(np.float32): ms.float32, np.dtype(np.float16): ms.float16}.get(np.dtype(dtype))
+    if pool_dtype is None or not runtime.on_cpu():
+        return np.zeros(shape, dtype)
+    return ops.zeros(shape, pool_dtype).asnumpy()
 
 
 def _banded_winograd(

@@ -28,7 +28,7 @@ from core.diffusion.layers import (
     upsample_nearest,
 )
 
-_bmm_a_t = ops.BatchMatMul(transpose_a=True)
+_bmm_a_b_t = ops.BatchMatMul(transpose_a=True, transpose_b=True)
 _bmm_b_t = ops.BatchMatMul(transpose_b=True)
 _matmul_b_t = ops.MatMul(transpose_b=True)
 
@@ -174,14 +174,14 @@ class SpatialTransformer(nn.Cell):
     def _in_fused(self, x: Tensor) -> Tensor:
         """(b, c, h, w) -> tokens (b, h*w, c) through proj_in."""
         b, c, h, w = x.shape
-        weight = self.proj_in.weight.reshape(1, c, c)
-        tokens = _bmm_a_t(x.reshape(b, c, h * w), ops.tile(weight.transpose(0, 2, 1), (b, 1, 1)))
+        weight = ops.tile(ops.depend(self.proj_in.weight, x).reshape(1, c, c), (b, 1, 1))
+        tokens = _bmm_a_b_t(x.reshape(b, c, h * w), weight)
         return ops.bias_add(tokens.reshape(b * h * w, c), self.proj_in.bias).reshape(b, h * w, c)
 
     def _out_fused(self, tokens: Tensor, h: int, w: int) -> Tensor:
         """tokens (b, h*w, c) -> (b, c, h, w) through proj_out."""
         b, _, c = tokens.shape
-        weight = ops.tile(self.proj_out.weight.reshape(1, c, c), (b, 1, 1))
+        weight = ops.tile(ops.depend(self.proj_out.weight, tokens).reshape(1, c, c), (b, 1, 1))
         return ops.bias_add(_bmm_b_t(weight, tokens), self.proj_out.bias).reshape(b, c, h, w)
 
 
