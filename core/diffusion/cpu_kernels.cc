@@ -520,10 +520,6 @@ int Attention(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   return failed ? 1 : 0;
 }
 
-}  // extern "C"
-
-extern "C" {
-
 // q (b, n, width), k and v (b, m, width), settings (scale, heads) -> (b, n, width): the attention of
 // every head (width / heads columns each) read and written in place in the token layout, so no head
 // is split out or merged back by a copy; otherwise as Attention (blocks of queries, no score matrix).
