@@ -19,7 +19,7 @@ from mindspore import Tensor  # noqa: E402
 
 from core.diffusion import cpu_kernels  # noqa: E402
 from core.diffusion.layers import GroupNorm, LayerNorm, attention, set_cpu_paths  # noqa: E402
-from core.diffusion.unet import GEGLU, ResBlock  # noqa: E402
+from core.diffusion.unet import GEGLU, CrossAttention, ResBlock  # noqa: E402
 
 needs_compiler = pytest.mark.skipif(shutil.which(cpu_kernels.COMPILER) is None, reason="no C++ compiler")
 
@@ -294,23 +294,6 @@ def test_resblock_in_a_compiled_graph_equals_pynative(rng: np.random.Generator, 
 
 
 @needs_compiler
-@pytest.mark.parametrize(("heads", "n", "m", "d"), [(1, 1, 1, 1), (3, 130, 77, 8), (2, 64, 200, 40)])
-def test_fused_attention_matches_numpy(rng: np.random.Generator, heads: int, n: int, m: int, d: int) -> None:
-    """Blocks of 64 queries (an uneven last block included) over every key give one softmax product."""
-    if not cpu_kernels.attention_available():
-        pytest.skip("MindSpore's oneDNN sgemm is not found here")
-    q = rng.standard_normal((heads, n, d)).astype(np.float32)
-    k = rng.standard_normal((heads, m, d)).astype(np.float32) * 2
-    v = rng.standard_normal((heads, m, d)).astype(np.float32)
-    scale = 1.0 / np.sqrt(d)
-    got = cpu_kernels.attention(Tensor(q), Tensor(k.transpose(0, 2, 1).copy()), Tensor(v), scale).asnumpy()
-    scores = (q.astype(np.float64) @ k.transpose(0, 2, 1)) * scale
-    weights = np.exp(scores - scores.max(-1, keepdims=True))
-    expected = (weights / weights.sum(-1, keepdims=True)) @ v
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5)
-
-
-@needs_compiler
 @pytest.mark.parametrize(
     ("batch", "heads", "n", "m", "width"),
     [(1, 1, 1, 1, 1), (2, 8, 130, 77, 64), (1, 1, 300, 90, 24), (3, 5, 65, 200, 40)],
@@ -346,22 +329,25 @@ def test_token_layout_attention_rejects_heads_that_do_not_divide_the_width() -> 
 
 
 @needs_compiler
-def test_unet_attention_uses_the_fused_kernel_and_agrees(
+def test_unet_attention_uses_the_token_layout_kernel_and_agrees(
     rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if not cpu_kernels.attention_available():
         pytest.skip("MindSpore's oneDNN sgemm is not found here")
     calls: list[int] = []
-    fused_kernel = cpu_kernels.attention
+    fused_kernel = cpu_kernels.attention_tokens
 
     def counted(*args: Any) -> Tensor:
         calls.append(1)
         return fused_kernel(*args)
 
-    monkeypatch.setattr(cpu_kernels, "attention", counted)
-    q, k, v = (rng.standard_normal((4, 70, 8)).astype(np.float32) for _ in range(3))
-    fused = attention(Tensor(q), Tensor(k), Tensor(v), kernels=True).asnumpy()
+    monkeypatch.setattr(cpu_kernels, "attention_tokens", counted)
+    cell = CrossAttention(16, 12, heads=4)
+    x = Tensor(rng.standard_normal((2, 70, 16)).astype(np.float32))
+    context = Tensor(rng.standard_normal((2, 9, 12)).astype(np.float32))
+    fused = cell(x, context).asnumpy()
     assert calls == [1]
-    blocks = attention(Tensor(q), Tensor(k), Tensor(v)).asnumpy()
+    set_cpu_paths(cell, kernels=False)
+    blocks = cell(x, context).asnumpy()
     assert calls == [1]
     np.testing.assert_allclose(fused, blocks, rtol=1e-4, atol=1e-5)

@@ -475,54 +475,11 @@ int WinogradOutput(int nparam, void **params, int *ndims, int64_t **shapes, cons
   return 0;
 }
 
-// q (bh, n, d), k_t (bh, d, m), v (bh, m, d), settings (scale) -> softmax(scale q k_t) v (bh, n, d).
-// Per head and block of kAttentionRows queries: the scores by oneDNN's sgemm into a per-thread block
-// that stays in cache, the softmax in place, the product with v by sgemm; no score matrix is kept.
-int Attention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (nparam != 5 || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || !all_float32(nparam, dtypes)) return 1;
-  const Sgemm sgemm = find_sgemm();
-  if (sgemm == nullptr) return 1;
-  const float *q = static_cast<const float *>(params[0]);
-  const float *k_t = static_cast<const float *>(params[1]);
-  const float *v = static_cast<const float *>(params[2]);
-  const float scale = static_cast<const float *>(params[3])[0];
-  float *out = static_cast<float *>(params[4]);
-  const int64_t heads = shapes[0][0], n = shapes[0][1], d = shapes[0][2], m = shapes[1][2];
-  if (shapes[1][0] != heads || shapes[1][1] != d || shapes[2][0] != heads || shapes[2][1] != m ||
-      shapes[2][2] != d) {
-    return 1;
-  }
-  if (heads * n * d == 0) return 0;
-  if (m == 0) {
-    std::fill(out, out + heads * n * d, 0.0f);
-    return 0;
-  }
-  const int64_t blocks = (n + kAttentionRows - 1) / kAttentionRows;
-  std::atomic<bool> failed{false};
-  parallel_for(heads * blocks, kAttentionRows * m * 2, [=, &failed](int64_t begin, int64_t end) {
-    std::vector<float> scores(kAttentionRows * m);
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t head = unit / blocks, first = (unit % blocks) * kAttentionRows;
-      const int64_t rows = std::min(kAttentionRows, n - first);
-      const float *qb = q + (head * n + first) * d;
-      if (sgemm('N', 'N', rows, m, d, scale, qb, d, k_t + head * d * m, m, 0.0f, scores.data(), m) != 0) {
-        failed = true;
-        return;
-      }
-      for (int64_t r = 0; r < rows; ++r) softmax_row(scores.data() + r * m, scores.data() + r * m, m);
-      float *ob = out + (head * n + first) * d;
-      if (sgemm('N', 'N', rows, d, m, 1.0f, scores.data(), m, v + head * m * d, d, 0.0f, ob, d) != 0) {
-        failed = true;
-        return;
-      }
-    }
-  });
-  return failed ? 1 : 0;
-}
-
-// q (b, n, width), k and v (b, m, width), settings (scale, heads) -> (b, n, width): the attention of
-// every head (width / heads columns each) read and written in place in the token layout, so no head
-// is split out or merged back by a copy; otherwise as Attention (blocks of queries, no score matrix).
+// q (b, n, width), k and v (b, m, width), settings (scale, heads) -> (b, n, width): softmax(scale q k^T) v
+// of every head (width / heads columns each), read and written in place in the token layout, so no
+// head is split out or merged back by a copy. Per head and block of kAttentionRows queries: the scores
+// by oneDNN's sgemm into a per-thread block that stays in cache, the softmax in place, the product
+// with v by sgemm; no score matrix is kept.
 int AttentionTokens(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                     void *) {
   if (nparam != 5 || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] != 1 ||

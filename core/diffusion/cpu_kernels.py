@@ -1,4 +1,4 @@
-"""Fused float32 CPU kernels (GroupNorm [+ SiLU], LayerNorm, softmax, GEGLU, Winograd transforms) as
+"""Fused float32 CPU kernels (GroupNorm [+ SiLU], LayerNorm, softmax, GEGLU, attention, Winograd transforms)
 MindSpore AOT custom ops.
 
 MindSpore's CPU kernels for these are 10-30x slower than PyTorch's. The C++ source beside this module
@@ -39,7 +39,6 @@ class _Operators:
     layer_norm: ops.Custom
     softmax: ops.Custom
     geglu: ops.Custom
-    attention: ops.Custom
     attention_tokens: ops.Custom
     winograd_input: ops.Custom
     winograd_output: ops.Custom
@@ -85,28 +84,23 @@ def geglu(h: Tensor, bias: Tensor | None = None) -> Tensor:
     return _require().geglu(h, _zeros(h.shape[-1]) if bias is None else bias)
 
 
-def attention(q: Tensor, k_t: Tensor, v: Tensor, scale: float) -> Tensor:
-    """softmax(scale q k_t) v for float32 q (bh, n, d), k_t (bh, d, m), v (bh, m, d), in blocks of
-    queries whose scores stay in cache (no score matrix is kept). Check `attention_available()`."""
-    return _require().attention(q, k_t, v, _settings(float(scale)))
-
-
 def attention_tokens(q: Tensor, k: Tensor, v: Tensor, heads: int, scale: float) -> Tensor:
-    """`attention` of every head with q (b, n, width), k and v (b, m, width) in the token layout (head
-    j is columns [j * width / heads, (j + 1) * width / heads)), the result (b, n, width) likewise: no
-    copies split the heads out or merge them back. Check `attention_available()`."""
+    """softmax(scale q k^T) v of every head, float32 q (b, n, width), k and v (b, m, width) in the token
+    layout (head j is columns [j * width / heads, (j + 1) * width / heads)), the result (b, n, width)
+    likewise: no copies split the heads out or merge them back, and in blocks of queries whose scores
+    stay in cache (no score matrix is kept). Check `attention_available()`."""
     return _require().attention_tokens(q, k, v, _settings(float(scale), float(heads)))
 
 
 @functools.cache
 def attention_available() -> bool:
-    """Whether `attention` runs here: it needs the sgemm of the oneDNN library MindSpore loads."""
+    """Whether `attention_tokens` runs here: it needs the sgemm of the oneDNN library MindSpore loads."""
     if _operators() is None:
         return False
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, 3, 4)).astype(np.float32) for _ in range(3))
     try:
-        got = attention(Tensor(q), Tensor(k.transpose(0, 2, 1).copy()), Tensor(v), 0.5).asnumpy()
+        got = attention_tokens(Tensor(q), Tensor(k), Tensor(v), 1, 0.5).asnumpy()
     except Exception as exc:  # no sgemm found: the kernel reports failure
         logger.info("fused CPU attention unavailable (%s)", exc)
         return False
@@ -191,7 +185,6 @@ def _load(library: Path) -> _Operators:
         layer_norm=custom("LayerNorm", same),
         softmax=custom("Softmax", same),
         geglu=custom("Geglu", halved),
-        attention=custom("Attention", same),
         attention_tokens=custom("AttentionTokens", same),
         winograd_input=custom("WinogradInput", input_tiles),
         winograd_output=custom("WinogradOutput", output_map),

@@ -365,8 +365,6 @@ def attention_keys_first(
     """
     bh, n, d = q.shape
     m = k_t.shape[2]
-    if kernels and mask is None and q.dtype == ms.float32 and cpu_kernels.attention_available():
-        return cpu_kernels.attention(q, k_t, v, 1.0 / math.sqrt(d))  # blocks of queries, in cache
     q = q * (1.0 / math.sqrt(d))
     head_bytes = n * m * 4
     if bh * head_bytes <= _ATTENTION_CHUNK_BYTES:
