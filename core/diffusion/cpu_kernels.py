@@ -1,5 +1,5 @@
 """Fused float32 CPU kernels (GroupNorm [+ SiLU], LayerNorm, softmax, GEGLU, attention, Winograd transforms)
-MindSpore AOT custom ops.
+as MindSpore AOT custom ops.
 
 MindSpore's CPU kernels for these are 10-30x slower than PyTorch's. The C++ source beside this module
 (`cpu_kernels.cc`) is compiled once per source, compiler and host CPU (`-march=native`) into a cache
