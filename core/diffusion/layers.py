@@ -145,10 +145,9 @@ class Conv2d(nn.Conv2d):
         return self.winograd and self.three_by_three and winograd.worth_it(c_in, self.out_channels, h, w)
 
     def construct(self, x: Tensor) -> Tensor:
-        if self.winograd and self.three_by_three and x.dtype == ms.float32:
-            _, c_in, h, w = x.shape
-            if winograd.worth_it(c_in, self.out_channels, h, w):
-                return winograd.conv3x3(x, self.weight, self.bias)
+        _, c_in, h, w = x.shape
+        if x.dtype == ms.float32 and self.winograd_for(c_in, h, w):
+            return winograd.conv3x3(x, self.weight, self.bias)
         return super().construct(x)
 
 
