@@ -6,8 +6,8 @@ import logging
 
 from core.engine import Engine
 from core.events import EventRelay
+from core.jobs.queue import JobQueue, MemoryQueue
 from core.prompting.builder import PromptBuilder
-from core.queue import JobQueue, MemoryQueue
 from core.service import Huahua
 from core.settings import Settings
 from core.story.planner import ScenePlanner
@@ -19,10 +19,12 @@ async def build_service(settings: Settings, *, engine: Engine | None = None) -> 
     """Open the store, build the queue, prompt builder, moderator and engine; the caller then `start()`s."""
     from core.moderation import Moderator
     from core.prompting import load_prompt_builder
-    from core.store import SqliteStore
+    from core.storage.images import FileImageStore
+    from core.storage.sqlite import SqliteStore
     from core.story.book import StoryBook
 
-    store = await SqliteStore.open(settings.database_path, settings.images_dir)
+    store = await SqliteStore.open(settings.database_path)
+    images = FileImageStore(settings.images_dir)
     queue = await _build_queue(settings)
     if engine is None:
         from core.engines.factory import build_engine
@@ -33,6 +35,7 @@ async def build_service(settings: Settings, *, engine: Engine | None = None) -> 
     service = Huahua(
         settings,
         store=store,
+        images=images,
         queue=queue,
         engine=engine,
         builder=builder,
@@ -66,7 +69,7 @@ def build_scene_planner(settings: Settings, builder: PromptBuilder) -> ScenePlan
 
 async def _build_queue(settings: Settings) -> JobQueue:
     if settings.queue == "redis":
-        from core.redis_queue import RedisStreamsQueue
+        from core.jobs.redis_queue import RedisStreamsQueue
 
         queue = RedisStreamsQueue(
             settings.redis_url,
@@ -83,8 +86,8 @@ def _build_relay(settings: Settings, queue: JobQueue) -> EventRelay | None:
     """Processes sharing the Redis queue also share job events and cancels, on the queue's channels."""
     if settings.queue != "redis":
         return None
+    from core.jobs.redis_queue import RedisStreamsQueue
     from core.redis_events import RedisEventRelay
-    from core.redis_queue import RedisStreamsQueue
 
     name = queue.name if isinstance(queue, RedisStreamsQueue) else "huahua"
     return RedisEventRelay(settings.redis_url, name=name)

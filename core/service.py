@@ -11,7 +11,6 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from core import presenter
@@ -39,11 +38,12 @@ from core.types import (
 )
 
 if TYPE_CHECKING:
+    from core.jobs.queue import JobQueue
     from core.moderation import Moderator
     from core.prompting.builder import PromptBuilder
     from core.prompting.styles import StyleBook
-    from core.queue import JobQueue
-    from core.store import Store
+    from core.storage.images import ImageStore
+    from core.storage.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class Huahua:
         settings: Settings,
         *,
         store: Store,
+        images: ImageStore,
         queue: JobQueue,
         engine: Engine,
         builder: PromptBuilder,
@@ -125,6 +126,7 @@ class Huahua:
     ) -> None:
         self.settings = settings
         self.store = store
+        self.images = images
         self.queue = queue
         self.engine = engine
         self.builder = builder
@@ -181,6 +183,7 @@ class Huahua:
         await self.queue.close()
         await self.engine.close()
         await self.store.close()
+        await self.images.close()
 
     async def _recover(self) -> None:
         for job in await self.store.unfinished_jobs():
@@ -507,11 +510,8 @@ class Huahua:
         return await self.queue.position(job_id)
 
     async def image(self, digest: str) -> bytes:
-        return await self.store.get_image(digest)
-
-    def image_path(self, digest: str) -> Path:
-        """Where a stored picture lives (for adapters that serve files); NotFound for a bad digest."""
-        return self.store.image_path(digest)
+        """A stored picture's PNG bytes; NotFound for an unknown or malformed digest."""
+        return await self.images.get(digest)
 
     def listen(self, chat_prefix: str, listener: Listener, types: frozenset[EventType] = ALL_EVENTS) -> None:
         """Deliver job events to an adapter; survives restarts, since recovered jobs emit events too."""
@@ -545,7 +545,7 @@ class Huahua:
 
     async def _work(self) -> None:
         """Take jobs until stopped; an unreachable queue (Redis down) is retried with backoff."""
-        from core.queue import QueueClosed
+        from core.jobs.queue import QueueClosed
 
         delay = QUEUE_RETRY_MIN_S
         while not self._stopping:
@@ -586,7 +586,7 @@ class Huahua:
         try:
             request = await self._engine_request(job)
             images = await self.engine.generate(request, self._progress_callback(job), token)
-            digests = tuple([await self.store.put_image(image.png) for image in images])
+            digests = tuple([await self.images.put(image.png) for image in images])
             await self._finish(job, JobStatus.DONE, images=digests)
             self._count("jobs_done")
         except JobCancelled:
@@ -608,7 +608,7 @@ class Huahua:
     async def _engine_request(self, job: Job) -> GenerationRequest:
         if job.init_image is None:
             return job.request
-        return replace(job.request, init_image=await self.store.get_image(job.init_image))
+        return replace(job.request, init_image=await self.images.get(job.init_image))
 
     def _progress_callback(self, job: Job) -> Callable[[int, int], None]:
         def on_progress(step: int, total: int) -> None:

@@ -12,8 +12,8 @@ import pytest
 import redis.asyncio
 
 from core.errors import InvalidOption, QueueFull, ServiceUnavailable, TooManyJobs
-from core.queue import JobQueue, MemoryQueue, QueueClosed, fair_order
-from core.redis_queue import RedisStreamsQueue
+from core.jobs.queue import JobQueue, MemoryQueue, QueueClosed, fair_order
+from core.jobs.redis_queue import RedisStreamsQueue
 from core.types import Job
 
 MakeQueue = Callable[..., Awaitable[JobQueue]]

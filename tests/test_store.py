@@ -2,17 +2,17 @@ from __future__ import annotations
 
 import asyncio
 import calendar
-import hashlib
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from core import migrations
 from core.errors import InvalidOption, NotFound, StorageError
-from core.migrations import MIGRATIONS, Migration, latest_version
-from core.store import PNG_SIGNATURE, SqliteStore
+from core.storage import migrations
+from core.storage.images import PNG_SIGNATURE
+from core.storage.migrations import MIGRATIONS, Migration, latest_version
+from core.storage.sqlite import SqliteStore
 from core.types import GenerationRequest, JobStatus
 
 PNG = PNG_SIGNATURE + b"\x00\x00\x00\x0dIHDR fake but signed"
@@ -20,7 +20,7 @@ PNG = PNG_SIGNATURE + b"\x00\x00\x00\x0dIHDR fake but signed"
 
 @pytest.fixture
 async def store(tmp_path: Path):
-    opened = await SqliteStore.open(tmp_path / "db" / "huahua.sqlite3", tmp_path / "images")
+    opened = await SqliteStore.open(tmp_path / "db" / "huahua.sqlite3")
     yield opened
     await opened.close()
 
@@ -32,9 +32,8 @@ def _version(db: Path) -> int:
 
 async def test_open_creates_dirs_wal_and_latest_schema(tmp_path: Path) -> None:
     db = tmp_path / "a" / "b" / "h.sqlite3"
-    store = await SqliteStore.open(db, tmp_path / "img" / "x")
+    store = await SqliteStore.open(db)
     await store.close()
-    assert (tmp_path / "img" / "x").is_dir()
     assert _version(db) == latest_version() >= 1
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -44,12 +43,12 @@ async def test_open_creates_dirs_wal_and_latest_schema(tmp_path: Path) -> None:
 
 async def test_reopen_keeps_data_and_does_not_reapply(tmp_path: Path, make_job) -> None:
     db = tmp_path / "h.sqlite3"
-    store = await SqliteStore.open(db, tmp_path / "img")
+    store = await SqliteStore.open(db)
     job = make_job()
     await store.add_job(job)
     await store.incr_counter("jobs_done", 3)
     await store.close()
-    store = await SqliteStore.open(db, tmp_path / "img")
+    store = await SqliteStore.open(db)
     assert await store.get_job(job.id) == job
     assert await store.counters() == {"jobs_done": 3}
     await store.close()
@@ -59,23 +58,23 @@ async def test_reopen_keeps_data_and_does_not_reapply(tmp_path: Path, make_job) 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "h.sqlite3"
-    await (await SqliteStore.open(db, tmp_path / "img")).close()
+    await (await SqliteStore.open(db)).close()
     with sqlite3.connect(db) as conn:
         conn.execute("INSERT INTO schema_version VALUES (?, 0)", (latest_version() + 1,))
     with pytest.raises(StorageError, match="upgrade Huahua"):
-        await SqliteStore.open(db, tmp_path / "img")
+        await SqliteStore.open(db)
 
 
 async def test_new_migration_is_applied_to_an_existing_db(tmp_path: Path, monkeypatch, make_job) -> None:
     db = tmp_path / "h.sqlite3"
-    store = await SqliteStore.open(db, tmp_path / "img")
+    store = await SqliteStore.open(db)
     await store.add_job(make_job())
     await store.close()
     extra = Migration(
         latest_version() + 1, "CREATE TABLE bookmarks (id TEXT PRIMARY KEY, title TEXT NOT NULL);"
     )
     monkeypatch.setattr(migrations, "MIGRATIONS", (*MIGRATIONS, extra))
-    await (await SqliteStore.open(db, tmp_path / "img")).close()
+    await (await SqliteStore.open(db)).close()
     assert _version(db) == extra.version
     with sqlite3.connect(db) as conn:
         conn.execute("INSERT INTO bookmarks VALUES ('s1', 't')")
@@ -84,13 +83,13 @@ async def test_new_migration_is_applied_to_an_existing_db(tmp_path: Path, monkey
 
 async def test_failing_migration_rolls_back(tmp_path: Path) -> None:
     db = tmp_path / "h.sqlite3"
-    await (await SqliteStore.open(db, tmp_path / "img")).close()
+    await (await SqliteStore.open(db)).close()
     broken = (
         *MIGRATIONS,
         Migration(latest_version() + 1, "CREATE TABLE half (x INTEGER); INSERT INTO nowhere VALUES (1);"),
     )
     with pytest.raises(StorageError, match="schema from version"):
-        await SqliteStore.open(db, tmp_path / "img", migrations=broken)
+        await SqliteStore.open(db, migrations=broken)
     assert _version(db) == latest_version()
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT name FROM sqlite_master WHERE name='half'").fetchone() is None
@@ -100,7 +99,7 @@ async def test_corrupt_database_file_is_a_clear_error(tmp_path: Path) -> None:
     db = tmp_path / "h.sqlite3"
     db.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StorageError, match="corrupt"):
-        await SqliteStore.open(db, tmp_path / "img")
+        await SqliteStore.open(db)
 
 
 async def test_job_round_trip_update_and_recent(store: SqliteStore, make_job) -> None:
@@ -128,8 +127,8 @@ async def test_job_round_trip_update_and_recent(store: SqliteStore, make_job) ->
 
 
 async def test_unfinished_jobs_survive_restart(tmp_path: Path, make_job) -> None:
-    db, images = tmp_path / "h.sqlite3", tmp_path / "img"
-    store = await SqliteStore.open(db, images)
+    db = tmp_path / "h.sqlite3"
+    store = await SqliteStore.open(db)
     queued = make_job(created_at=30.0)
     running = make_job(created_at=10.0, status=JobStatus.RUNNING, started_at=11.0)
     for status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED):
@@ -137,38 +136,9 @@ async def test_unfinished_jobs_survive_restart(tmp_path: Path, make_job) -> None
     await store.add_job(queued)
     await store.add_job(running)
     await store.close()
-    store = await SqliteStore.open(db, images)
+    store = await SqliteStore.open(db)
     assert await store.unfinished_jobs() == [running, queued]
     await store.close()
-
-
-async def test_images_dedupe_atomic_and_traversal(store: SqliteStore, tmp_path: Path) -> None:
-    digest = await store.put_image(PNG)
-    assert digest == hashlib.sha256(PNG).hexdigest()
-    path = store.image_path(digest)
-    assert path == tmp_path / "images" / digest[:2] / f"{digest}.png"
-    assert path.read_bytes() == PNG
-    mtime = path.stat().st_mtime_ns
-    assert await store.put_image(PNG) == digest
-    assert path.stat().st_mtime_ns == mtime
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp files left behind
-    assert await store.get_image(digest) == PNG
-
-    many = await asyncio.gather(*(store.put_image(PNG + bytes([i % 3])) for i in range(12)))
-    assert len(set(many)) == 3
-    for h in set(many):
-        assert (await store.get_image(h)).startswith(PNG)
-
-    with pytest.raises(NotFound):
-        await store.get_image("0" * 64)
-    for hostile in ("../../etc/passwd", "A" * 64, "0" * 63, "0" * 64 + "/x", "", 123):
-        with pytest.raises(NotFound):
-            store.image_path(hostile)  # type: ignore[arg-type]
-        with pytest.raises(NotFound):
-            await store.get_image(hostile)  # type: ignore[arg-type]
-    for bad in (b"", b"GIF89a...", "text"):
-        with pytest.raises(InvalidOption):
-            await store.put_image(bad)  # type: ignore[arg-type]
 
 
 async def test_settings_merge_and_delete(store: SqliteStore) -> None:
@@ -232,7 +202,7 @@ async def test_thousand_concurrent_add_job(store: SqliteStore, make_job) -> None
 
 
 async def test_merged_meta_survives_a_stale_full_update(tmp_path: Path, make_job) -> None:
-    store = await SqliteStore.open(tmp_path / "h.sqlite3", tmp_path / "img")
+    store = await SqliteStore.open(tmp_path / "h.sqlite3")
     try:
         job = make_job()
         await store.add_job(job)
@@ -249,14 +219,14 @@ async def test_merged_meta_survives_a_stale_full_update(tmp_path: Path, make_job
 
 async def test_stories_one_active_per_chat(tmp_path: Path) -> None:
     db = tmp_path / "h.sqlite3"
-    store = await SqliteStore.open(db, tmp_path / "img")
+    store = await SqliteStore.open(db)
     await store.save_story("s1", "tg:1", True, {"id": "s1", "title": "月亮"})
     with pytest.raises(InvalidOption, match="already has an active story"):
         await store.save_story("s2", "tg:1", True, {"id": "s2"})
     await store.save_story("s1", "tg:1", False, {"id": "s1", "title": "月亮", "ended": True})
     await store.save_story("s2", "tg:1", True, {"id": "s2"})
     await store.close()
-    store = await SqliteStore.open(db, tmp_path / "img")
+    store = await SqliteStore.open(db)
     try:
         assert (await store.active_story("tg:1")) == {"id": "s2"}
         assert (await store.get_story("s1")) == {"id": "s1", "title": "月亮", "ended": True}

@@ -259,18 +259,18 @@ async def post_message(request: web.Request) -> web.Response:
             "replies": list(reply.texts),
             "job": jobs[0] if jobs else None,
             "jobs": jobs,
-            "attachments": _attachments_json(request, reply),
+            "attachments": await _attachments_json(request, reply),
         }
     )
 
 
-def _attachments_json(request: web.Request, reply: Reply) -> list[dict[str, Any]]:
+async def _attachments_json(request: web.Request, reply: Reply) -> list[dict[str, Any]]:
     """A stored picture is linked by its digest; any other file (an export) goes on the shelf."""
     service, shelf = request.app[SERVICE_KEY], request.app[SHELF_KEY]
     found = []
     for name, data in reply.attachments:
         digest = hashlib.sha256(data).hexdigest()
-        if name.lower().endswith(".png") and service.image_path(digest).is_file():
+        if name.lower().endswith(".png") and await service.images.exists(digest):
             url: str | None = image_url(digest)
         else:
             token = shelf.put(name, data)
@@ -330,10 +330,8 @@ async def get_image(request: web.Request) -> web.StreamResponse:
     digest = request.match_info["digest"]
     if not _DIGEST.fullmatch(digest):
         raise NotFound("There is no image with that id.")
-    path = service.image_path(digest)
-    if not path.is_file():
-        raise NotFound("That image is no longer stored.")
-    return web.FileResponse(path, headers={"Cache-Control": IMAGE_CACHE, "Content-Type": "image/png"})
+    png = await service.image(digest)
+    return web.Response(body=png, headers={"Cache-Control": IMAGE_CACHE, "Content-Type": "image/png"})
 
 
 # stories ---------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from core.codec import job_from_json, job_to_json
 from core.errors import ServiceUnavailable, StorageError
-from core.queue import JobQueue, QueueClosed, check_limits, fair_order, queue_full, too_many_jobs
+from core.jobs.queue import JobQueue, QueueClosed, check_limits, fair_order, queue_full, too_many_jobs
 from core.types import Job
 
 logger = logging.getLogger(__name__)

@@ -1,22 +1,16 @@
-"""The store port and its SQLite implementation: jobs, images on disk, settings, quotas and counters.
+"""The embedded store: `Store` on one SQLite file.
 
 `SqliteStore` keeps one aiosqlite connection (WAL, foreign keys on) and serialises every write behind
-an asyncio lock, so any number of concurrent callers never see "database is locked". Images are
-content-addressed PNG files under `images_dir/<h[:2]>/<h>.png`, written atomically.
+an asyncio lock, so any number of concurrent callers never see "database is locked".
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import calendar
-import hashlib
 import json
 import logging
-import os
-import re
 import sqlite3
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,104 +20,27 @@ import aiosqlite
 
 from core.codec import job_from_json, job_to_json
 from core.errors import InvalidOption, NotFound, StorageError
-from core.migrations import Migration, migrate
+from core.storage.migrations import Migration, migrate
+from core.storage.store import Store
 from core.types import Job, JobStatus
 
 logger = logging.getLogger(__name__)
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_HASH = re.compile(r"[0-9a-f]{64}")
 _DAY = 86_400.0
 
 
-class Store(abc.ABC):
-    """Persistent state of the service."""
-
-    @abc.abstractmethod
-    async def close(self) -> None: ...
-
-    @abc.abstractmethod
-    async def add_job(self, job: Job) -> None:
-        """Insert a new job; StorageError if its id exists."""
-
-    @abc.abstractmethod
-    async def update_job(self, job: Job) -> None:
-        """Replace the stored job with the same id; NotFound if there is none."""
-
-    @abc.abstractmethod
-    async def merge_meta(self, job_id: str, meta: dict[str, str]) -> Job:
-        """Add platform ids to a job's meta atomically; NotFound if there is no such job."""
-
-    @abc.abstractmethod
-    async def get_job(self, job_id: str) -> Job | None: ...
-
-    @abc.abstractmethod
-    async def unfinished_jobs(self) -> list[Job]:
-        """Queued or running jobs, oldest first (for recovery after a restart)."""
-
-    @abc.abstractmethod
-    async def recent_jobs(self, chat: str, limit: int = 20) -> list[Job]:
-        """The chat's newest jobs, newest first."""
-
-    @abc.abstractmethod
-    async def save_story(self, story_id: str, chat: str, active: bool, data: dict[str, Any]) -> None:
-        """Insert or replace a story document (see core.story.model)."""
-
-    @abc.abstractmethod
-    async def get_story(self, story_id: str) -> dict[str, Any] | None: ...
-
-    @abc.abstractmethod
-    async def active_story(self, chat: str) -> dict[str, Any] | None:
-        """The chat's active story, if any (at most one per chat)."""
-
-    @abc.abstractmethod
-    async def put_image(self, png: bytes) -> str:
-        """Store PNG bytes; returns their sha256 hex digest. Storing the same bytes twice is a no-op."""
-
-    @abc.abstractmethod
-    def image_path(self, h: str) -> Path:
-        """Where the image with digest `h` lives; NotFound unless `h` is 64 lowercase hex digits."""
-
-    @abc.abstractmethod
-    async def get_image(self, h: str) -> bytes:
-        """The PNG bytes; NotFound if absent."""
-
-    @abc.abstractmethod
-    async def get_settings(self, scope: str) -> dict[str, Any]:
-        """Settings for a scope such as "chat:web:room1"; {} if none."""
-
-    @abc.abstractmethod
-    async def update_settings(self, scope: str, changes: dict[str, Any]) -> dict[str, Any]:
-        """Merge `changes` (a None value deletes the key); returns the new settings."""
-
-    @abc.abstractmethod
-    async def images_today(self, user: str, now: float | None = None) -> int:
-        """Images the user asked for since 00:00 UTC of `now`'s day, not counting failed or cancelled jobs."""
-
-    @abc.abstractmethod
-    async def incr_counter(self, name: str, amount: int = 1) -> None: ...
-
-    @abc.abstractmethod
-    async def counters(self) -> dict[str, int]: ...
-
-
 class SqliteStore(Store):
-    def __init__(self, conn: aiosqlite.Connection, images_dir: Path) -> None:
+    def __init__(self, conn: aiosqlite.Connection) -> None:
         """Use `SqliteStore.open`."""
         self._conn = conn
-        self._images_dir = images_dir
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def open(
-        cls, db_path: Path, images_dir: Path, *, migrations: tuple[Migration, ...] | None = None
-    ) -> SqliteStore:
-        """Create the directories, open the database and migrate its schema (to `MIGRATIONS` by default)."""
+    async def open(cls, db_path: Path, *, migrations: tuple[Migration, ...] | None = None) -> SqliteStore:
+        """Create the directory, open the database and migrate its schema (to `MIGRATIONS` by default)."""
         db_path = Path(db_path)
-        images_dir = Path(images_dir)
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True)
-            images_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise StorageError(f"Cannot create the data directories: {err.strerror}.") from err
         conn = await aiosqlite.connect(db_path, isolation_level=None)
@@ -140,7 +57,7 @@ class SqliteStore(Store):
             await conn.close()
             raise
         logger.info("store opened at %s", db_path)
-        return cls(conn, images_dir)
+        return cls(conn)
 
     async def close(self) -> None:
         async with self._write_lock:
@@ -257,30 +174,6 @@ class SqliteStore(Store):
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
-    # images -----------------------------------------------------------------------------------
-
-    async def put_image(self, png: bytes) -> str:
-        if not isinstance(png, (bytes, bytearray)) or not png.startswith(PNG_SIGNATURE):
-            raise InvalidOption("Only PNG images can be stored.")
-        digest = hashlib.sha256(png).hexdigest()
-        try:
-            await asyncio.to_thread(_write_atomically, self.image_path(digest), bytes(png))
-        except OSError as err:
-            raise StorageError(f"The image could not be saved: {err.strerror or err}.") from err
-        return digest
-
-    def image_path(self, h: str) -> Path:
-        if not isinstance(h, str) or not _HASH.fullmatch(h):
-            raise NotFound("There is no image with that id.")
-        return self._images_dir / h[:2] / f"{h}.png"
-
-    async def get_image(self, h: str) -> bytes:
-        path = self.image_path(h)
-        try:
-            return await asyncio.to_thread(path.read_bytes)
-        except FileNotFoundError as err:
-            raise NotFound("That image is no longer stored.") from err
-
     # settings and counters --------------------------------------------------------------------
 
     async def get_settings(self, scope: str) -> dict[str, Any]:
@@ -338,20 +231,3 @@ def _decode_settings(text: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise StorageError("Stored settings are not a JSON object.")
     return data
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it; skip if it already exists."""
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise

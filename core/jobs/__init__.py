@@ -1,0 +1,1 @@
+"""Jobs in flight: the JobQueue port and its memory and Redis Streams implementations."""

@@ -1,0 +1,1 @@
+"""Persistent state: the Store port (jobs, settings, stories) and the ImageStore port (pictures)."""
