@@ -42,6 +42,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "started_at": job.started_at,
         "finished_at": job.finished_at,
         "meta": dict(job.meta),
+        "attempt": job.attempt,
     }
 
 
@@ -80,6 +81,7 @@ def job_from_dict(data: Any) -> Job:
         started_at=record.optional_number("started_at"),
         finished_at=record.optional_number("finished_at"),
         meta=record.text_dict("meta"),
+        attempt=record.integer_or("attempt", 0),
     )
 
 
@@ -129,6 +131,10 @@ class _Record:
 
     def optional_integer(self, key: str) -> int | None:
         return None if self.raw(key) is None else self.integer(key)
+
+    def integer_or(self, key: str, default: int) -> int:
+        """For fields added later: `default` when a record written before them lacks the field."""
+        return default if key not in self._data else self.integer(key)
 
     def number(self, key: str) -> float:
         value = self.raw(key)

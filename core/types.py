@@ -118,6 +118,8 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     meta: dict[str, str] = field(default_factory=dict)
+    attempt: int = 0
+    """How many times a worker has started this job; finishing is fenced on the current attempt."""
 
 
 class EventType(enum.StrEnum):
@@ -143,3 +145,33 @@ class JobEvent:
     step: int = 0
     total_steps: int = 0
     error: str | None = None
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+    """Gave up after the last attempt; kept for the operator."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One finished job's result (or failure) owed to a platform chat: the outbox record.
+
+    `platform` is the chat id's prefix ("tg", "dc"); `message_id` is the platform's id of the posted
+    message once `state` is SENT. A claim (`claimed_by` until `claim_until`) keeps two processes from
+    posting it at once.
+    """
+
+    id: int
+    job_id: str
+    platform: str
+    state: DeliveryState = DeliveryState.PENDING
+    attempts: int = 0
+    next_at: float = 0.0
+    claimed_by: str | None = None
+    claim_until: float | None = None
+    message_id: str | None = None
+    error: str | None = None
+    created_at: float = 0.0
+    sent_at: float | None = None

@@ -64,6 +64,32 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE UNIQUE INDEX stories_one_active_per_chat ON stories (chat) WHERE active = 1;
         """,
     ),
+    Migration(
+        3,
+        """
+        ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
+        ALTER TABLE jobs ADD COLUMN lease_until REAL;
+        CREATE INDEX jobs_user_status ON jobs (user, status);
+        CREATE TABLE deliveries (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            platform TEXT NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at REAL NOT NULL,
+            claimed_by TEXT,
+            claim_until REAL,
+            message_id TEXT,
+            error TEXT,
+            created_at REAL NOT NULL,
+            sent_at REAL,
+            UNIQUE (job_id, platform)
+        );
+        CREATE INDEX deliveries_due ON deliveries (platform, state, next_at);
+        ALTER TABLE stories ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+        """,
+    ),
 )
 
 
@@ -87,7 +113,7 @@ async def migrate(conn: aiosqlite.Connection, migrations: tuple[Migration, ...] 
     commits (or rolls back) its own transaction. `migrations` defaults to `MIGRATIONS`.
     """
     migrations = MIGRATIONS if migrations is None else migrations
-    _check_order(migrations)
+    check_order(migrations)
     version = await current_version(conn)
     target = latest_version(migrations)
     if version > target:
@@ -116,7 +142,7 @@ async def migrate(conn: aiosqlite.Connection, migrations: tuple[Migration, ...] 
     return target
 
 
-def _check_order(migrations: tuple[Migration, ...]) -> None:
+def check_order(migrations: tuple[Migration, ...]) -> None:
     versions = [m.version for m in migrations]
     if versions != list(range(1, len(versions) + 1)):
         raise ValueError(f"migrations must be numbered 1, 2, 3, ... in order, got {versions}")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import contextlib
 import json
 import logging
 import sqlite3
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,8 @@ import aiosqlite
 from core.codec import job_from_json, job_to_json
 from core.errors import InvalidOption, NotFound, StorageError
 from core.storage.migrations import Migration, migrate
-from core.storage.store import Store
-from core.types import Job, JobStatus
+from core.storage.store import Admission, Store, claimable, quota_or_pending
+from core.types import Delivery, DeliveryState, Job, JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -66,20 +68,130 @@ class SqliteStore(Store):
     # jobs -------------------------------------------------------------------------------------
 
     async def add_job(self, job: Job) -> None:
-        data = job_to_json(job)
         async with self._write_lock:
-            try:
-                await self._conn.execute(
-                    "INSERT INTO jobs (id, user, chat, status, created_at, n, data) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (job.id, job.user, job.chat, job.status.value, job.created_at, job.request.n, data),
-                )
-            except sqlite3.IntegrityError as err:
-                raise StorageError(f"A job with id {job.id!r} already exists.") from err
+            await self._insert_job(job)
+
+    async def _insert_job(self, job: Job) -> None:
+        try:
+            await self._conn.execute(
+                "INSERT INTO jobs (id, user, chat, status, created_at, n, attempt, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.id,
+                    job.user,
+                    job.chat,
+                    job.status.value,
+                    job.created_at,
+                    job.request.n,
+                    job.attempt,
+                    job_to_json(job),
+                ),
+            )
+        except sqlite3.IntegrityError as err:
+            raise StorageError(f"A job with id {job.id!r} already exists.") from err
+
+    async def admit_job(self, job: Job, *, daily_quota: int, max_pending: int, day_start: float) -> Admission:
+        async with self._transaction():
+            async with self._conn.execute(
+                "SELECT COALESCE(SUM(CASE WHEN created_at >= ? AND created_at < ? AND status NOT IN (?, ?) "
+                "THEN n ELSE 0 END), 0), COALESCE(SUM(CASE WHEN status IN (?, ?) THEN 1 ELSE 0 END), 0) "
+                "FROM jobs WHERE user = ?",
+                (
+                    day_start,
+                    day_start + _DAY,
+                    JobStatus.FAILED.value,
+                    JobStatus.CANCELLED.value,
+                    JobStatus.QUEUED.value,
+                    JobStatus.RUNNING.value,
+                    job.user,
+                ),
+            ) as cursor:
+                row = await cursor.fetchone()
+            used, pending = (int(row[0]), int(row[1])) if row else (0, 0)
+            refused = quota_or_pending(job, used, pending, daily_quota, max_pending)
+            if refused is None:
+                await self._insert_job(job)
+        return Admission(refused is None, used, pending, refused)
+
+    async def claim_job(self, job_id: str, owner: str, lease_s: float, now: float) -> Job | None:
+        async with self._transaction():
+            async with self._conn.execute(
+                "SELECT data, status, attempt, lease_until FROM jobs WHERE id = ?", (job_id,)
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is None or not claimable(JobStatus(row[1]), row[3], now):
+                return None
+            job = replace(
+                job_from_json(row[0]),
+                status=JobStatus.RUNNING,
+                attempt=int(row[2]) + 1,
+                started_at=now,
+                progress=0.0,
+                error=None,
+            )
+            await self._write_job(job)
+            await self._conn.execute(
+                "UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE id = ?",
+                (owner, now + lease_s, job_id),
+            )
+        return job
+
+    async def renew_lease(self, job_id: str, attempt: int, lease_s: float, now: float) -> bool:
+        async with self._write_lock:
+            cursor = await self._conn.execute(
+                "UPDATE jobs SET lease_until = ? WHERE id = ? AND attempt = ? AND status = ?",
+                (now + lease_s, job_id, attempt, JobStatus.RUNNING.value),
+            )
+            return cursor.rowcount == 1
+
+    async def finish_attempt(self, job: Job, platforms: Sequence[str] = ()) -> bool:
+        async with self._transaction():
+            stored = await self._current(job)
+            if stored is None:
+                return False
+            await self._write_job(replace(job, meta={**job.meta, **stored.meta}))
+            await self._conn.execute(
+                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE id = ?", (job.id,)
+            )
+            now = job.finished_at or time.time()
+            await self._conn.executemany(
+                "INSERT OR IGNORE INTO deliveries (job_id, platform, state, next_at, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(job.id, platform, DeliveryState.PENDING.value, now, now) for platform in platforms],
+            )
+        return True
+
+    async def release_attempt(self, job: Job) -> bool:
+        async with self._transaction():
+            stored = await self._current(job)
+            if stored is None:
+                return False
+            queued = replace(job, status=JobStatus.QUEUED, meta={**job.meta, **stored.meta})
+            await self._write_job(queued)
+            await self._conn.execute(
+                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE id = ?", (job.id,)
+            )
+        return True
+
+    async def _current(self, job: Job) -> Job | None:
+        """The stored job if `job.attempt` is its current attempt and it has not finished; else None."""
+        async with self._conn.execute(
+            "SELECT data FROM jobs WHERE id = ? AND attempt = ? AND status IN (?, ?)",
+            (job.id, job.attempt, JobStatus.QUEUED.value, JobStatus.RUNNING.value),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return job_from_json(row[0]) if row else None
+
+    async def recoverable_jobs(self, now: float) -> list[Job]:
+        return await self._jobs(
+            "SELECT data FROM jobs WHERE status = ? OR (status = ? AND COALESCE(lease_until, 0) < ?) "
+            "ORDER BY created_at, rowid",
+            (JobStatus.QUEUED.value, JobStatus.RUNNING.value, now),
+        )
 
     async def update_job(self, job: Job) -> None:
         """Replace the job; meta keys stored meanwhile (by `merge_meta`) are kept, never dropped."""
-        async with self._write_lock:
+        async with self._transaction():
             stored = await self._get_job(job.id)
             if stored is None:
                 raise NotFound(f"There is no job with id {job.id!r}.")
@@ -88,7 +200,7 @@ class SqliteStore(Store):
             await self._write_job(job)
 
     async def merge_meta(self, job_id: str, meta: dict[str, str]) -> Job:
-        async with self._write_lock:
+        async with self._transaction():
             stored = await self._get_job(job_id)
             if stored is None:
                 raise NotFound(f"There is no job with id {job_id!r}.")
@@ -98,9 +210,84 @@ class SqliteStore(Store):
 
     async def _write_job(self, job: Job) -> None:
         await self._conn.execute(
-            "UPDATE jobs SET user = ?, chat = ?, status = ?, created_at = ?, n = ?, data = ? WHERE id = ?",
-            (job.user, job.chat, job.status.value, job.created_at, job.request.n, job_to_json(job), job.id),
+            "UPDATE jobs SET user = ?, chat = ?, status = ?, created_at = ?, n = ?, attempt = ?, data = ? "
+            "WHERE id = ?",
+            (
+                job.user,
+                job.chat,
+                job.status.value,
+                job.created_at,
+                job.request.n,
+                job.attempt,
+                job_to_json(job),
+                job.id,
+            ),
         )
+
+    # deliveries (the outbox) ------------------------------------------------------------------
+
+    async def claim_deliveries(
+        self, platform: str, owner: str, lease_s: float, now: float, limit: int = 10
+    ) -> list[Delivery]:
+        async with self._write_lock:
+            async with self._conn.execute(
+                f"UPDATE deliveries SET claimed_by = ?, claim_until = ? WHERE id IN ("
+                "SELECT id FROM deliveries WHERE platform = ? AND state = ? AND next_at <= ? "
+                "AND COALESCE(claim_until, 0) < ? ORDER BY next_at, id LIMIT ?) "
+                f"RETURNING {_DELIVERY_COLUMNS}",
+                (owner, now + lease_s, platform, DeliveryState.PENDING.value, now, now, limit),
+            ) as cursor:
+                rows = await cursor.fetchall()
+        return sorted((_delivery(row) for row in rows), key=lambda d: (d.next_at, d.id))
+
+    async def mark_delivered(self, delivery_id: int, owner: str, message_id: str | None, now: float) -> bool:
+        async with self._write_lock:
+            cursor = await self._conn.execute(
+                "UPDATE deliveries SET state = ?, message_id = ?, sent_at = ?, claim_until = NULL, "
+                "attempts = attempts + 1 WHERE id = ? AND claimed_by = ? AND state = ?",
+                (DeliveryState.SENT.value, message_id, now, delivery_id, owner, DeliveryState.PENDING.value),
+            )
+            return cursor.rowcount == 1
+
+    async def retry_delivery(
+        self, delivery_id: int, owner: str, error: str, next_at: float, max_attempts: int
+    ) -> DeliveryState | None:
+        async with self._write_lock:
+            async with self._conn.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, error = ?, next_at = ?, claimed_by = NULL, "
+                "claim_until = NULL, state = CASE WHEN attempts + 1 >= ? THEN ? ELSE state END "
+                "WHERE id = ? AND claimed_by = ? AND state = ? RETURNING state",
+                (
+                    error[:500],
+                    next_at,
+                    max_attempts,
+                    DeliveryState.DEAD.value,
+                    delivery_id,
+                    owner,
+                    DeliveryState.PENDING.value,
+                ),
+            ) as cursor:
+                row = await cursor.fetchone()
+        return DeliveryState(row[0]) if row else None
+
+    async def deliveries(self, job_id: str) -> list[Delivery]:
+        async with self._conn.execute(
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE job_id = ? ORDER BY id", (job_id,)
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [_delivery(row) for row in rows]
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """One write transaction, taken at once (BEGIN IMMEDIATE), so other processes on the file wait."""
+        async with self._write_lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
 
     async def _get_job(self, job_id: str) -> Job | None:
         rows = await self._jobs("SELECT data FROM jobs WHERE id = ?", (job_id,))
@@ -221,6 +408,29 @@ class SqliteStore(Store):
         async with self._conn.execute("SELECT name, value FROM counters ORDER BY name") as cursor:
             rows = await cursor.fetchall()
         return {str(name): int(value) for name, value in rows}
+
+
+_DELIVERY_COLUMNS = (
+    "id, job_id, platform, state, attempts, next_at, claimed_by, claim_until, message_id, error, "
+    "created_at, sent_at"
+)
+
+
+def _delivery(row: Any) -> Delivery:
+    return Delivery(
+        id=int(row[0]),
+        job_id=str(row[1]),
+        platform=str(row[2]),
+        state=DeliveryState(row[3]),
+        attempts=int(row[4]),
+        next_at=float(row[5]),
+        claimed_by=row[6],
+        claim_until=row[7],
+        message_id=row[8],
+        error=row[9],
+        created_at=float(row[10]),
+        sent_at=row[11],
+    )
 
 
 def _decode_settings(text: str) -> dict[str, Any]:
