@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 
 from core.engine import Engine
+from core.errors import StorageError
 from core.events import EventRelay
 from core.jobs.queue import JobQueue, MemoryQueue
 from core.prompting.builder import PromptBuilder
 from core.service import Huahua
 from core.settings import Settings
+from core.storage.store import Store
 from core.story.planner import ScenePlanner
 
 logger = logging.getLogger(__name__)
@@ -20,10 +22,9 @@ async def build_service(settings: Settings, *, engine: Engine | None = None) -> 
     from core.moderation import Moderator
     from core.prompting import load_prompt_builder
     from core.storage.images import FileImageStore
-    from core.storage.sqlite import SqliteStore
     from core.story.book import StoryBook
 
-    store = await SqliteStore.open(settings.database_path)
+    store = await open_store(settings)
     images = FileImageStore(settings.images_dir)
     queue = await _build_queue(settings)
     if engine is None:
@@ -45,6 +46,25 @@ async def build_service(settings: Settings, *, engine: Engine | None = None) -> 
     )
     service.register(StoryBook(service, build_scene_planner(settings, builder)))
     return service
+
+
+async def open_store(settings: Settings) -> Store:
+    """PostgreSQL when HUAHUA_DATABASE_URL is set (state shared by machines), else SQLite in the data dir."""
+    if settings.database_url is not None:
+        try:
+            from core.storage.postgres import PostgresStore
+        except ModuleNotFoundError as err:
+            if err.name != "asyncpg":
+                raise
+            raise StorageError(
+                "HUAHUA_DATABASE_URL needs the PostgreSQL driver: pip install 'huahua[postgres]'."
+            ) from None
+        return await PostgresStore.open(
+            settings.database_url.get_secret_value(), pool_size=settings.database_pool_size
+        )
+    from core.storage.sqlite import SqliteStore
+
+    return await SqliteStore.open(settings.database_path)
 
 
 def build_scene_planner(settings: Settings, builder: PromptBuilder) -> ScenePlanner:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import unquote, urlsplit
 
 from pydantic import SecretStr
 
@@ -34,11 +35,23 @@ class RedactSecrets(logging.Filter):
 
 
 def secret_values(settings: Settings) -> list[str]:
-    return [
+    """Every secret setting's value and, for URLs such as HUAHUA_DATABASE_URL, the password inside it."""
+    values = [
         value.get_secret_value()
         for value in settings.__dict__.values()
         if isinstance(value, SecretStr) and value.get_secret_value()
     ]
+    return values + [password for value in values for password in _url_passwords(value)]
+
+
+def _url_passwords(value: str) -> list[str]:
+    if "://" not in value:
+        return []
+    try:
+        password = urlsplit(value).password
+    except ValueError:
+        return []
+    return [password, unquote(password)] if password else []
 
 
 def configure_logging(settings: Settings) -> None:

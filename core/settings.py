@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -37,6 +37,9 @@ class Settings(BaseSettings):
 
     # storage and editable prompt data
     data_dir: Path = Path("./data")
+    database_url: SecretStr | None = None
+    """Unset: SQLite in `data_dir`; postgresql://user:password@host:5432/db: PostgreSQL (shared state)."""
+    database_pool_size: int = Field(10, ge=1, le=1000)
     prompts_dir: Path = Path(__file__).resolve().parent.parent / "prompts"
 
     # queue
@@ -77,6 +80,13 @@ class Settings(BaseSettings):
     discord_guild_id: int | None = None
 
     log_level: str = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _blank_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        """An empty HUAHUA_DATABASE_URL= means SQLite. The scheme is checked when the store opens, since a
+        validation error here would echo the URL, password included."""
+        return None if value is None or not value.get_secret_value().strip() else value
 
     @property
     def checkpoint_path(self) -> Path:

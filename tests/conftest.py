@@ -1,4 +1,4 @@
-"""Shared fixtures: a job factory and a real redis-server on a free loopback port."""
+"""Shared fixtures: a job factory, a real redis-server and a real PostgreSQL cluster on loopback ports."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 from core.types import GenerationRequest, Job, JobKind
+from tests.pg_server import PgCluster, start_cluster
+from tests.store_backends import Backend, PostgresBackend, SqliteBackend
 from tests.support import CHROMIUM, CHROMIUM_ARGS
 
 pytest_plugins = ["tests.fake_llm", "tests.fake_discord"]
@@ -99,6 +101,34 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway PostgreSQL cluster (initdb + pg_ctl on a free loopback port) for the whole session."""
+    try:
+        cluster = start_cluster()
+    except LookupError as err:
+        pytest.skip(str(err))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> str:
+    """URL (with password) of a new empty database in the session's cluster."""
+    return pg_cluster.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Each store implementation in turn: the contract tests run against both."""
+    if request.param == "postgres":
+        pytest.importorskip("asyncpg", reason="needs asyncpg (pip install 'huahua[postgres]')")
+        return PostgresBackend(request.getfixturevalue("pg_url"))
+    return SqliteBackend(tmp_path / "db" / "huahua.sqlite3")
 
 
 @pytest.fixture

@@ -1,3 +1,6 @@
+"""The Store contract, run against every implementation (the `store_backend` fixture: SQLite and a real
+PostgreSQL server); SQLite-only behaviour (WAL, a corrupt file) at the end."""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,100 +12,85 @@ from pathlib import Path
 import pytest
 
 from core.errors import InvalidOption, NotFound, StorageError
-from core.storage import migrations
 from core.storage.images import PNG_SIGNATURE
-from core.storage.migrations import MIGRATIONS, Migration, latest_version
+from core.storage.migrations import Migration, latest_version
 from core.storage.sqlite import SqliteStore
+from core.storage.store import Store
 from core.types import GenerationRequest, JobStatus
+from tests.store_backends import Backend
 
 PNG = PNG_SIGNATURE + b"\x00\x00\x00\x0dIHDR fake but signed"
 
 
 @pytest.fixture
-async def store(tmp_path: Path):
-    opened = await SqliteStore.open(tmp_path / "db" / "huahua.sqlite3")
+async def store(store_backend: Backend):
+    opened = await store_backend.open()
     yield opened
     await opened.close()
 
 
-def _version(db: Path) -> int:
-    with sqlite3.connect(db) as conn:
-        return int(conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0])
+async def _version(backend: Backend) -> int:
+    return int(await backend.scalar("SELECT MAX(version) FROM schema_version"))
 
 
-async def test_open_creates_dirs_wal_and_latest_schema(tmp_path: Path) -> None:
-    db = tmp_path / "a" / "b" / "h.sqlite3"
-    store = await SqliteStore.open(db)
-    await store.close()
-    assert _version(db) == latest_version() >= 1
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"jobs", "settings", "counters", "schema_version"} <= tables
+async def test_open_creates_the_latest_schema(store_backend: Backend) -> None:
+    await (await store_backend.open()).close()
+    assert await _version(store_backend) == latest_version(store_backend.migrations) >= 1
+    tables = await store_backend.tables()
+    assert {"jobs", "settings", "counters", "stories", "schema_version"} <= tables
 
 
-async def test_reopen_keeps_data_and_does_not_reapply(tmp_path: Path, make_job) -> None:
-    db = tmp_path / "h.sqlite3"
-    store = await SqliteStore.open(db)
+async def test_reopen_keeps_data_and_does_not_reapply(store_backend: Backend, make_job) -> None:
+    store = await store_backend.open()
     job = make_job()
     await store.add_job(job)
     await store.incr_counter("jobs_done", 3)
     await store.close()
-    store = await SqliteStore.open(db)
+    store = await store_backend.open()
     assert await store.get_job(job.id) == job
     assert await store.counters() == {"jobs_done": 3}
     await store.close()
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == len(MIGRATIONS)
+    assert await store_backend.scalar("SELECT COUNT(*) FROM schema_version") == len(store_backend.migrations)
 
 
-async def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    db = tmp_path / "h.sqlite3"
-    await (await SqliteStore.open(db)).close()
-    with sqlite3.connect(db) as conn:
-        conn.execute("INSERT INTO schema_version VALUES (?, 0)", (latest_version() + 1,))
+async def test_newer_schema_is_refused(store_backend: Backend) -> None:
+    await (await store_backend.open()).close()
+    newer = latest_version(store_backend.migrations) + 1
+    await store_backend.execute(f"INSERT INTO schema_version VALUES ({newer}, 0)")
     with pytest.raises(StorageError, match="upgrade Huahua"):
-        await SqliteStore.open(db)
+        await store_backend.open()
 
 
-async def test_new_migration_is_applied_to_an_existing_db(tmp_path: Path, monkeypatch, make_job) -> None:
-    db = tmp_path / "h.sqlite3"
-    store = await SqliteStore.open(db)
+async def test_new_migration_is_applied_to_an_existing_db(store_backend: Backend, make_job) -> None:
+    store = await store_backend.open()
     await store.add_job(make_job())
     await store.close()
     extra = Migration(
-        latest_version() + 1, "CREATE TABLE bookmarks (id TEXT PRIMARY KEY, title TEXT NOT NULL);"
+        latest_version(store_backend.migrations) + 1,
+        "CREATE TABLE bookmarks (id TEXT PRIMARY KEY, title TEXT NOT NULL);",
     )
-    monkeypatch.setattr(migrations, "MIGRATIONS", (*MIGRATIONS, extra))
-    await (await SqliteStore.open(db)).close()
-    assert _version(db) == extra.version
-    with sqlite3.connect(db) as conn:
-        conn.execute("INSERT INTO bookmarks VALUES ('s1', 't')")
-        assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
+    await (await store_backend.open(migrations=(*store_backend.migrations, extra))).close()
+    assert await _version(store_backend) == extra.version
+    await store_backend.execute("INSERT INTO bookmarks VALUES ('s1', 't')")
+    assert await store_backend.scalar("SELECT COUNT(*) FROM jobs") == 1
 
 
-async def test_failing_migration_rolls_back(tmp_path: Path) -> None:
-    db = tmp_path / "h.sqlite3"
-    await (await SqliteStore.open(db)).close()
+async def test_failing_migration_rolls_back(store_backend: Backend) -> None:
+    await (await store_backend.open()).close()
     broken = (
-        *MIGRATIONS,
-        Migration(latest_version() + 1, "CREATE TABLE half (x INTEGER); INSERT INTO nowhere VALUES (1);"),
+        *store_backend.migrations,
+        Migration(
+            latest_version(store_backend.migrations) + 1,
+            "CREATE TABLE half (x INTEGER); INSERT INTO nowhere VALUES (1);",
+        ),
     )
     with pytest.raises(StorageError, match="schema from version"):
-        await SqliteStore.open(db, migrations=broken)
-    assert _version(db) == latest_version()
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT name FROM sqlite_master WHERE name='half'").fetchone() is None
+        await store_backend.open(migrations=broken)
+    assert await _version(store_backend) == latest_version(store_backend.migrations)
+    assert "half" not in await store_backend.tables()
 
 
-async def test_corrupt_database_file_is_a_clear_error(tmp_path: Path) -> None:
-    db = tmp_path / "h.sqlite3"
-    db.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(StorageError, match="corrupt"):
-        await SqliteStore.open(db)
-
-
-async def test_job_round_trip_update_and_recent(store: SqliteStore, make_job) -> None:
+async def test_job_round_trip_update_and_recent(store: Store, make_job) -> None:
     request = GenerationRequest(prompt="猫", n=2, init_image=PNG, strength=0.5)
     job = make_job(request=request, init_image="d" * 64, meta={"k": "v"})
     await store.add_job(job)
@@ -126,9 +114,8 @@ async def test_job_round_trip_update_and_recent(store: SqliteStore, make_job) ->
         await store.recent_jobs("web:other", limit=-1)
 
 
-async def test_unfinished_jobs_survive_restart(tmp_path: Path, make_job) -> None:
-    db = tmp_path / "h.sqlite3"
-    store = await SqliteStore.open(db)
+async def test_unfinished_jobs_survive_restart(store_backend: Backend, make_job) -> None:
+    store = await store_backend.open()
     queued = make_job(created_at=30.0)
     running = make_job(created_at=10.0, status=JobStatus.RUNNING, started_at=11.0)
     for status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED):
@@ -136,12 +123,12 @@ async def test_unfinished_jobs_survive_restart(tmp_path: Path, make_job) -> None
     await store.add_job(queued)
     await store.add_job(running)
     await store.close()
-    store = await SqliteStore.open(db)
+    store = await store_backend.open()
     assert await store.unfinished_jobs() == [running, queued]
     await store.close()
 
 
-async def test_settings_merge_and_delete(store: SqliteStore) -> None:
+async def test_settings_merge_and_delete(store: Store) -> None:
     assert await store.get_settings("chat:web:room1") == {}
     assert await store.update_settings("chat:web:room1", {"style": "水墨", "steps": 30}) == {
         "style": "水墨",
@@ -162,7 +149,7 @@ async def test_settings_merge_and_delete(store: SqliteStore) -> None:
     assert await store.get_settings("chat:x") == {}
 
 
-async def test_quota_counts_today_only_and_skips_failed(store: SqliteStore, make_job) -> None:
+async def test_quota_counts_today_only_and_skips_failed(store: Store, make_job) -> None:
     midnight = float(calendar.timegm((2026, 3, 10, 0, 0, 0)))
     now = midnight + 15 * 3600
     cases = [
@@ -183,7 +170,7 @@ async def test_quota_counts_today_only_and_skips_failed(store: SqliteStore, make
     assert await store.images_today("web:nobody", now=now) == 0
 
 
-async def test_counters(store: SqliteStore) -> None:
+async def test_counters(store: Store) -> None:
     assert await store.counters() == {}
     await store.incr_counter("blocked")
     await store.incr_counter("blocked")
@@ -194,15 +181,15 @@ async def test_counters(store: SqliteStore) -> None:
         await store.incr_counter("blocked", 1.5)  # type: ignore[arg-type]
 
 
-async def test_thousand_concurrent_add_job(store: SqliteStore, make_job) -> None:
+async def test_thousand_concurrent_add_job(store: Store, make_job) -> None:
     jobs = [make_job(user=f"web:u{i % 37}", created_at=float(i)) for i in range(1000)]
     await asyncio.gather(*(store.add_job(job) for job in jobs))
     unfinished = await store.unfinished_jobs()
     assert [job.id for job in unfinished] == [job.id for job in jobs]
 
 
-async def test_merged_meta_survives_a_stale_full_update(tmp_path: Path, make_job) -> None:
-    store = await SqliteStore.open(tmp_path / "h.sqlite3")
+async def test_merged_meta_survives_a_stale_full_update(store_backend: Backend, make_job) -> None:
+    store = await store_backend.open()
     try:
         job = make_job()
         await store.add_job(job)
@@ -217,16 +204,15 @@ async def test_merged_meta_survives_a_stale_full_update(tmp_path: Path, make_job
         await store.close()
 
 
-async def test_stories_one_active_per_chat(tmp_path: Path) -> None:
-    db = tmp_path / "h.sqlite3"
-    store = await SqliteStore.open(db)
+async def test_stories_one_active_per_chat(store_backend: Backend) -> None:
+    store = await store_backend.open()
     await store.save_story("s1", "tg:1", True, {"id": "s1", "title": "月亮"})
     with pytest.raises(InvalidOption, match="already has an active story"):
         await store.save_story("s2", "tg:1", True, {"id": "s2"})
     await store.save_story("s1", "tg:1", False, {"id": "s1", "title": "月亮", "ended": True})
     await store.save_story("s2", "tg:1", True, {"id": "s2"})
     await store.close()
-    store = await SqliteStore.open(db)
+    store = await store_backend.open()
     try:
         assert (await store.active_story("tg:1")) == {"id": "s2"}
         assert (await store.get_story("s1")) == {"id": "s1", "title": "月亮", "ended": True}
@@ -234,3 +220,20 @@ async def test_stories_one_active_per_chat(tmp_path: Path) -> None:
         assert await store.active_story("tg:2") is None
     finally:
         await store.close()
+
+
+# SQLite only ----------------------------------------------------------------------------------------
+
+
+async def test_sqlite_creates_dirs_and_uses_wal(tmp_path: Path) -> None:
+    db = tmp_path / "a" / "b" / "h.sqlite3"
+    await (await SqliteStore.open(db)).close()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_corrupt_database_file_is_a_clear_error(tmp_path: Path) -> None:
+    db = tmp_path / "h.sqlite3"
+    db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StorageError, match="corrupt"):
+        await SqliteStore.open(db)
