@@ -1,24 +1,26 @@
-"""The store's cross-process rules: admission (quota, pending limit), attempts and leases, the outbox."""
+"""The store's cross-process rules: admission (quota, pending limit), attempts and leases, the outbox.
+
+Run against every store (the `store_backend` fixture: SQLite and a real PostgreSQL server); two stores
+opened on one database stand for two processes."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from core.errors import StorageError
-from core.storage.sqlite import SqliteStore
 from core.types import DeliveryState, JobStatus
+from tests.store_backends import Backend
 
 T0 = 1_700_000_000.0
 DAY_START = T0 - 3_600.0
 
 
 @pytest.fixture
-async def store(tmp_path: Path):
-    opened = await SqliteStore.open(tmp_path / "huahua.sqlite3")
+async def store(store_backend: Backend):
+    opened = await store_backend.open()
     yield opened
     await opened.close()
 
@@ -47,10 +49,9 @@ async def test_admission_counts_quota_and_pending(store, make_job) -> None:
         await _admit(store, make_job(id="dup", created_at=T0), quota=100, pending=100)
 
 
-async def test_quota_exact_between_two_processes(tmp_path: Path, make_job) -> None:
-    """Two stores on one file stand for two processes: 40 racing requests of 1 image, quota 7."""
-    db = tmp_path / "shared.sqlite3"
-    stores = [await SqliteStore.open(db), await SqliteStore.open(db)]
+async def test_quota_exact_between_two_processes(store_backend: Backend, make_job) -> None:
+    """Two stores on one database stand for two processes: 40 racing requests of 1 image, quota 7."""
+    stores = [await store_backend.open(), await store_backend.open()]
     try:
         jobs = [make_job(user="tg:bob", created_at=T0) for _ in range(40)]
         results = await asyncio.gather(
@@ -113,9 +114,8 @@ async def test_release_requeues_with_the_same_attempt(store, make_job) -> None:
     assert not await store.finish_attempt(replace(other, status=JobStatus.CANCELLED))
 
 
-async def test_claims_race_between_processes(tmp_path: Path, make_job) -> None:
-    db = tmp_path / "shared.sqlite3"
-    stores = [await SqliteStore.open(db), await SqliteStore.open(db)]
+async def test_claims_race_between_processes(store_backend: Backend, make_job) -> None:
+    stores = [await store_backend.open(), await store_backend.open()]
     try:
         jobs = [make_job(created_at=T0) for _ in range(10)]
         for job in jobs:
