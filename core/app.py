@@ -11,6 +11,7 @@ from core.jobs.queue import JobQueue, MemoryQueue
 from core.prompting.builder import PromptBuilder
 from core.service import Huahua
 from core.settings import Settings
+from core.storage.images import ImageStore
 from core.storage.store import Store
 from core.story.planner import ScenePlanner
 
@@ -21,11 +22,10 @@ async def build_service(settings: Settings, *, engine: Engine | None = None) -> 
     """Open the store, build the queue, prompt builder, moderator and engine; the caller then `start()`s."""
     from core.moderation import Moderator
     from core.prompting import load_prompt_builder
-    from core.storage.images import FileImageStore
     from core.story.book import StoryBook
 
     store = await open_store(settings)
-    images = FileImageStore(settings.images_dir)
+    images = await build_image_store(settings)
     queue = await _build_queue(settings)
     if engine is None:
         from core.engines.factory import build_engine
@@ -65,6 +65,23 @@ async def open_store(settings: Settings) -> Store:
     from core.storage.sqlite import SqliteStore
 
     return await SqliteStore.open(settings.database_path)
+
+
+async def build_image_store(settings: Settings) -> ImageStore:
+    """Files under the data dir (HUAHUA_IMAGE_STORE=files), or an S3 bucket checked before use."""
+    from core.storage.images import FileImageStore
+
+    if settings.image_store.strip() == "files":
+        return FileImageStore(settings.images_dir)
+    from core.storage.s3 import S3ImageStore
+
+    store = S3ImageStore.from_settings(settings)
+    try:
+        await store.connect()
+    except BaseException:
+        await store.close()
+        raise
+    return store
 
 
 def build_scene_planner(settings: Settings, builder: PromptBuilder) -> ScenePlanner:

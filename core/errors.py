@@ -57,6 +57,12 @@ class EngineUnavailable(HuahuaError):
     code = "engine_unavailable"
 
 
+class EngineUnreachable(EngineUnavailable):
+    """The remote engine could not be reached or broke off: a passing outage, so the job is retried."""
+
+    code = "engine_unreachable"
+
+
 class CheckpointError(HuahuaError):
     """A checkpoint file is missing, truncated, corrupt or does not match the model."""
 

@@ -43,6 +43,8 @@ def describe(job: Job) -> str:
 def status_line(job: Job, position: int | None = None) -> str:
     """One line for a status message: queue position, progress or outcome."""
     if job.status == JobStatus.QUEUED:
+        if job.error:  # a passing outage: the job waits to be tried again
+            return f"⏳ {job.error}"
         where = f" — position {position} in the queue" if position else ""
         return f"⏳ Queued{where}."
     if job.status == JobStatus.RUNNING:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import calendar
 import dataclasses
 import logging
 import secrets
@@ -14,16 +15,17 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from core import presenter
-from core.engine import CancelToken, Engine
+from core.engine import Engine
 from core.errors import (
     HuahuaError,
     InvalidOption,
-    JobCancelled,
     NotAllowed,
     NotFound,
     QuotaExceeded,
 )
 from core.events import ALL_EVENTS, EventBus, EventRelay, Listener
+from core.jobs.queue import too_many_jobs
+from core.jobs.runner import JobRunner, process_owner
 from core.settings import Settings
 from core.types import (
     Action,
@@ -49,9 +51,7 @@ logger = logging.getLogger(__name__)
 
 VARIATION_STRENGTH = 0.6
 UPSCALE_STRENGTH = 0.35
-MAX_UPSCALED_SIDE = 1536
 RECENT_JOBS = 50
-QUEUE_RETRY_MIN_S, QUEUE_RETRY_MAX_S = 0.5, 10.0
 REMEMBERED_IDS = 256
 """How many early cancel requests (a job between get() and start) and caught-up jobs are remembered."""
 CARRIED_META_PREFIX = "story"
@@ -135,25 +135,34 @@ class Huahua:
         self.events = EventBus()
         self.relay = relay
         """Set when processes share the queue: events and cancels then reach the other processes."""
+        self.owner = process_owner()
+        """This process's name on job leases and delivery claims."""
+        self.runner = JobRunner(
+            settings,
+            store=store,
+            images=images,
+            queue=queue,
+            engine=engine,
+            events=self.events,
+            owner=self.owner,
+            on_started=self._started,
+            on_idle=lambda: self._in_background(self._announce_positions()),
+        )
         self._watching: dict[str, Job] = {}
         """With a relay: jobs submitted here and not finished yet, re-read after a reconnect."""
-        self._early_cancels: OrderedDict[str, None] = OrderedDict()
         self._caught_up: OrderedDict[str, None] = OrderedDict()
         """Jobs whose final state a reconnect delivered: their relayed final event may still come."""
         self._background: set[asyncio.Task[None]] = set()
-        self._running: dict[str, CancelToken] = {}
         self._waiting: dict[str, Job] = {}
         """Jobs this process queued and has not yet started: the ones whose position it announces."""
-        self._progress: dict[str, float] = {}
-        self._workers: list[asyncio.Task[None]] = []
-        self._stopping = False
         self._handlers: dict[str, CommandHandler] = {}
         self.on_choose: Callable[[Job, int, str], Awaitable[Any]] | None = None
-        self._submit_lock = asyncio.Lock()
 
     # lifecycle ---------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, recover: bool = True) -> None:
+        """Connect the relay, start the engine and the runner. `recover=False` (a one-shot command such
+        as `huahua imagine`) leaves other processes' unfinished jobs alone."""
         if self.relay is not None:
             self.events.forward = await self.relay.start(
                 self._deliver_relayed, self._cancel_running, self._catch_up
@@ -161,20 +170,17 @@ class Huahua:
         elif self.settings.workers == 0:
             logger.warning("no workers and no shared queue: jobs queued here will never run")
         await self.engine.start()
-        await self._recover()
-        for index in range(self.settings.workers):
-            self._workers.append(asyncio.create_task(self._work(), name=f"huahua-worker-{index}"))
-        logger.info("service started with engine %s and %d worker(s)", self.engine.name, len(self._workers))
+        await self.runner.start(recover=recover)
+        logger.info(
+            "service %s started with engine %s and %d worker(s)",
+            self.owner,
+            self.engine.name,
+            self.settings.workers,
+        )
 
     async def stop(self) -> None:
-        """Stop taking work; interrupted jobs go back to the queued state and run after the next start."""
-        self._stopping = True
-        for token in self._running.values():
-            token.cancel()
-        for task in self._workers:
-            task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers.clear()
+        """Stop taking work; running jobs go back to the queue (for this or another process) first."""
+        await self.runner.stop()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.events.drain()
         if self.relay is not None:
@@ -184,17 +190,6 @@ class Huahua:
         await self.engine.close()
         await self.store.close()
         await self.images.close()
-
-    async def _recover(self) -> None:
-        for job in await self.store.unfinished_jobs():
-            if job.status == JobStatus.RUNNING:
-                job = replace(job, status=JobStatus.QUEUED, progress=0.0, started_at=None)
-                await self.store.update_job(job)
-            try:
-                await self.queue.put(job)
-            except HuahuaError as err:
-                await self._finish(job, JobStatus.FAILED, error=err.message)
-        logger.info("recovered unfinished jobs")
 
     # commands ----------------------------------------------------------------------------------
 
@@ -297,7 +292,7 @@ class Huahua:
             raise NotAllowed("Huahua is switched off in this chat.")
         if chat_settings.style and options.style is None:
             options = replace(options, style=chat_settings.style)
-        resolved = resolve(options, self.settings, self.styles)
+        resolved = resolve(options, self.settings, self.styles, await self.engine.fetch_limits())
         self._moderate(resolved.text)
         built: BuiltPrompt = await self.builder.build(
             resolved.text, style=resolved.style, negative=resolved.negative
@@ -388,15 +383,14 @@ class Huahua:
         )
 
     async def submit(self, job: Job) -> Job:
-        """Check the engine and the quota, store the job, queue it and announce its position."""
+        """Check the engine, admit the job against the quota and pending limit (one atomic store step),
+        queue it and announce its position."""
         await self.engine.ensure_ready()
-        async with self._submit_lock:
-            await self._check_quota(job)
-            await self.store.add_job(job)
+        await self._admit(job)
         try:
             position = await self.queue.put(job)
         except HuahuaError as err:
-            await self._finish(job, JobStatus.FAILED, error=err.message)
+            await self.runner.finish(job, JobStatus.FAILED, error=err.message)
             raise
         self._waiting[job.id] = job
         if self.relay is not None:
@@ -404,17 +398,25 @@ class Huahua:
         self.events.publish(job, JobEvent(job.id, EventType.QUEUED, position=position))
         return job
 
-    async def _check_quota(self, job: Job) -> None:
+    async def _admit(self, job: Job) -> None:
         chat_settings = await self.chat_settings(job.chat)
         quota = chat_settings.daily_quota
         if quota is None:
             quota = self.settings.daily_image_quota
-        used = await self.store.images_today(job.user)
-        if used + job.request.n > quota:
+        day = time.gmtime(job.created_at)
+        day_start = float(calendar.timegm((day.tm_year, day.tm_mon, day.tm_mday, 0, 0, 0)))
+        admission = await self.store.admit_job(
+            job, daily_quota=quota, max_pending=self.settings.user_max_pending, day_start=day_start
+        )
+        if admission.refused_by == "pending":
+            raise too_many_jobs(self.settings.user_max_pending)
+        if not admission.admitted:
             self._count("quota_refused")
-            left = max(0, quota - used)
+            left = max(0, quota - admission.images_today)
+            asked = f"{job.request.n} pictures" if job.request.n > 1 else "another picture"
             raise QuotaExceeded(
-                f"You have used your {quota} images for today ({left} left); the quota resets at 00:00 UTC."
+                f"Your daily quota is {quota} pictures and {left} are left today, not enough for {asked}; "
+                "it resets at 00:00 UTC."
             )
 
     async def act(
@@ -459,10 +461,8 @@ class Huahua:
             kind = JobKind.VARIATION
         else:
             width, height = parent.request.width * 2, parent.request.height * 2
-            if max(width, height) > MAX_UPSCALED_SIDE:
-                raise InvalidOption(
-                    f"That picture is already as large as I can upscale ({MAX_UPSCALED_SIDE}px)."
-                )
+            if not (await self.engine.fetch_limits()).fits(width, height):
+                raise InvalidOption("That picture is already as large as this engine can upscale.")
             request = replace(parent.request, n=1, width=width, height=height, strength=UPSCALE_STRENGTH)
             kind = JobKind.UPSCALE
         job = self._new_job(
@@ -486,7 +486,9 @@ class Huahua:
             return job
         if await self.queue.remove(job_id):
             self._waiting.pop(job_id, None)
-            return await self._finish(job, JobStatus.CANCELLED)
+            cancelled = await self.runner.finish(job, JobStatus.CANCELLED)
+            if cancelled is not None:
+                return cancelled
         if not self._cancel_running(job_id) and self.relay is not None:
             self.relay.request_cancel(job_id)
         return job
@@ -495,8 +497,8 @@ class Huahua:
         job = await self.store.get_job(job_id) if isinstance(job_id, str) else None
         if job is None:
             raise NotFound("I can't find that job; it may have been removed.")
-        if job.id in self._progress:
-            job = replace(job, progress=self._progress[job.id])
+        if job.id in self.runner.progress:
+            job = replace(job, progress=self.runner.progress[job.id])
         return job
 
     async def last_result(self, chat: str, user: str) -> Job:
@@ -541,106 +543,10 @@ class Huahua:
             raise NotFound("I can't find that job; it may have been removed.")
         return await self.store.merge_meta(job_id, meta)
 
-    # the worker loop ---------------------------------------------------------------------------
+    # bookkeeping ------------------------------------------------------------------------------
 
-    async def _work(self) -> None:
-        """Take jobs until stopped; an unreachable queue (Redis down) is retried with backoff."""
-        from core.jobs.queue import QueueClosed
-
-        delay = QUEUE_RETRY_MIN_S
-        while not self._stopping:
-            try:
-                job = await self.queue.get()
-            except QueueClosed:
-                return
-            except HuahuaError as err:
-                logger.warning("the job queue is unavailable (%s); retrying in %.1f s", err.message, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, QUEUE_RETRY_MAX_S)
-                continue
-            delay = QUEUE_RETRY_MIN_S
-            try:
-                await self._run(job)
-            except Exception:
-                logger.exception("job %s crashed the worker loop", job.id)
-            finally:
-                try:
-                    await self.queue.task_done(job.id)
-                    await self._announce_positions()
-                except HuahuaError as err:
-                    logger.warning("could not report job %s to the queue: %s", job.id, err.message)
-
-    async def _run(self, job: Job) -> None:
-        self._waiting.pop(job.id, None)
-        current = await self.store.get_job(job.id)
-        if current is None or current.status.finished:
-            return
-        job = replace(current, status=JobStatus.RUNNING, started_at=time.time(), progress=0.0)
-        await self.store.update_job(job)
-        token = CancelToken()
-        self._running[job.id] = token
-        if self._early_cancels and job.id in self._early_cancels:
-            del self._early_cancels[job.id]
-            token.cancel()
-        self.events.publish(job, JobEvent(job.id, EventType.STARTED))
-        try:
-            request = await self._engine_request(job)
-            images = await self.engine.generate(request, self._progress_callback(job), token)
-            digests = tuple([await self.images.put(image.png) for image in images])
-            await self._finish(job, JobStatus.DONE, images=digests)
-            self._count("jobs_done")
-        except JobCancelled:
-            if self._stopping:
-                await self.store.update_job(replace(job, status=JobStatus.QUEUED, progress=0.0))
-            else:
-                await self._finish(job, JobStatus.CANCELLED)
-        except HuahuaError as err:
-            await self._finish(job, JobStatus.FAILED, error=err.message)
-        except Exception:
-            logger.exception("job %s failed", job.id)
-            await self._finish(
-                job, JobStatus.FAILED, error="Something went wrong while drawing; please try again."
-            )
-        finally:
-            self._running.pop(job.id, None)
-            self._progress.pop(job.id, None)
-
-    async def _engine_request(self, job: Job) -> GenerationRequest:
-        if job.init_image is None:
-            return job.request
-        return replace(job.request, init_image=await self.images.get(job.init_image))
-
-    def _progress_callback(self, job: Job) -> Callable[[int, int], None]:
-        def on_progress(step: int, total: int) -> None:
-            fraction = step / total if total else 0.0
-            self._progress[job.id] = fraction
-            self.events.publish(
-                job, JobEvent(job.id, EventType.PROGRESS, progress=fraction, step=step, total_steps=total)
-            )
-
-        return on_progress
-
-    async def _finish(
-        self, job: Job, status: JobStatus, *, error: str | None = None, images: tuple[str, ...] = ()
-    ) -> Job:
-        done = replace(
-            job,
-            status=status,
-            error=error,
-            images=images,
-            progress=1.0 if status == JobStatus.DONE else job.progress,
-            finished_at=time.time(),
-        )
-        await self.store.update_job(done)
-        event_type = {
-            JobStatus.DONE: EventType.DONE,
-            JobStatus.FAILED: EventType.FAILED,
-            JobStatus.CANCELLED: EventType.CANCELLED,
-        }[status]
-        if self.relay is not None:
-            self._watching.pop(job.id, None)
-        self.events.publish(done, JobEvent(job.id, event_type, progress=done.progress, error=error))
-        return done
+    def _started(self, job_id: str) -> None:
+        self._waiting.pop(job_id, None)
 
     async def _announce_positions(self) -> None:
         watched = [job for job in self._waiting.values() if self.events.wants(job, EventType.POSITION)]
@@ -656,13 +562,7 @@ class Huahua:
 
     def _cancel_running(self, job_id: str) -> bool:
         """Cancel a job running here; else remember the request briefly, in case it is about to start."""
-        token = self._running.get(job_id)
-        if token is not None:
-            token.cancel()
-            return True
-        if self.relay is not None:
-            _remember(self._early_cancels, job_id)
-        return False
+        return self.runner.cancel_running(job_id, remember=self.relay is not None)
 
     def _deliver_relayed(self, job: Job, event: JobEvent) -> None:
         """Another process's event: deliver it here as if local, and keep this process's books."""
@@ -681,7 +581,7 @@ class Huahua:
         """After the relay reconnects: deliver the final state of watched jobs that ended meanwhile."""
         for job_id in {*self._watching, *self.events.subscribed()}:
             job = await self.store.get_job(job_id)
-            if job is not None and job.status.finished and job_id not in self._running:
+            if job is not None and job.status.finished and job_id not in self.runner.running:
                 self._waiting.pop(job_id, None)
                 self._watching.pop(job_id, None)
                 _remember(self._caught_up, job_id)

@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     """Unset: SQLite in `data_dir`; postgresql://user:password@host:5432/db: PostgreSQL (shared state)."""
     database_pool_size: int = Field(10, ge=1, le=1000)
     prompts_dir: Path = Path(__file__).resolve().parent.parent / "prompts"
+    image_store: str = "files"
+    """files: PNGs under `data_dir`/images; s3://bucket/prefix: S3-compatible object storage (shared)."""
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_access_key_id: str = ""
+    s3_secret_access_key: SecretStr | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
 
     # queue
     queue: Literal["memory", "redis"] = "memory"

@@ -18,7 +18,7 @@ from tests.pg_server import PgCluster, start_cluster
 from tests.store_backends import Backend, PostgresBackend, SqliteBackend
 from tests.support import CHROMIUM, CHROMIUM_ARGS
 
-pytest_plugins = ["tests.fake_llm", "tests.fake_discord"]
+pytest_plugins = ["tests.fake_llm", "tests.fake_discord", "tests.s3_server"]
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 

@@ -58,6 +58,12 @@ class JobQueue(abc.ABC):
         """A job from `get()` finished (any outcome): free its user's slot. Unknown ids are ignored."""
 
     @abc.abstractmethod
+    async def release(self, job: Job) -> None:
+        """Give back a job from `get()` that did not finish (its worker is stopping): its user's running
+        slot is freed and the job waits again (first in its user's lane in memory, last on Redis, whose
+        streams only append). Unknown ids are ignored."""
+
+    @abc.abstractmethod
     async def remove(self, job_id: str) -> bool:
         """Cancel a waiting job; True if it was waiting."""
 
@@ -176,6 +182,19 @@ class MemoryQueue(JobQueue):
             return
         self._decrement(self._running_count, user)
         self._decrement(self._pending, user)
+        await self._notify()
+
+    async def release(self, job: Job) -> None:
+        user = self._running.pop(job.id, None)
+        if user is None:
+            return
+        self._decrement(self._running_count, user)
+        lane = self._lanes.get(user)
+        if lane is None:
+            lane = self._lanes[user] = deque()
+            self._lanes.move_to_end(user, last=False)
+        lane.appendleft(job)
+        self._waiting[job.id] = user
         await self._notify()
 
     async def remove(self, job_id: str) -> bool:

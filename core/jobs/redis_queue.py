@@ -135,6 +135,24 @@ end
 return 1
 """
 
+_RELEASE = """
+local p, id, job, group = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local did = redis.call('HGET', p .. ':inflight', id)
+if not did then return 0 end
+local user = redis.call('HGET', p .. ':owner', id)
+redis.call('XACK', p .. ':dispatch', group, did)
+redis.call('XDEL', p .. ':dispatch', did)
+redis.call('HDEL', p .. ':inflight', id)
+if not user then return 0 end
+if redis.call('HINCRBY', p .. ':running', user, -1) <= 0 then redis.call('HDEL', p .. ':running', user) end
+local stream = p .. ':u:' .. user
+local eid = redis.call('XADD', stream, '*', 'id', id, 'job', job)
+redis.call('HSET', p .. ':entry', id, eid)
+redis.call('INCR', p .. ':waiting')
+if redis.call('XLEN', stream) == 1 then redis.call('LPUSH', p .. ':rotation', user) end
+return 1
+"""
+
 _REMOVE = """
 local p, id = ARGV[1], ARGV[2]
 local eid = redis.call('HGET', p .. ':entry', id)
@@ -197,7 +215,7 @@ class RedisStreamsQueue(JobQueue):
         user_concurrency: int,
         name: str = "huahua",
         consumer: str | None = None,
-        claim_idle_s: float = 60.0,
+        claim_idle_s: float = 30.0,
         max_poll_s: float = 1.0,
     ) -> None:
         check_limits(max_size, user_max_pending, user_concurrency)
@@ -228,6 +246,7 @@ class RedisStreamsQueue(JobQueue):
             ("dispatch", _DISPATCH),
             ("done", _DONE),
             ("remove", _REMOVE),
+            ("release", _RELEASE),
             ("position", _POSITION_OF),
             ("snapshot", _SNAPSHOT),
             ("refresh", _REFRESH),
@@ -326,6 +345,12 @@ class RedisStreamsQueue(JobQueue):
             self._wakeup.set()
         else:
             logger.debug("task_done for job %s, which was not handed out", job_id)
+
+    async def release(self, job: Job) -> None:
+        """Back into its user's stream (at its end: a stream cannot be prepended to), turn first."""
+        self._inflight.pop(job.id, None)
+        if await self._run("release", job.id, job_to_json(job), GROUP):
+            self._wakeup.set()
 
     async def remove(self, job_id: str) -> bool:
         return bool(await self._run("remove", job_id))
