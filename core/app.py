@@ -113,6 +113,7 @@ async def _build_queue(settings: Settings) -> JobQueue:
             max_size=settings.queue_max_size,
             user_max_pending=settings.user_max_pending,
             user_concurrency=settings.user_concurrency,
+            claim_idle_s=settings.job_lease_s,
         )
         await queue.connect()
         return queue

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     user_concurrency: int = Field(1, ge=1)
     workers: int = Field(1, ge=0)
     """0: this process only submits; workers in other processes sharing the Redis queue run its jobs."""
+    job_lease_s: float = Field(30.0, ge=1.0, le=3600.0)
+    """A running job's lease: renewed every third of it; another process takes the job once it expires."""
+    job_max_attempts: int = Field(3, ge=1, le=20)
+    """Attempts of a job whose image worker is unreachable before it fails."""
+    shutdown_grace_s: float = Field(10.0, ge=0.0, le=600.0)
+    """On SIGTERM, how long running jobs get to stop and go back to the queue."""
 
     # moderation and quotas
     daily_image_quota: int = Field(100, ge=0)

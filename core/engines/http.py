@@ -12,14 +12,15 @@ import base64
 import binascii
 import json
 import logging
+import time
 from typing import Any
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core import errors
-from core.engine import CancelToken, Engine, ProgressCallback
-from core.errors import EngineUnavailable, HuahuaError, InvalidOption, JobCancelled
+from core.engine import CancelToken, Engine, EngineLimits, ProgressCallback, configured_limits
+from core.errors import EngineUnavailable, EngineUnreachable, HuahuaError, InvalidOption, JobCancelled
 from core.settings import Settings
 from core.types import GeneratedImage, GenerationRequest
 
@@ -29,6 +30,10 @@ SECRET_HEADER = "X-Huahua-Secret"
 MAX_INIT_IMAGE_B64 = 28 * 1024 * 1024
 CANCEL_POLL_S = 0.05
 MAX_LINE_BYTES = 256 * 1024 * 1024
+HEALTH_TIMEOUT_S = 10.0
+LIMITS_TTL_S = 60.0
+"""How long the worker's limits are trusted before `fetch_limits` asks again (a worker may restart
+with another engine)."""
 
 
 # wire format
@@ -149,16 +154,33 @@ class HttpEngine(Engine):
 
     name = "http"
 
-    def __init__(self, url: str, *, secret: str | None = None, timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        secret: str | None = None,
+        timeout_s: float = 600.0,
+        fallback_limits: EngineLimits | None = None,
+    ) -> None:
+        """`fallback_limits` size requests until the worker reports its own (an older worker never does)."""
         self.url = url.rstrip("/")
         self._secret = secret
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(10.0, timeout_s))
         self._session: aiohttp.ClientSession | None = None
+        if fallback_limits is not None:
+            self.limits = fallback_limits
+        self._limits_at: float | None = None
+        self._limits_lock = asyncio.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HttpEngine:
         secret = settings.worker_secret.get_secret_value() if settings.worker_secret else None
-        return cls(settings.worker_url, secret=secret, timeout_s=settings.worker_timeout_s)
+        return cls(
+            settings.worker_url,
+            secret=secret,
+            timeout_s=settings.worker_timeout_s,
+            fallback_limits=configured_limits(settings),
+        )
 
     def _headers(self) -> dict[str, str]:
         return {SECRET_HEADER: self._secret} if self._secret else {}
@@ -168,8 +190,8 @@ class HttpEngine(Engine):
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers())
         return self._session
 
-    def _unreachable(self) -> EngineUnavailable:
-        return EngineUnavailable(
+    def _unreachable(self) -> EngineUnreachable:
+        return EngineUnreachable(
             f"The image worker at {self.url} cannot be reached; is `huahua worker` running there?"
         )
 
@@ -185,15 +207,37 @@ class HttpEngine(Engine):
             await self._session.close()
             self._session = None
 
+    async def fetch_limits(self) -> EngineLimits:
+        """The worker's limits (asked at most every LIMITS_TTL_S); the last known ones when it is away."""
+        async with self._limits_lock:
+            if self._limits_at is None or time.monotonic() - self._limits_at > LIMITS_TTL_S:
+                await self.health()
+        return self.limits
+
     async def health(self) -> dict[str, Any]:
         try:
-            async with self._client().get(f"{self.url}/v1/health") as resp:
+            timeout = aiohttp.ClientTimeout(
+                total=min(HEALTH_TIMEOUT_S, self._timeout.total or HEALTH_TIMEOUT_S)
+            )
+            async with self._client().get(f"{self.url}/v1/health", timeout=timeout) as resp:
                 if resp.status == 401:
                     return {"engine": self.name, "ready": False, "error": _SECRET_REFUSED}
                 info = await resp.json()
         except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError):
             return {"engine": self.name, "ready": False, "error": self._unreachable().message}
-        return {**info, "engine": self.name, "worker_engine": info.get("engine")}
+        if not isinstance(info, dict):
+            return {"engine": self.name, "ready": False, "error": "The image worker sent a malformed health."}
+        limits = EngineLimits.from_dict(info.get("limits"))
+        if limits is not None:
+            if limits != self.limits:
+                logger.info("image worker at %s: %s", self.url, limits)
+            self.limits, self._limits_at = limits, time.monotonic()
+        return {
+            **info,
+            "engine": self.name,
+            "worker_engine": info.get("engine"),
+            "limits": self.limits.to_dict(),
+        }
 
     async def generate(
         self, request: GenerationRequest, on_progress: ProgressCallback, cancel: CancelToken
@@ -226,20 +270,20 @@ class HttpEngine(Engine):
         except HuahuaError:
             raise
         except TimeoutError:
-            raise EngineUnavailable("The image worker took too long to answer.") from None
+            raise EngineUnreachable("The image worker took too long to answer.") from None
         except aiohttp.ClientConnectorError:
             raise self._unreachable() from None
         except aiohttp.ClientError:
             if cancel.cancelled:
                 raise JobCancelled() from None
-            raise EngineUnavailable("The connection to the image worker broke off.") from None
+            raise EngineUnreachable("The connection to the image worker broke off.") from None
 
 
 async def _read_stream(resp: aiohttp.ClientResponse, on_progress: ProgressCallback) -> list[GeneratedImage]:
     while True:
         raw = await resp.content.readuntil(b"\n", max_size=MAX_LINE_BYTES)
         if not raw:
-            raise EngineUnavailable("The image worker stopped before sending a result.")
+            raise EngineUnreachable("The image worker stopped before sending a result.")
         line = _parse_line(raw)
         kind = line.get("type")
         if kind == "progress":
