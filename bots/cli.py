@@ -1,4 +1,4 @@
-"""`huahua` console script: web, telegram, discord, serve, worker, imagine, model fetch|check."""
+"""`huahua` console script: web, telegram, discord, serve, worker, imagine, model, db."""
 
 from __future__ import annotations
 
@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     check = model_sub.add_parser("check", help="is this file a usable Wukong-Huahua checkpoint?")
     check.add_argument("path", nargs="?", type=Path)
+    db = sub.add_parser("db", help="database tools")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    migrate_to = db_sub.add_parser(
+        "migrate-to", help="copy jobs, settings, stories and counters into a PostgreSQL database"
+    )
+    migrate_to.add_argument("url", help="postgresql://user:password@host:5432/db, or - to read it from stdin")
     return parser
 
 
@@ -99,6 +105,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.command == "imagine":
         return await _imagine(args, settings)
+    if args.command == "db":
+        return await _db(args, settings)
     runners = _runners(args.command, settings)
     from core.app import build_service
 
@@ -192,6 +200,21 @@ async def _model(args: argparse.Namespace, settings: Settings) -> int:
     report = await asyncio.to_thread(check_model, args.path or settings.checkpoint_path, settings)
     print(report.text if hasattr(report, "text") else report)
     return 0 if report.ok else 1
+
+
+async def _db(args: argparse.Namespace, settings: Settings) -> int:
+    """`huahua db migrate-to URL`: copy the current store into PostgreSQL (see core/storage/transfer.py)."""
+    from core.app import open_store
+    from core.storage.transfer import migrate_to
+
+    url = sys.stdin.readline().strip() if args.url == "-" else args.url
+    source = await open_store(settings)
+    try:
+        for line in await migrate_to(source, url, settings):
+            print(line)
+    finally:
+        await source.close()
+    return 0
 
 
 if __name__ == "__main__":

@@ -36,6 +36,16 @@ SCHEMES = ("postgresql", "postgres")
 _SETTINGS_LOCK = 0x68_75_61_68
 # ... and admissions of one user (quota and pending limit).
 _ADMISSION_LOCK = 0x68_75_61_69
+# A server that went away or was shut down. asyncpg raises InternalClientError when the server ends
+# an idle connection (pg_terminate_backend, a restart), the same as a lost connection.
+_LOST_CONNECTION = (
+    TimeoutError,
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.OperatorInterventionError,
+)
 
 
 @dataclass(frozen=True)
@@ -116,11 +126,16 @@ class PostgresStore(Store):
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection; a lost server becomes ServiceUnavailable."""
+        """A pooled connection; a lost server becomes ServiceUnavailable, and a broken connection is
+        closed rather than handed back to the pool."""
         try:
             async with self._pool.acquire() as conn:
-                yield conn
-        except (TimeoutError, OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as err:
+                try:
+                    yield conn
+                except _LOST_CONNECTION:
+                    conn.terminate()
+                    raise
+        except _LOST_CONNECTION as err:
             logger.warning("PostgreSQL at %s failed: %s", self._where, type(err).__name__)
             raise ServiceUnavailable("The database cannot be reached right now; please try again.") from err
 
@@ -419,6 +434,99 @@ class PostgresStore(Store):
         async with self._connection() as conn:
             rows = await conn.fetch("SELECT name, value FROM counters ORDER BY name")
         return {str(row["name"]): int(row["value"]) for row in rows}
+
+    # copying between stores (core/storage/transfer.py) ------------------------------------------
+
+    async def export_rows(self, sql: str, batch_size: int = 500) -> AsyncIterator[list[tuple[Any, ...]]]:
+        """Raw rows of a read-only query, in batches, read with a server-side cursor."""
+        async with self._connection() as conn, conn.transaction(readonly=True):
+            batch: list[tuple[Any, ...]] = []
+            async for record in conn.cursor(sql, prefetch=batch_size):
+                batch.append(tuple(record))
+                if len(batch) >= batch_size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+    @asynccontextmanager
+    async def importer(self) -> AsyncIterator[PostgresImport]:
+        """Upserts of copied rows, all in one transaction (committed when the block ends without error)."""
+        async with self._connection() as conn, conn.transaction():
+            yield PostgresImport(conn)
+
+
+class PostgresImport:
+    """Idempotent upserts of rows copied from another store; each returns how many rows were new."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def _upsert(self, sql: str, rows: list[tuple[Any, ...]]) -> int:
+        if not rows:
+            return 0
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        inserted = await self._conn.fetch(sql + " RETURNING (xmax = 0)", *columns)
+        return sum(1 for row in inserted if row[0])
+
+    async def jobs(self, rows: list[tuple[Any, ...]]) -> int:
+        """Rows of (id, user, chat, status, created_at, n, attempt, data); leases are cleared."""
+        return await self._upsert(
+            'INSERT INTO jobs (id, "user", chat, status, created_at, n, attempt, data) '
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], "
+            "$6::int[], $7::int[], $8::text[]) "
+            'ON CONFLICT (id) DO UPDATE SET "user" = excluded."user", chat = excluded.chat, '
+            "status = excluded.status, created_at = excluded.created_at, n = excluded.n, "
+            "attempt = excluded.attempt, data = excluded.data, lease_owner = NULL, lease_until = NULL",
+            rows,
+        )
+
+    async def settings(self, rows: list[tuple[Any, ...]]) -> int:
+        """Rows of (scope, data)."""
+        return await self._upsert(
+            "INSERT INTO settings (scope, data) SELECT * FROM unnest($1::text[], $2::text[]) "
+            "ON CONFLICT (scope) DO UPDATE SET data = excluded.data",
+            rows,
+        )
+
+    async def stories(self, rows: list[tuple[Any, ...]]) -> int:
+        """Rows of (id, chat, active, updated_at, version, data), ended stories first."""
+        typed = [(r[0], r[1], bool(r[2]), r[3], r[4], r[5]) for r in rows]
+        try:
+            return await self._upsert(
+                "INSERT INTO stories (id, chat, active, updated_at, version, data) "
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::bool[], $4::float8[], $5::int[], "
+                "$6::text[]) ON CONFLICT (id) DO UPDATE SET chat = excluded.chat, "
+                "active = excluded.active, updated_at = excluded.updated_at, version = excluded.version, "
+                "data = excluded.data",
+                typed,
+            )
+        except asyncpg.UniqueViolationError as err:
+            raise StorageError(
+                "The target database has another active story in a chat that has one here; "
+                "end it there first."
+            ) from err
+
+    async def counters(self, rows: list[tuple[Any, ...]]) -> int:
+        """Rows of (name, value); the target takes the source's values (so a second copy adds nothing)."""
+        return await self._upsert(
+            "INSERT INTO counters (name, value) SELECT * FROM unnest($1::text[], $2::bigint[]) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            rows,
+        )
+
+    async def deliveries(self, rows: list[tuple[Any, ...]]) -> int:
+        """Rows of (job_id, platform, state, attempts, next_at, message_id, error, created_at, sent_at)."""
+        return await self._upsert(
+            "INSERT INTO deliveries (job_id, platform, state, attempts, next_at, message_id, error, "
+            "created_at, sent_at) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], "
+            "$5::float8[], $6::text[], $7::text[], $8::float8[], $9::float8[]) "
+            "ON CONFLICT (job_id, platform) DO UPDATE SET state = excluded.state, "
+            "attempts = excluded.attempts, next_at = excluded.next_at, message_id = excluded.message_id, "
+            "error = excluded.error, created_at = excluded.created_at, sent_at = excluded.sent_at, "
+            "claimed_by = NULL, claim_until = NULL",
+            rows,
+        )
 
 
 async def _insert_job(conn: asyncpg.Connection, job: Job) -> None:

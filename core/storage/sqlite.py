@@ -409,6 +409,12 @@ class SqliteStore(Store):
             rows = await cursor.fetchall()
         return {str(name): int(value) for name, value in rows}
 
+    async def export_rows(self, sql: str, batch_size: int = 500) -> AsyncIterator[list[tuple[Any, ...]]]:
+        """Raw rows of a read-only query, in batches (`core/storage/transfer.py` copies a store with it)."""
+        async with self._conn.execute(sql) as cursor:
+            while rows := await cursor.fetchmany(batch_size):
+                yield [tuple(row) for row in rows]
+
 
 _DELIVERY_COLUMNS = (
     "id, job_id, platform, state, attempts, next_at, claimed_by, claim_until, message_id, error, "
