@@ -127,6 +127,11 @@ def start_cluster() -> PgCluster:
     bindir = find_bindir()
     if bindir is None:
         raise LookupError(MISSING)
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            raise LookupError(f"{MISSING}: running as root, it needs the postgres system user") from None
     # Not under pytest's tmp dirs: those are private to the current user, and the server may run as
     # `postgres`.
     cluster = PgCluster(bindir, Path(tempfile.mkdtemp(prefix="huahua-pg-")))
