@@ -285,7 +285,8 @@ class S3ImageStore(ImageStore):
         if isinstance(err, HuahuaError):
             return err
         code = _error_code(err)
-        logger.warning("image store %s: could not %s: %s: %s", self.where, action, type(err).__name__, code)
+        # botocore's messages name the operation, URL and S3 error code; never a credential.
+        logger.warning("image store %s: could not %s: %s: %s", self.where, action, type(err).__name__, err)
         bucket = self.location.bucket
         if code in _DENIED or code in ("401", "403"):
             return StorageError(
