@@ -139,11 +139,15 @@ class WordPieceTokenizer:
         lines = text.split("\n")
         if lines and lines[-1] == "":
             lines.pop()
-        # Same reading as the reference: stripped lines, a later duplicate wins.
-        vocab = {line.strip(): index for index, line in enumerate(lines)}
-        tokenizer = cls(vocab, source=str(path))
+        tokenizer = cls.from_lines(lines, source=str(path))
         logger.info("Loaded vocabulary %s (%d entries)", path, len(lines))
         return tokenizer
+
+    @classmethod
+    def from_lines(cls, lines: Sequence[str], source: str = "<memory>") -> WordPieceTokenizer:
+        """A tokenizer over vocabulary lines (line i is token id i)."""
+        # Same reading as the reference: stripped lines, a later duplicate wins.
+        return cls({line.strip(): index for index, line in enumerate(lines)}, source=source)
 
     def _word_pieces(self, word: str) -> list[str]:
         if len(word) > MAX_WORD_CHARS:

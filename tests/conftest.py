@@ -16,7 +16,7 @@ import pytest
 from core.types import GenerationRequest, Job, JobKind
 from tests.pg_server import PgCluster, start_cluster
 from tests.store_backends import Backend, PostgresBackend, SqliteBackend
-from tests.support import CHROMIUM, CHROMIUM_ARGS
+from tests.support import CHROMIUM, CHROMIUM_ARGS, INSTALL_DEV, import_or_skip, skip_needing
 
 pytest_plugins = ["tests.fake_llm", "tests.fake_discord", "tests.s3_server"]
 
@@ -75,7 +75,7 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float =
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a throwaway redis-server (no persistence) for the whole test session."""
     if not Path(REDIS_SERVER).exists():
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        skip_needing("redis-server", "apt-get install redis-server")
     directory = tmp_path_factory.mktemp("redis")
     port = _free_port()
     process = subprocess.Popen(
@@ -134,7 +134,7 @@ def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
     """Headless Chromium through playwright (its own browser download is never used)."""
-    playwright_api = pytest.importorskip("playwright.async_api")
+    playwright_api = import_or_skip("playwright.async_api", "playwright", INSTALL_DEV)
     async with playwright_api.async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield browser

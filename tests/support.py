@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import io
+import os
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NoReturn
 
+import pytest
 from PIL import Image
 
 from core.engine import CancelToken, Engine, ProgressCallback
 from core.errors import JobCancelled
+from core.model_files import VOCAB_SHA256
 from core.settings import Settings
+from core.tokenizer import WordPieceTokenizer
 from core.types import GeneratedImage, GenerationRequest
+from core.vocabulary import builtin_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-VOCAB = REPO.parent / "shared" / "wukong" / "vocab_zh.txt"
+SHARED_DIR_VARIABLE = "HUAHUA_TEST_SHARED_DIR"
 CHROMIUM = Path("/usr/bin/chromium")
 """Debian's chromium, installed by .ci/run; page tests skip without it."""
 CHROMIUM_ARGS = [
@@ -29,6 +36,67 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+def shared_dir() -> Path:
+    """The project's `shared/` beside the checkout (model facts kept outside the repository; a fresh
+    clone has none). HUAHUA_TEST_SHARED_DIR overrides it: a missing folder runs the tests as a fresh
+    clone would. No test may need it: tests that can use a file from it have a fallback or skip."""
+    return Path(os.environ.get(SHARED_DIR_VARIABLE) or REPO.parent / "shared")
+
+
+@functools.cache
+def official_vocab() -> Path | None:
+    """The official vocab_zh.txt when this machine has it (HUAHUA_VOCAB_PATH, else shared/wukong/),
+    checked by its sha256; None otherwise (then tests use the built-in vocabulary)."""
+    for candidate in (os.environ.get("HUAHUA_VOCAB_PATH"), shared_dir() / "wukong" / "vocab_zh.txt"):
+        if candidate and Path(candidate).is_file():
+            if hashlib.sha256(Path(candidate).read_bytes()).hexdigest() == VOCAB_SHA256:
+                return Path(candidate)
+    return None
+
+
+def vocabularies() -> list[str]:
+    """The vocabularies to run tokenizer-dependent tests on: the built-in one everywhere, the official
+    one too where this machine has it (it is not part of the repository)."""
+    return ["built-in", *(["official"] if official_vocab() else [])]
+
+
+def vocabulary(name: str) -> WordPieceTokenizer:
+    """The tokenizer of one of `vocabularies()`."""
+    if name == "official":
+        path = official_vocab()
+        assert path is not None
+        return WordPieceTokenizer.from_file(path)
+    return builtin_tokenizer()
+
+
+def needs(what: str, how: str) -> str:
+    """The one sentence every skip gives: what the test needs that this machine lacks, and the remedy:
+    "needs MindSpore (pip install 'huahua[worker]')"."""
+    return f"needs {what} ({how})"
+
+
+def skip_needing(what: str, how: str) -> NoReturn:
+    """Skip the running test because `what` is absent (hardware, a system package, weights)."""
+    pytest.skip(needs(what, how))
+
+
+def skip_unless(present: bool, what: str, how: str) -> pytest.MarkDecorator:
+    """A mark that skips unless `present`, with the same sentence as `skip_needing`."""
+    return pytest.mark.skipif(not present, reason=needs(what, how))
+
+
+def import_or_skip(module: str, what: str, how: str) -> ModuleType:
+    """Import `module`, or skip the test (module) with the same sentence as `skip_needing`."""
+    return pytest.importorskip(module, reason=needs(what, how))
+
+
+INSTALL_MINDSPORE = "pip install 'huahua[worker]'"
+INSTALL_DEV = "pip install -e '.[dev]'"
+NO_MINDSPORE = needs("MindSpore", INSTALL_MINDSPORE)
+NO_TELEGRAM = needs("python-telegram-bot", "pip install 'huahua[telegram]'")
+"""Reasons for `pytest.importorskip` at the top of a module (where ruff allows imports after it)."""
 
 
 class PatternEngine(Engine):
@@ -73,7 +141,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "data_dir": tmp_path / "data",
         "model_dir": tmp_path / "models",
-        "vocab_path": VOCAB if VOCAB.exists() else None,
+        "vocab_path": None,  # the tiny engine's built-in vocabulary, the same on every machine
         "engine": "tiny",
         "default_steps": 4,
         "_env_file": None,

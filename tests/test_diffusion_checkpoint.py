@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ms = pytest.importorskip("mindspore")
+from tests.support import NO_MINDSPORE
+
+ms = pytest.importorskip("mindspore", reason=NO_MINDSPORE)
 
 from mindspore import Tensor  # noqa: E402
 

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-ms = pytest.importorskip("mindspore")
+from tests.support import NO_MINDSPORE, skip_needing, skip_unless
+
+ms = pytest.importorskip("mindspore", reason=NO_MINDSPORE)
 
 from mindspore import Tensor  # noqa: E402
 
@@ -21,7 +23,11 @@ from core.diffusion import cpu_kernels  # noqa: E402
 from core.diffusion.layers import GroupNorm, LayerNorm, attention, set_cpu_paths  # noqa: E402
 from core.diffusion.unet import GEGLU, CrossAttention, ResBlock  # noqa: E402
 
-needs_compiler = pytest.mark.skipif(shutil.which(cpu_kernels.COMPILER) is None, reason="no C++ compiler")
+needs_compiler = skip_unless(
+    shutil.which(cpu_kernels.COMPILER) is not None,
+    f"a C++ compiler ({cpu_kernels.COMPILER})",
+    "apt-get install g++",
+)
 
 
 @pytest.fixture
@@ -303,7 +309,7 @@ def test_token_layout_attention_matches_numpy(
 ) -> None:
     """Heads read in place as column groups; one head over several query blocks is split across threads."""
     if not cpu_kernels.attention_available():
-        pytest.skip("MindSpore's oneDNN sgemm is not found here")
+        skip_needing("oneDNN's sgemm in MindSpore's libdnnl", "a MindSpore CPU build that ships it")
     q = rng.standard_normal((batch, n, width)).astype(np.float32)
     k = rng.standard_normal((batch, m, width)).astype(np.float32) * 2
     v = rng.standard_normal((batch, m, width)).astype(np.float32)
@@ -322,7 +328,7 @@ def test_token_layout_attention_matches_numpy(
 @needs_compiler
 def test_token_layout_attention_rejects_heads_that_do_not_divide_the_width() -> None:
     if not cpu_kernels.attention_available():
-        pytest.skip("MindSpore's oneDNN sgemm is not found here")
+        skip_needing("oneDNN's sgemm in MindSpore's libdnnl", "a MindSpore CPU build that ships it")
     x = Tensor(np.ones((1, 4, 10), np.float32))
     with pytest.raises(RuntimeError):
         cpu_kernels.attention_tokens(x, x, x, 3, 1.0).asnumpy()
@@ -333,7 +339,7 @@ def test_unet_attention_uses_the_token_layout_kernel_and_agrees(
     rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if not cpu_kernels.attention_available():
-        pytest.skip("MindSpore's oneDNN sgemm is not found here")
+        skip_needing("oneDNN's sgemm in MindSpore's libdnnl", "a MindSpore CPU build that ships it")
     calls: list[int] = []
     fused_kernel = cpu_kernels.attention_tokens
 

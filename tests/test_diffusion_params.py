@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ms = pytest.importorskip("mindspore")
+from tests.support import NO_MINDSPORE, shared_dir, skip_needing
+
+ms = pytest.importorskip("mindspore", reason=NO_MINDSPORE)
 
 from mindspore import Tensor  # noqa: E402
 
@@ -31,13 +32,16 @@ from core.diffusion.layers import (  # noqa: E402
 from core.diffusion.text_encoder import MultiheadAttention  # noqa: E402
 from core.diffusion.vae import Downsample  # noqa: E402
 
-OFFICIAL_TSV = Path(__file__).resolve().parents[2] / "shared/wukong/params-official.tsv"
+OFFICIAL_TSV = shared_dir() / "wukong" / "params-official.tsv"
 PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")
 
 
 def _official() -> dict[str, tuple[int, ...]]:
     if not OFFICIAL_TSV.exists():
-        pytest.skip(f"{OFFICIAL_TSV} is absent (shared model facts not checked out)")
+        skip_needing(
+            f"the official parameter list {OFFICIAL_TSV}",
+            "the project's shared/ model facts beside the checkout",
+        )
     rows = {}
     for line in OFFICIAL_TSV.read_text().splitlines():
         name, shape = line.split("\t")

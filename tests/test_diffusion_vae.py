@@ -7,7 +7,9 @@ import gc
 import numpy as np
 import pytest
 
-ms = pytest.importorskip("mindspore")
+from tests.support import NO_MINDSPORE
+
+ms = pytest.importorskip("mindspore", reason=NO_MINDSPORE)
 
 from mindspore import Tensor, ops  # noqa: E402
 

@@ -7,7 +7,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-ms = pytest.importorskip("mindspore")
+from tests.support import NO_MINDSPORE, skip_needing
+
+ms = pytest.importorskip("mindspore", reason=NO_MINDSPORE)
 
 from mindspore import Parameter, Tensor, ops  # noqa: E402
 
@@ -59,7 +61,7 @@ def test_equals_conv2d(
 ) -> None:
     """Both ways of making the data transforms: the C++ kernels (where built) and numpy."""
     if kernels and not cpu_kernels.available():
-        pytest.skip("the CPU kernels are not built here")
+        skip_needing("the fused C++ CPU kernels", "a C++ compiler: apt-get install g++")
     monkeypatch.setattr(winograd.cpu_kernels, "available", lambda: kernels)
     x = Tensor(_random((n, c_in, h, w), 1))
     weight = Parameter(Tensor(_random((c_out, c_in, 3, 3), 2)), name="w")
@@ -212,7 +214,7 @@ def test_convolution_cells_pick_winograd_where_it_pays() -> None:
 
 def test_winograd_by_the_kernels_runs_in_a_compiled_graph() -> None:
     if not cpu_kernels.available():
-        pytest.skip("the CPU kernels are not built here")
+        skip_needing("the fused C++ CPU kernels", "a C++ compiler: apt-get install g++")
     conv = conv2d(64, 64, 3, padding=1)
     x = Tensor(_random((2, 64, 32, 32), 34))
     prepare_for_graph(conv)

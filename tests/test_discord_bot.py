@@ -28,12 +28,9 @@ from core.errors import HuahuaError
 from core.service import Huahua
 from core.types import Action, JobKind, JobStatus
 from tests.fake_discord import APP_ID, VALID_TOKEN, Call, FakeDiscord, message_payload, user_payload
-from tests.support import VOCAB, PatternEngine, make_service, make_settings
+from tests.support import NO_MINDSPORE, PatternEngine, make_service, make_settings
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    pytest.mark.skipif(not VOCAB.exists(), reason=f"the Wukong vocabulary is not at {VOCAB}"),
-]
+pytestmark = [pytest.mark.timeout(60)]
 
 GUILD = 4100000000000000001
 CHANNEL = 4100000000000000002
@@ -537,7 +534,7 @@ async def test_story_commands_reply_and_their_pictures_are_delivered(env: Env) -
 
 
 async def test_the_tiny_model_draws_through_discord(tmp_path: Path, api: FakeDiscord) -> None:
-    pytest.importorskip("mindspore")
+    pytest.importorskip("mindspore", reason=NO_MINDSPORE)
     settings = make_settings(tmp_path, discord_guild_id=GUILD)
     service = await make_service(tmp_path)  # engine "tiny": the real model code at a tiny size
     client = build_client(service, settings, edit_interval=0.0)

@@ -23,7 +23,7 @@ from core.service import Huahua, MessageContext, Reply
 from core.story.book import StoryBook
 from core.types import Action, ImagineOptions, JobKind, JobStatus
 from tests.fake_discord import APP_ID, VALID_TOKEN, FakeDiscord, message_payload
-from tests.support import VOCAB, PatternEngine, make_service, make_settings
+from tests.support import PatternEngine, make_service, make_settings
 from tests.test_discord_bot import (
     ALICE,
     BOB,
@@ -47,10 +47,7 @@ from tests.test_discord_bot import (
     stop_bot,
 )
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    pytest.mark.skipif(not VOCAB.exists(), reason=f"the Wukong vocabulary is not at {VOCAB}"),
-]
+pytestmark = [pytest.mark.timeout(60)]
 
 CHAT = f"dc:{CHANNEL}"
 EXCERPTS = (

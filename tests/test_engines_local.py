@@ -9,20 +9,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.engine import CancelToken
+from core.engine import CancelToken, EngineLimits
 from core.engines.factory import build_engine
 from core.engines.local import LocalEngine, initial_noise, resolve_dtype, tiny_engine, wukong_engine
 from core.errors import EngineUnavailable, InvalidOption, JobCancelled
 from core.images import png_to_array
+from core.options import size_for_ratio
 from core.settings import Settings
 from core.types import GenerationRequest
-
-VOCAB = Path(__file__).resolve().parents[2] / "shared/wukong/vocab_zh.txt"
-needs_vocab = pytest.mark.skipif(not VOCAB.is_file(), reason="shared vocab_zh.txt is not available")
+from core.vocabulary import builtin_vocabulary_text
 
 
 def _settings(tmp_path: Path, **values: object) -> Settings:
-    base: dict[str, object] = {"model_dir": tmp_path / "models", "vocab_path": VOCAB, "_env_file": None}
+    """No vocab_zh.txt in the model dir: the tiny engine uses the built-in vocabulary."""
+    base: dict[str, object] = {"model_dir": tmp_path / "models", "vocab_path": None, "_env_file": None}
     return Settings(**{**base, **values})  # type: ignore[arg-type]
 
 
@@ -33,8 +33,6 @@ def tiny_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 @pytest.fixture
 async def tiny(tiny_settings: Settings) -> AsyncIterator[LocalEngine]:
-    if not VOCAB.is_file():
-        pytest.skip("shared vocab_zh.txt is not available")
     engine = tiny_engine(tiny_settings)
     await engine.start()
     assert engine.ready, (await engine.health())["error"]
@@ -93,15 +91,19 @@ async def test_wukong_loads_again_only_when_its_files_change(tmp_path: Path) -> 
         await engine.generate(_request(), _ignore, CancelToken())
     assert engine.stats.loads == 1
     settings.model_dir.mkdir()
-    settings.checkpoint_path.write_bytes(b"\x00garbage" * 100)  # a (bad) file appears
+    settings.resolved_vocab_path.write_text(builtin_vocabulary_text(), encoding="utf-8")  # a file appears
+    for _ in range(2):
+        with pytest.raises(EngineUnavailable, match=r"model weights .*not installed"):
+            await engine.generate(_request(), _ignore, CancelToken())
+    assert engine.stats.loads == 2
+    settings.checkpoint_path.write_bytes(b"\x00garbage" * 100)  # a (bad) checkpoint appears
     for _ in range(2):
         with pytest.raises(EngineUnavailable, match=r"corrupt.*huahua model fetch"):
             await engine.generate(_request(), _ignore, CancelToken())
-    assert engine.stats.loads == 2
+    assert engine.stats.loads == 3
     await engine.close()
 
 
-@needs_vocab
 async def test_tiny_makes_pngs_quickly_with_progress_on_the_loop(tiny: LocalEngine) -> None:
     steps: list[tuple[int, int]] = []
     threads: set[int] = set()
@@ -125,7 +127,6 @@ async def test_tiny_makes_pngs_quickly_with_progress_on_the_loop(tiny: LocalEngi
     assert tiny.label == "untrained test model"
 
 
-@needs_vocab
 async def test_seeds_are_reproducible_and_image_i_uses_seed_plus_i(tiny: LocalEngine) -> None:
     pair = await tiny.generate(_request(n=2, seed=10), _ignore, CancelToken())
     assert [i.seed for i in pair] == [10, 11]
@@ -136,7 +137,6 @@ async def test_seeds_are_reproducible_and_image_i_uses_seed_plus_i(tiny: LocalEn
     assert np.abs(_pixels(pair[0].png) - _pixels(pair[1].png)).max() > 0.1
 
 
-@needs_vocab
 async def test_negative_prompt_changes_the_picture(tiny: LocalEngine) -> None:
     plain = await tiny.generate(_request(), _ignore, CancelToken())
     negative = await tiny.generate(_request(negative_prompt="模糊"), _ignore, CancelToken())
@@ -149,7 +149,6 @@ def _flat_png(color: tuple[int, int, int], size: int = 96) -> bytes:
     return buf.getvalue()
 
 
-@needs_vocab
 async def test_image_to_image_depends_on_the_init_image_and_runs_part_of_the_schedule(
     tiny: LocalEngine,
 ) -> None:
@@ -166,18 +165,27 @@ async def test_image_to_image_depends_on_the_init_image_and_runs_part_of_the_sch
     assert np.abs(_pixels(red[0].png) - _pixels(blue[0].png)).mean() > 0.01
 
 
-@needs_vocab
 async def test_upscale_is_image_to_image_at_twice_the_size(tiny: LocalEngine) -> None:
+    # a landscape picture of the engine's own, then twice its size in each direction from it
+    [small] = await tiny.generate(_request(width=96, height=64), _ignore, CancelToken())
+    assert Image.open(io.BytesIO(small.png)).size == (96, 64)
+    totals: list[int] = []
     [big] = await tiny.generate(
-        _request(init_image=_flat_png((10, 200, 30)), strength=0.3, width=128, height=128),
+        _request(init_image=small.png, strength=0.35, width=192, height=128, steps=20),
+        lambda step, total: totals.append(total),
+        CancelToken(),
+    )
+    assert (big.width, big.height) == (192, 128)
+    assert Image.open(io.BytesIO(big.png)).size == (192, 128)  # what the PNG holds, not what we asked
+    assert totals and totals[0] == 7  # strength 0.35 of 20 steps: only the end of the schedule runs
+    [other] = await tiny.generate(
+        _request(init_image=_flat_png((10, 200, 30)), strength=0.35, width=192, height=128, steps=20),
         _ignore,
         CancelToken(),
     )
-    assert (big.width, big.height) == (128, 128)
-    assert Image.open(io.BytesIO(big.png)).size == (128, 128)
+    assert np.abs(_pixels(big.png) - _pixels(other.png)).mean() > 0.01  # it starts from the picture
 
 
-@needs_vocab
 async def test_cancel_stops_sampling_early(tiny: LocalEngine) -> None:
     cancel = CancelToken()
     seen: list[int] = []
@@ -194,21 +202,21 @@ async def test_cancel_stops_sampling_early(tiny: LocalEngine) -> None:
     assert tiny.stats.cancelled >= 1
 
 
-@needs_vocab
 async def test_waiting_requests_of_one_size_share_a_batch(tiny: LocalEngine) -> None:
     a, b = _request(prompt="山水", seed=1), _request(prompt="花鸟", seed=2, n=2)
     batches = tiny.stats.batches
-    together = await tiny.generate_many([a, b], _ignore, CancelToken())
+    together = await asyncio.gather(*(tiny.generate(r, _ignore, CancelToken()) for r in (a, b)))
     assert tiny.stats.batches == batches + 1
     assert [len(r) for r in together] == [1, 2]
     alone = await tiny.generate(b, _ignore, CancelToken())
     assert np.abs(_pixels(together[1][1].png) - _pixels(alone[1].png)).max() <= 2 / 127.5
-    different = await tiny.generate_many([a, _request(width=128, height=128)], _ignore, CancelToken())
+    different = await asyncio.gather(
+        *(tiny.generate(r, _ignore, CancelToken()) for r in (a, _request(width=128, height=128)))
+    )
     assert tiny.stats.batches == batches + 4
     assert [r[0].width for r in different] == [64, 128]
 
 
-@needs_vocab
 @pytest.mark.parametrize(
     ("values", "message"),
     [
@@ -228,7 +236,6 @@ async def test_bad_requests_are_invalid_option(tiny: LocalEngine, values: dict, 
         await tiny.generate(_request(**values), _ignore, CancelToken())
 
 
-@needs_vocab
 async def test_a_caller_that_stops_waiting_stops_the_run(tiny: LocalEngine) -> None:
     started = asyncio.Event()
     before = tiny.stats.steps
@@ -242,3 +249,27 @@ async def test_a_caller_that_stops_waiting_stops_the_run(tiny: LocalEngine) -> N
             break
         await asyncio.sleep(0.05)
     assert tiny.stats.steps - before < 40
+
+
+def test_each_local_engine_takes_its_limits_from_the_settings(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, image_area=384 * 384, tiny_image_area=192 * 192, max_steps=12)
+    assert wukong_engine(settings).limits == EngineLimits.for_area(384 * 384, max_steps=12)
+    assert tiny_engine(settings).limits == EngineLimits.for_area(192 * 192, max_steps=12)
+
+
+async def test_the_tiny_engine_upscales_its_largest_new_picture_and_no_more(tiny: LocalEngine) -> None:
+    width, height = size_for_ratio("3:2", tiny.limits)
+    [small] = await tiny.generate(_request(width=width, height=height), _ignore, CancelToken())
+    [big] = await tiny.generate(
+        _request(init_image=small.png, strength=0.35, width=2 * width, height=2 * height),
+        _ignore,
+        CancelToken(),
+    )
+    assert Image.open(io.BytesIO(big.png)).size == (2 * width, 2 * height)
+    assert (await tiny.health())["limits"] == tiny.limits.to_dict()
+    with pytest.raises(InvalidOption, match="too large for this engine"):
+        await tiny.generate(
+            _request(init_image=big.png, strength=0.35, width=4 * width, height=4 * height),
+            _ignore,
+            CancelToken(),
+        )

@@ -12,9 +12,11 @@ from aiohttp.test_utils import TestServer
 from core.errors import CheckpointError, EngineUnavailable
 from core.model_files import DownloadInterrupted, check_model, download, fetch_model, sha256_file
 from core.settings import Settings
+from core.vocabulary import builtin_vocabulary_text
 
-VOCAB = Path(__file__).resolve().parents[2] / "shared/wukong/vocab_zh.txt"
-needs_vocab = pytest.mark.skipif(not VOCAB.is_file(), reason="shared vocab_zh.txt is not available")
+VOCAB = builtin_vocabulary_text().encode("utf-8")
+"""A vocabulary to serve: the built-in one, checked by its own sha256 (the official file is not here)."""
+VOCAB_SHA256 = hashlib.sha256(VOCAB).hexdigest()
 
 
 @dataclass
@@ -135,27 +137,35 @@ def _settings(tmp_path: Path) -> Settings:
     return Settings(model_dir=tmp_path / "models", _env_file=None)  # type: ignore[call-arg]
 
 
-@needs_vocab
 async def test_vocab_is_checked_by_sha256(files: FileServer, tmp_path: Path) -> None:
     settings = _settings(tmp_path)
-    files.files["vocab.txt"] = VOCAB.read_bytes()[:-10] + b"tampered\n"
+    files.files["vocab.txt"] = VOCAB[:-10] + b"tampered\n"
     with pytest.raises(CheckpointError, match="sha256"):
-        await fetch_model(settings, False, vocab_url=files.url("vocab.txt"), checkpoint_url=files.url("ck"))
+        await fetch_model(
+            settings,
+            False,
+            vocab_url=files.url("vocab.txt"),
+            vocab_sha256=VOCAB_SHA256,
+            checkpoint_url=files.url("ck"),
+        )
     assert list((tmp_path / "models").iterdir()) == []
 
 
-@needs_vocab
 async def test_present_files_are_not_fetched_again(files: FileServer, tmp_path: Path) -> None:
     settings = _settings(tmp_path)
     settings.model_dir.mkdir()
-    settings.resolved_vocab_path.write_bytes(VOCAB.read_bytes())
+    settings.resolved_vocab_path.write_bytes(VOCAB)
     settings.checkpoint_path.write_bytes(b"already here")
     result = await fetch_model(
-        settings, False, vocab_url=files.url("vocab.txt"), checkpoint_url=files.url("ck")
+        settings,
+        False,
+        vocab_url=files.url("vocab.txt"),
+        vocab_sha256=VOCAB_SHA256,
+        checkpoint_url=files.url("ck"),
     )
     assert result.downloaded == ()
     assert files.ranges == []
-    assert sha256_file(settings.resolved_vocab_path) == hashlib.sha256(VOCAB.read_bytes()).hexdigest()
+    assert sha256_file(settings.resolved_vocab_path) == VOCAB_SHA256
 
 
 def test_check_model_on_a_missing_file(tmp_path: Path) -> None:
@@ -173,26 +183,26 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return path.read_bytes()
 
 
-@needs_vocab
 async def test_fetch_installs_checked_files_and_resumes(
     files: FileServer, tmp_path: Path, tiny_checkpoint: bytes
 ) -> None:
     from core.diffusion import WukongConfig
 
     settings = _settings(tmp_path)
-    files.files["vocab.txt"] = VOCAB.read_bytes()
+    files.files["vocab.txt"] = VOCAB
     files.files["tiny.ckpt"] = tiny_checkpoint
     files.drop_after["tiny.ckpt"] = len(tiny_checkpoint) // 3
     result = await fetch_model(
         settings,
         False,
         vocab_url=files.url("vocab.txt"),
+        vocab_sha256=VOCAB_SHA256,
         checkpoint_url=files.url("tiny.ckpt"),
         config=WukongConfig.tiny(),
     )
     assert result.downloaded == (settings.resolved_vocab_path, settings.checkpoint_path)
     assert settings.checkpoint_path.read_bytes() == tiny_checkpoint
-    assert settings.resolved_vocab_path.read_bytes() == VOCAB.read_bytes()
+    assert settings.resolved_vocab_path.read_bytes() == VOCAB
     assert sorted(p.name for p in settings.model_dir.iterdir()) == ["vocab_zh.txt", "wukong-huahua-ms.ckpt"]
     resumed_at = int(str(files.ranges[-1]).removeprefix("bytes=").removesuffix("-"))
     assert 0 < resumed_at <= len(tiny_checkpoint) // 3  # the second request continued the first
@@ -200,16 +210,19 @@ async def test_fetch_installs_checked_files_and_resumes(
     assert report.ok and "OK" in report.text
 
 
-@needs_vocab
 async def test_a_checkpoint_for_another_model_is_refused_and_deleted(
     files: FileServer, tmp_path: Path, tiny_checkpoint: bytes
 ) -> None:
     settings = _settings(tmp_path)
-    files.files["vocab.txt"] = VOCAB.read_bytes()
+    files.files["vocab.txt"] = VOCAB
     files.files["tiny.ckpt"] = tiny_checkpoint
     with pytest.raises(CheckpointError, match="wrong shape"):
         await fetch_model(
-            settings, False, vocab_url=files.url("vocab.txt"), checkpoint_url=files.url("tiny.ckpt")
+            settings,
+            False,
+            vocab_url=files.url("vocab.txt"),
+            vocab_sha256=VOCAB_SHA256,
+            checkpoint_url=files.url("tiny.ckpt"),
         )
     assert not settings.checkpoint_path.exists()
     assert sorted(p.name for p in settings.model_dir.iterdir()) == ["vocab_zh.txt"]
@@ -232,12 +245,16 @@ def test_check_model_reports_problems_by_name(tmp_path: Path, tiny_checkpoint: b
     assert not check_model(truncated).ok
 
 
-@needs_vocab
 async def test_vocab_only_fetches_just_the_vocabulary(files: FileServer, tmp_path: Path) -> None:
     settings = _settings(tmp_path)
-    files.files["vocab.txt"] = VOCAB.read_bytes()
+    files.files["vocab.txt"] = VOCAB
     result = await fetch_model(
-        settings, False, vocab_url=files.url("vocab.txt"), checkpoint_url=files.url("ck"), vocab_only=True
+        settings,
+        False,
+        vocab_url=files.url("vocab.txt"),
+        vocab_sha256=VOCAB_SHA256,
+        checkpoint_url=files.url("ck"),
+        vocab_only=True,
     )
     assert result.downloaded == (settings.resolved_vocab_path,)
     assert sorted(p.name for p in settings.model_dir.iterdir()) == ["vocab_zh.txt"]

@@ -165,3 +165,26 @@ async def test_a_lost_connection_is_service_unavailable_then_recovers(pg_url: st
     finally:
         await store.close()
     assert all(outcome in (True, "unavailable") for outcome in outcomes), outcomes
+
+
+async def test_the_service_runs_a_job_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+    """build_service with HUAHUA_DATABASE_URL: the job is admitted, run and finished in PostgreSQL."""
+    from core.types import EventType, JobStatus
+    from tests.support import PatternEngine, make_service
+
+    service = await make_service(tmp_path, engine=PatternEngine(), database_url=pg_url)
+    try:
+        reply = await service.handle_message("web:room", "web:ann", "/imagine 一只猫 --seed 3")
+        assert reply.job is not None
+        events = [event async for event in service.subscribe(reply.job.id)]
+        assert events[-1].type == EventType.DONE
+    finally:
+        await service.stop()
+    store = await PostgresStore.open(pg_url)
+    try:
+        job = await store.get_job(reply.job.id)
+        assert job is not None and job.status == JobStatus.DONE and job.attempt == 1 and len(job.images) == 1
+        assert await store.images_today("web:ann", now=job.created_at) == 1
+    finally:
+        await store.close()
+    assert not (tmp_path / "data" / "huahua.sqlite3").exists()

@@ -1,22 +1,17 @@
-"""The token budget: fit_parts with the real WordPiece vocabulary."""
+"""The token budget: fit_parts with a WordPiece vocabulary (built-in, and official where present)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from core.prompting import PromptPart, fit_parts
 from core.tokenizer import BasicTokenCounter, WordPieceTokenizer
+from tests.support import vocabularies, vocabulary
 
-VOCAB = Path(__file__).resolve().parents[2] / "shared/wukong/vocab_zh.txt"
 
-
-@pytest.fixture(scope="module")
-def tokenizer() -> WordPieceTokenizer:
-    if not VOCAB.exists():
-        pytest.skip(f"the Wukong vocabulary is not at {VOCAB}")
-    return WordPieceTokenizer.from_file(VOCAB)
+@pytest.fixture(scope="module", params=vocabularies())
+def tokenizer(request: pytest.FixtureRequest) -> WordPieceTokenizer:
+    return vocabulary(request.param)
 
 
 def texts(parts: list[PromptPart]) -> list[str]:

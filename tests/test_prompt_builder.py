@@ -10,18 +10,14 @@ from core.errors import EmptyPrompt, InvalidOption
 from core.prompting import GlossaryTranslator, PromptBuilder, Translation, Translator, load_prompt_data
 from core.prompting.language import detect_language
 from core.prompting.normalize import clean_text, normalize_chinese
-from core.tokenizer import BasicTokenCounter, WordPieceTokenizer, load_tokenizer
+from core.tokenizer import BasicTokenCounter, WordPieceTokenizer
+from core.vocabulary import builtin_tokenizer, builtin_vocabulary_text
+from tests.support import vocabularies, vocabulary
 
-VOCAB = Path(__file__).resolve().parents[2] / "shared/wukong/vocab_zh.txt"
 
-
-@pytest.fixture(scope="module")
-def tokenizer() -> WordPieceTokenizer:
-    if not VOCAB.exists():
-        pytest.skip(f"the Wukong vocabulary is not at {VOCAB}")
-    loaded = load_tokenizer(VOCAB)
-    assert isinstance(loaded, WordPieceTokenizer)
-    return loaded
+@pytest.fixture(scope="module", params=vocabularies())
+def tokenizer(request: pytest.FixtureRequest) -> WordPieceTokenizer:
+    return vocabulary(request.param)
 
 
 class RecordingTranslator(Translator):
@@ -207,10 +203,15 @@ def test_load_prompt_builder_follows_the_settings(tmp_path: Path) -> None:
     from core.prompting import LlmTranslator, load_prompt_builder
     from core.settings import Settings
 
-    glossary_settings = Settings(_env_file=None, vocab_path=VOCAB)  # type: ignore[call-arg]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text(builtin_vocabulary_text(), encoding="utf-8")
+    glossary_settings = Settings(_env_file=None, vocab_path=vocab)  # type: ignore[call-arg]
     builder = load_prompt_builder(glossary_settings)
     assert isinstance(builder.translator, GlossaryTranslator)
-    assert isinstance(builder.tokenizer, WordPieceTokenizer if VOCAB.exists() else BasicTokenCounter)
+    assert isinstance(builder.tokenizer, WordPieceTokenizer) and builder.tokenizer.source == str(vocab)
+    # the tiny engine without vocab_zh.txt: prompts are counted with the tokenizer it draws with
+    tiny = Settings(_env_file=None, engine="tiny", model_dir=tmp_path / "models")  # type: ignore[call-arg]
+    assert load_prompt_builder(tiny).tokenizer is builtin_tokenizer()
     llm_settings = Settings(_env_file=None, translator="llm", vocab_path=tmp_path / "none.txt")  # type: ignore[call-arg]
     builder = load_prompt_builder(llm_settings)
     assert isinstance(builder.translator, LlmTranslator) and isinstance(builder.tokenizer, BasicTokenCounter)

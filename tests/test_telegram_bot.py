@@ -16,7 +16,9 @@ import aiohttp
 import pytest
 from PIL import Image
 
-pytest.importorskip("telegram")
+from tests.support import NO_TELEGRAM
+
+pytest.importorskip("telegram", reason=NO_TELEGRAM)
 
 from bots.telegram import keyboards, messages
 from bots.telegram.bot import build_application, start_application, stop_application
@@ -25,7 +27,7 @@ from core.engine import Engine
 from core.errors import InvalidOption
 from core.types import Action, JobStatus
 from tests.fake_telegram import BOT_USER, FakeTelegram
-from tests.support import VOCAB, PatternEngine, make_settings
+from tests.support import PatternEngine, make_settings
 
 USER = 1001
 OTHER = 1002
@@ -279,7 +281,6 @@ async def test_token_never_reaches_logs(
     assert fake.token not in caplog.text
 
 
-@pytest.mark.skipif(not VOCAB.exists(), reason="the Wukong vocab (../shared/wukong/vocab_zh.txt) is absent")
 async def test_tiny_model_draws_through_telegram(tmp_path: Path, fake: FakeTelegram) -> None:
     from core.engines.factory import build_engine
 

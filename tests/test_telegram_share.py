@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("telegram")
+from tests.support import NO_TELEGRAM
+
+pytest.importorskip("telegram", reason=NO_TELEGRAM)
 
 from bots.telegram import keyboards
 from bots.telegram.delivery import META_RESULT

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-pytest.importorskip("telegram")
+from tests.support import NO_TELEGRAM
+
+pytest.importorskip("telegram", reason=NO_TELEGRAM)
 
 from bots.telegram import keyboards
 from bots.telegram.delivery import META_REPLY, META_STATUS, chat_key, parse_chat_key

@@ -1,9 +1,13 @@
-"""The WordPiece tokenizer against the real vocabulary, HuggingFace `tokenizers`, and hand-checked cases."""
+"""The WordPiece tokenizer against HuggingFace `tokenizers` and hand-checked cases, on the built-in
+vocabulary always and on the official vocab_zh.txt too where this machine has it."""
 
 from __future__ import annotations
 
 import logging
 import re
+import string
+import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +15,8 @@ import pytest
 
 from core.errors import CheckpointError, InvalidOption
 from core.tokenizer import BasicTokenCounter, WordPieceTokenizer, load_tokenizer
-
-VOCAB = Path(__file__).resolve().parents[2] / "shared/wukong/vocab_zh.txt"
-needs_vocab = pytest.mark.skipif(not VOCAB.is_file(), reason=f"vocabulary not found at {VOCAB}")
+from core.vocabulary import builtin_tokenizer, builtin_vocabulary, builtin_vocabulary_text
+from tests.support import import_or_skip, official_vocab, vocabularies
 
 CASES = {
     "chinese": "一只可爱的猫咪，坐在窗台上，水彩画风格",
@@ -33,71 +36,102 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def tok() -> WordPieceTokenizer:
-    if not VOCAB.is_file():
-        pytest.skip(f"vocabulary not found at {VOCAB}")
-    return WordPieceTokenizer.from_file(VOCAB)
+@dataclass(frozen=True)
+class Vocab:
+    name: str
+    path: Path
+    lines: list[str]
+    tok: WordPieceTokenizer
+
+
+@pytest.fixture(scope="module", params=vocabularies())
+def vocab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Vocab:
+    if request.param == "official":
+        path = official_vocab()
+        assert path is not None
+    else:
+        path = tmp_path_factory.mktemp("vocab") / "builtin_vocab.txt"
+        path.write_text(builtin_vocabulary_text(), encoding="utf-8")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return Vocab(request.param, path, lines, WordPieceTokenizer.from_file(path))
 
 
 @pytest.fixture(scope="module")
-def vocab_lines() -> list[str]:
-    if not VOCAB.is_file():
-        pytest.skip(f"vocabulary not found at {VOCAB}")
-    return VOCAB.read_text(encoding="utf-8").split("\n")
+def tok(vocab: Vocab) -> WordPieceTokenizer:
+    return vocab.tok
 
 
 def line_of(lines: list[str], token: str) -> int:
     return lines.index(token)
 
 
-@needs_vocab
-def test_specials_and_size(tok: WordPieceTokenizer, vocab_lines: list[str]) -> None:
-    assert tok.vocab_size == 21128
+def test_specials_and_size(vocab: Vocab) -> None:
+    tok = vocab.tok
+    assert tok.vocab_size == (21128 if vocab.name == "official" else len(builtin_vocabulary()))
     assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id) == (0, 100, 101, 102)
-    assert vocab_lines[101] == "[CLS]" and vocab_lines[102] == "[SEP]"
+    assert vocab.lines[101] == "[CLS]" and vocab.lines[102] == "[SEP]" and vocab.lines[103] == "[MASK]"
     assert tok.exact is True and tok.max_pieces == 75
 
 
-HAND_CHECKED = [
-    ("猫，狗!", ["猫", "，", "狗", "!"]),
-    ("Café NAÏVE", ["cafe", "na", "##ive"]),
-    ("ＡＢＣ", ["ａ", "##ｂ", "##ｃ"]),
-    ("龍與鳳", ["龍", "與", "鳳"]),
-    ("😂🐶", ["[UNK]"]),
-    ("😂 🐶", ["😂", "[UNK]"]),
-    ("a\u200bb", ["ab"]),
-    ("[UNK] [unk]", ["[UNK]", "[", "u", "##nk", "]"]),
-    ("  ", []),
-]
+def test_the_builtin_vocabulary_is_made_by_its_rules() -> None:
+    lines = builtin_vocabulary()
+    assert len(set(lines)) == len(lines) < 49408  # fits the tiny text encoder's embedding table
+    assert [lines[i] for i in (0, 1, 99, 100, 101, 102, 103)] == [
+        "[PAD]", "[unused1]", "[unused99]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+    ]  # fmt: skip
+    assert builtin_tokenizer() is builtin_tokenizer()
+    # every assigned character of the main CJK block is one token of its own
+    cjk = "".join(chr(c) for c in range(0x4E00, 0xA000) if unicodedata.category(chr(c)) == "Lo")
+    assert len(cjk) > 20_900 and builtin_tokenizer().tokenize(cjk) == list(cjk)
+    # any ASCII word splits into known pieces, never [UNK]
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        word = "".join(rng.choice(list(string.ascii_letters + string.digits), size=int(rng.integers(1, 30))))
+        pieces = builtin_tokenizer().tokenize(word)
+        assert "[UNK]" not in pieces and "".join(p.removeprefix("##") for p in pieces) == word.lower()
+    assert builtin_vocabulary_text() == "".join(line + "\n" for line in lines)
 
 
-@needs_vocab
-@pytest.mark.parametrize(("text", "pieces"), HAND_CHECKED)
-def test_hand_checked(tok: WordPieceTokenizer, vocab_lines: list[str], text: str, pieces: list[str]) -> None:
+HAND_CHECKED = {
+    # text: (official pieces, built-in pieces)
+    "猫，狗!": (["猫", "，", "狗", "!"], ["猫", "，", "狗", "!"]),
+    "Café NAÏVE": (["cafe", "na", "##ive"], ["ca", "##fe", "na", "##iv", "##e"]),
+    "ＡＢＣ": (["ａ", "##ｂ", "##ｃ"], ["[UNK]"]),  # no full-width continuations in the built-in one
+    "龍與鳳": (["龍", "與", "鳳"], ["龍", "與", "鳳"]),
+    "😂🐶": (["[UNK]"], ["[UNK]"]),
+    "😂 🐶": (["😂", "[UNK]"], ["[UNK]", "[UNK]"]),
+    "a\u200bb": (["ab"], ["ab"]),
+    "[UNK] [unk]": (["[UNK]", "[", "u", "##nk", "]"], ["[UNK]", "[", "un", "##k", "]"]),
+    "playing": (["play", "##ing"], ["pl", "##ay", "##ing"]),
+    "  ": ([], []),
+}
+
+
+@pytest.mark.parametrize("text", HAND_CHECKED)
+def test_hand_checked(vocab: Vocab, text: str) -> None:
+    tok = vocab.tok
+    pieces = HAND_CHECKED[text][0 if vocab.name == "official" else 1]
     assert tok.tokenize(text) == pieces
-    expected = [101, *(line_of(vocab_lines, p) for p in pieces), 102]
+    expected = [101, *(line_of(vocab.lines, p) for p in pieces), 102]
     assert tok.encode(text) == expected + [0] * (77 - len(expected))
     assert tok.count(text) == len(pieces)
 
 
-@needs_vocab
-def test_longest_match_first(tok: WordPieceTokenizer, vocab_lines: list[str]) -> None:
-    # "playing" is split greedily: the longest prefix in the vocabulary, then "##" pieces.
-    pieces = tok.tokenize("playing")
-    assert "".join(p.removeprefix("##") for p in pieces) == "playing"
-    assert pieces[0] in vocab_lines and all(p.startswith("##") for p in pieces[1:])
+@pytest.mark.parametrize("word", ["playing", "astronaut", "watercolour"])
+def test_longest_match_first(vocab: Vocab, word: str) -> None:
+    # a word is split greedily: the longest prefix in the vocabulary, then "##" pieces.
+    pieces = vocab.tok.tokenize(word)
+    assert "".join(p.removeprefix("##") for p in pieces) == word
+    assert pieces[0] in vocab.lines and all(p.startswith("##") for p in pieces[1:])
     first = pieces[0]
-    assert not any(("playing"[: len(first) + k]) in vocab_lines for k in range(1, 8 - len(first)))
+    assert not any((word[: len(first) + k]) in vocab.lines for k in range(1, len(word) + 1 - len(first)))
 
 
-@needs_vocab
 def test_word_over_100_chars_is_unk(tok: WordPieceTokenizer) -> None:
     assert tok.tokenize("a" * 101) == ["[UNK]"]
     assert tok.tokenize("a" * 100) != ["[UNK]"]
 
 
-@needs_vocab
 def test_truncation_keeps_sep(tok: WordPieceTokenizer) -> None:
     text = "猫" * 200
     ids = tok.encode(text)
@@ -109,7 +143,6 @@ def test_truncation_keeps_sep(tok: WordPieceTokenizer) -> None:
     assert tok.encode("猫" * 10, context_length=4) == [101, ids[1], ids[1], 102]
 
 
-@needs_vocab
 def test_encode_batch(tok: WordPieceTokenizer) -> None:
     batch = tok.encode_batch(["猫", "", "狗" * 100])
     assert batch.dtype == np.int64 and batch.shape == (3, 77)
@@ -118,7 +151,6 @@ def test_encode_batch(tok: WordPieceTokenizer) -> None:
     assert tok.encode_batch([]).shape == (0, 77)
 
 
-@needs_vocab
 @pytest.mark.parametrize("bad", [None, 3, b"bytes", ["list"]])
 def test_wrong_types(tok: WordPieceTokenizer, bad: object) -> None:
     with pytest.raises(InvalidOption):
@@ -127,7 +159,6 @@ def test_wrong_types(tok: WordPieceTokenizer, bad: object) -> None:
         BasicTokenCounter().count(bad)  # type: ignore[arg-type]
 
 
-@needs_vocab
 def test_bad_context_length_and_batch(tok: WordPieceTokenizer) -> None:
     with pytest.raises(InvalidOption):
         tok.encode("猫", context_length=1)
@@ -135,18 +166,16 @@ def test_bad_context_length_and_batch(tok: WordPieceTokenizer) -> None:
         tok.encode_batch("猫")
 
 
-@needs_vocab
 def test_huge_input_is_fast(tok: WordPieceTokenizer) -> None:
     text = "一只猫 a cat, " * 20000
     assert len(tok.encode(text)) == 77
     assert tok.count("一只猫 a cat, ") * 20000 == tok.count(text)
 
 
-@needs_vocab
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_matches_huggingface_tokenizers(tok: WordPieceTokenizer, name: str) -> None:
-    tokenizers = pytest.importorskip("tokenizers", reason="HuggingFace tokenizers not installed")
-    hf = tokenizers.BertWordPieceTokenizer(str(VOCAB), lowercase=True, clean_text=True)
+def test_matches_huggingface_tokenizers(vocab: Vocab, name: str) -> None:
+    tok = vocab.tok
+    hf = _huggingface(vocab)
     hf_ids = hf.encode(CASES[name]).ids  # [CLS] ... [SEP], not cut
     expected = [*hf_ids[:76], 102] if len(hf_ids) > 77 else hf_ids + [0] * (77 - len(hf_ids))
     assert tok.encode(CASES[name]) == expected
@@ -160,10 +189,16 @@ FUZZ_POOL = (
 )
 
 
-@needs_vocab
-def test_matches_huggingface_on_random_text(tok: WordPieceTokenizer) -> None:
-    tokenizers = pytest.importorskip("tokenizers", reason="HuggingFace tokenizers not installed")
-    hf = tokenizers.BertWordPieceTokenizer(str(VOCAB), lowercase=True, clean_text=True)
+def _huggingface(vocab: Vocab):  # type: ignore[no-untyped-def]
+    tokenizers = import_or_skip(
+        "tokenizers", "HuggingFace tokenizers", "the dev extra: pip install -e '.[dev]'"
+    )
+    return tokenizers.BertWordPieceTokenizer(str(vocab.path), lowercase=True, clean_text=True)
+
+
+def test_matches_huggingface_on_random_text(vocab: Vocab) -> None:
+    tok = vocab.tok
+    hf = _huggingface(vocab)
     rng = np.random.default_rng(1234)
     pool = list(FUZZ_POOL)
     for _ in range(300):
@@ -230,8 +265,7 @@ def test_load_tokenizer_picks_up_a_vocab_fetched_later(tmp_path: Path) -> None:
     assert load_tokenizer(path) is tok
 
 
-@needs_vocab
-def test_load_tokenizer_real() -> None:
-    tok = load_tokenizer(VOCAB)
+def test_load_tokenizer_real(vocab: Vocab) -> None:
+    tok = load_tokenizer(vocab.path)
     assert isinstance(tok, WordPieceTokenizer) and tok.exact
-    assert load_tokenizer(VOCAB) is tok
+    assert load_tokenizer(vocab.path) is tok

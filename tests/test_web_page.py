@@ -11,13 +11,13 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from bots.web.app import create_app
-from tests.support import CHROMIUM, VOCAB, PatternEngine, make_service
+from tests.support import CHROMIUM, PatternEngine, make_service, skip_unless
 
 IMAGINE = "/imagine 一只在月球上看书的猫 --ar 3:2 --seed 7"
 SCREENSHOT = Path("/tmp/huahua-web.png")
 PHONE_SCREENSHOT = Path("/tmp/huahua-web-phone.png")
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not at /usr/bin/chromium")
+pytestmark = skip_unless(CHROMIUM.exists(), f"Chromium at {CHROMIUM}", "apt-get install chromium")
 
 # Records every width the progress bars take, so a fast job's progress is still observed.
 WATCH_PROGRESS = """() => {
@@ -91,7 +91,6 @@ async def test_help_and_hostile_text_render_as_plain_text(browser, serve):
     assert (await page.input_value("#user")) == name
 
 
-@pytest.mark.skipif(not VOCAB.exists(), reason="the tiny model needs ../shared/wukong/vocab_zh.txt")
 @pytest.mark.slow
 async def test_imagine_reroll_in_the_page_with_the_tiny_model(browser, serve):
     base, service = await serve()

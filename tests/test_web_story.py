@@ -16,7 +16,7 @@ from pypdf import PdfReader
 
 from bots.web.app import AttachmentShelf, create_app
 from core.story import export
-from tests.support import CHROMIUM, PatternEngine, make_service
+from tests.support import CHROMIUM, PatternEngine, make_service, skip_needing, skip_unless
 
 ROOM = "月光屋"
 LILY = "穿红斗篷的小女孩"
@@ -179,7 +179,7 @@ async def test_a_whole_story_through_the_web_api(start_web):
     html = await response.text()
     assert html.count("<img") == 3 and "月亮的故事" in html and LILY in html
     if export.find_cjk_font() is None:
-        pytest.skip("no CJK font for the PDF (Debian: fonts-noto-cjk)")
+        skip_needing("a CJK font for the PDF", "apt-get install fonts-noto-cjk")
     response = await web.client.get(f"/api/stories/{story_id}/export.pdf")
     assert response.status == 200 and response.content_type == "application/pdf"
     assert ".pdf" in response.headers["Content-Disposition"]
@@ -318,7 +318,7 @@ async def test_the_pdf_without_a_chinese_font_is_503(start_web, monkeypatch):
 # the pages in headless Chromium ------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not at /usr/bin/chromium")
+@skip_unless(CHROMIUM.exists(), f"Chromium at {CHROMIUM}", "apt-get install chromium")
 async def test_the_chat_and_gallery_pages_in_chromium(start_web, browser):
     web = await start_web()
     base = str(web.client.make_url("/"))

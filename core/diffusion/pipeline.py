@@ -119,16 +119,21 @@ class WukongPipeline:
     def random(
         cls,
         config: WukongConfig | None = None,
-        vocab_path: str | Path | None = None,
+        vocab_path: str | Path | WordPieceTokenizer | None = None,
         seed: int = 0,
         device: str = "CPU",
         dtype: str = "float32",
         graph: bool = False,
     ) -> WukongPipeline:
-        """The same model with random weights drawn from numpy (the same `seed` gives the same model)."""
+        """The same model with random weights drawn from numpy (the same `seed` gives the same model).
+
+        `vocab_path` is a vocabulary file or a ready tokenizer (the tiny engine's built-in vocabulary)."""
         config = config or WukongConfig()
         cls._check_dtype(dtype)
-        tokenizer = WordPieceTokenizer.from_file(vocab_path) if vocab_path is not None else None
+        if vocab_path is None or isinstance(vocab_path, WordPieceTokenizer):
+            tokenizer = vocab_path
+        else:
+            tokenizer = WordPieceTokenizer.from_file(vocab_path)
         _use_device(device)
         model = build_model(config)
         randomize(model, seed, dtype=dtype)

@@ -2,8 +2,9 @@
 
 Batches: a request for n images is one batch of n; image i starts from the noise drawn with seed
 `seed + i`, so image i of seed s equals image 0 of seed s + i (a reroll of one picture is exact).
-Several waiting requests with the same size and sampling parameters are run together as one batch
-(`generate_many`), each keeping its own seeds, prompt and progress callback.
+Several waiting requests with the same size and sampling parameters (submitted before the engine
+takes its next batch) are run together as one batch, each keeping its own seeds, prompt and progress
+callback.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from core.errors import CheckpointError, EngineUnavailable, HuahuaError, Invalid
 from core.images import array_to_pngs, png_to_array, resize_png, validate_upload
 from core.settings import Settings
 from core.types import SAMPLERS, GeneratedImage, GenerationRequest
+from core.vocabulary import tiny_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -201,12 +203,6 @@ class LocalEngine(Engine):
         # dispatch on the next loop turn, so requests submitted together can share a batch
         asyncio.get_running_loop().call_soon(self._dispatch)
         return await future
-
-    async def generate_many(
-        self, requests: Sequence[GenerationRequest], on_progress: ProgressCallback, cancel: CancelToken
-    ) -> list[list[GeneratedImage]]:
-        """Run several requests together; those of one size and sampling setting share one batch."""
-        return list(await asyncio.gather(*(self.generate(r, on_progress, cancel) for r in requests)))
 
     async def ensure_ready(self) -> None:
         await self._ensure_ready()
@@ -414,14 +410,10 @@ def tiny_engine(settings: Settings, *, seed: int = 0) -> LocalEngine:
     """The same code at a tiny size with random weights: fast pictures of noise, for tests and demos."""
     device = settings.device
     dtype = resolve_dtype(device, settings.dtype)
-    vocab = settings.resolved_vocab_path
 
     def load() -> Any:
-        if not vocab.is_file():
-            raise EngineUnavailable(
-                f"The tokenizer vocabulary is not installed ({vocab}); download it with `{FETCH_COMMAND}`."
-            )
         diffusion = _import_diffusion()
+        vocab = tiny_vocabulary(settings)  # vocab_zh.txt when installed, else the built-in vocabulary
         return diffusion.WukongPipeline.random(
             diffusion.WukongConfig.tiny(), vocab, seed=seed, device=device, dtype=dtype
         )

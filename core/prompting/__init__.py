@@ -64,8 +64,12 @@ def load_prompt_data(directory: Path | None = None) -> PromptData:
 
 def load_prompt_builder(settings: Settings, directory: Path | None = None) -> PromptBuilder:
     """The builder the settings ask for: data from `settings.prompts_dir`, the real tokenizer when the
-    vocabulary is present, and the glossary or LLM translator."""
-    from core.tokenizer import load_tokenizer
+    vocabulary is present (for `tiny`, the tiny engine's own), and the glossary or LLM translator."""
+    from core.tokenizer import WordPieceTokenizer, load_tokenizer
+    from core.vocabulary import tiny_vocabulary
+
+    vocab = tiny_vocabulary(settings) if settings.engine == "tiny" else settings.resolved_vocab_path
+    tokenizer = vocab if isinstance(vocab, WordPieceTokenizer) else load_tokenizer(vocab)
 
     data = load_prompt_data(directory or settings.prompts_dir)
     glossary_translator = GlossaryTranslator(data.glossary)
@@ -75,7 +79,7 @@ def load_prompt_builder(settings: Settings, directory: Path | None = None) -> Pr
     return PromptBuilder(
         data.glossary,
         data.styles,
-        load_tokenizer(settings.resolved_vocab_path),
+        tokenizer,
         translator,
         default_negative=data.default_negative,
     )
