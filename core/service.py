@@ -26,6 +26,7 @@ from core.errors import (
 from core.events import ALL_EVENTS, EventBus, EventRelay, Listener
 from core.jobs.queue import too_many_jobs
 from core.jobs.runner import JobRunner, process_owner
+from core.outbox import Outbox
 from core.settings import Settings
 from core.types import (
     Action,
@@ -148,6 +149,8 @@ class Huahua:
             on_started=self._started,
             on_idle=lambda: self._in_background(self._announce_positions()),
         )
+        self.outbox = Outbox(store, self.events, owner=self.owner)
+        """Adapters `serve` their platform's deliveries (results owed to chats) through it."""
         self._watching: dict[str, Job] = {}
         """With a relay: jobs submitted here and not finished yet, re-read after a reconnect."""
         self._caught_up: OrderedDict[str, None] = OrderedDict()
@@ -181,6 +184,7 @@ class Huahua:
     async def stop(self) -> None:
         """Stop taking work; running jobs go back to the queue (for this or another process) first."""
         await self.runner.stop()
+        await self.outbox.close()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.events.drain()
         if self.relay is not None:
