@@ -31,6 +31,14 @@ PNG = PNG_SIGNATURE + b"\x00\x00\x00\x0dIHDR fake but signed"
 HOSTILE_DIGESTS = ("../../etc/passwd", "A" * 64, "0" * 63, "0" * 64 + "/x", "", 123)
 
 
+@pytest.fixture(autouse=True)
+def _no_instance_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should a store here ever lack credentials, botocore must not go looking for an instance role."""
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def real_png(colour: tuple[int, int, int] = (200, 30, 60)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
@@ -296,7 +304,14 @@ async def test_objects_are_pngs_under_the_prefix_and_prefixes_are_separate(
 
 async def test_malformed_digests_and_non_png_make_no_request(unused_tcp_port: int) -> None:
     # Nothing listens there: any request would fail with a StorageError, not NotFound / InvalidOption.
-    store = S3ImageStore(S3Location("bucket"), endpoint_url=f"http://127.0.0.1:{unused_tcp_port}")
+    # (Credentials are given, as in every test here, so botocore never looks for an instance role.)
+    store = S3ImageStore(
+        S3Location("bucket"),
+        endpoint_url=f"http://127.0.0.1:{unused_tcp_port}",
+        access_key_id="AKIANOREQUEST",
+        secret_access_key=SecretStr("no-request-secret"),
+        max_attempts=1,
+    )
     try:
         for hostile in HOSTILE_DIGESTS:
             with pytest.raises(NotFound):
