@@ -14,7 +14,14 @@ from typing import Any, NoReturn
 import pytest
 from PIL import Image
 
-from core.engine import CancelToken, Engine, ProgressCallback
+from core.engine import (
+    CancelToken,
+    Engine,
+    EngineLimits,
+    ProgressCallback,
+    configured_limits,
+    validate_request,
+)
 from core.errors import JobCancelled
 from core.model_files import VOCAB_SHA256
 from core.settings import Settings
@@ -102,21 +109,31 @@ NO_TELEGRAM = needs("python-telegram-bot", "pip install 'huahua[telegram]'")
 class PatternEngine(Engine):
     """Draws a flat colour derived from (prompt, seed): deterministic and instant.
 
-    `step_delay` slows each step down; `gate`, when given, holds every job at its first step until set,
-    so tests can observe queued and running states.
+    It refuses what a real engine refuses, by the same check (`validate_request`) and the same limits:
+    by default the tiny engine's under default settings; `limits=engine_limits("wukong")` for the
+    official model's. `step_delay` slows each step down; `gate`, when given, holds every job at its
+    first step until set, so tests can observe queued and running states.
     """
 
     name = "pattern"
     label = "test pattern"
 
-    def __init__(self, step_delay: float = 0.0, gate: asyncio.Event | None = None) -> None:
+    def __init__(
+        self,
+        step_delay: float = 0.0,
+        gate: asyncio.Event | None = None,
+        *,
+        limits: EngineLimits | None = None,
+    ) -> None:
         self.step_delay = step_delay
         self.gate = gate
+        self.limits = limits or engine_limits("tiny")
         self.requests: list[GenerationRequest] = []
 
     async def generate(
         self, request: GenerationRequest, on_progress: ProgressCallback, cancel: CancelToken
     ) -> list[GeneratedImage]:
+        validate_request(request, self.limits)
         self.requests.append(request)
         for step in range(1, request.steps + 1):
             if cancel.cancelled:
@@ -135,6 +152,11 @@ class PatternEngine(Engine):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return GeneratedImage(png=buffer.getvalue(), width=request.width, height=request.height, seed=seed)
+
+
+def engine_limits(engine: str, **settings: Any) -> EngineLimits:
+    """The limits the real engine named `engine` ("wukong", "tiny") has under these settings."""
+    return configured_limits(Settings(_env_file=None, engine=engine, **settings))  # type: ignore[call-arg]
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:

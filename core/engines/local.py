@@ -11,26 +11,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from core.engine import CancelToken, Engine, ProgressCallback
-from core.errors import CheckpointError, EngineUnavailable, HuahuaError, InvalidOption, JobCancelled
-from core.images import array_to_pngs, png_to_array, resize_png, validate_upload
+from core.engine import (
+    MAX_IMAGES_PER_REQUEST,
+    CancelToken,
+    Engine,
+    EngineLimits,
+    ProgressCallback,
+    validate_request,
+)
+from core.errors import CheckpointError, EngineUnavailable, HuahuaError, JobCancelled
+from core.images import array_to_pngs, png_to_array, resize_png
 from core.settings import Settings
-from core.types import SAMPLERS, GeneratedImage, GenerationRequest
+from core.types import GeneratedImage, GenerationRequest
 from core.vocabulary import tiny_vocabulary
 
 logger = logging.getLogger(__name__)
 
 FETCH_COMMAND = "huahua model fetch"
-MAX_BATCH = 8
+MAX_BATCH = MAX_IMAGES_PER_REQUEST
 PipelineLoader = Callable[[], Any]
 
 
@@ -44,31 +50,6 @@ def resolve_dtype(device: str, dtype: str) -> str:
 def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
     """One standard-normal latent per seed, stacked: (len(seeds), *shape) float32."""
     return np.stack([np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) for seed in seeds])
-
-
-def validate_request(request: GenerationRequest, *, max_steps: int, max_area: int, multiple: int) -> None:
-    """Raise InvalidOption with one friendly sentence when the request cannot run."""
-    if not isinstance(request.prompt, str) or not isinstance(request.negative_prompt, str):
-        raise InvalidOption("The prompt must be text.")
-    if not 1 <= request.steps <= max_steps:
-        raise InvalidOption(f"Steps must be between 1 and {max_steps}.")
-    if not 1 <= request.n <= MAX_BATCH:
-        raise InvalidOption(f"You can ask for 1 to {MAX_BATCH} images at a time.")
-    if request.sampler not in SAMPLERS:
-        raise InvalidOption(f"Unknown sampler {request.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
-    if not math.isfinite(request.guidance_scale) or not 0 <= request.guidance_scale <= 50:
-        raise InvalidOption("Guidance scale must be between 0 and 50.")
-    if request.width % multiple or request.height % multiple or request.width < multiple:
-        raise InvalidOption(f"Width and height must be positive multiples of {multiple}.")
-    if request.height < multiple or request.width * request.height > max_area:
-        side = int(math.sqrt(max_area))
-        raise InvalidOption(f"The image is too large for this engine: at most about {side}×{side} pixels.")
-    if request.init_image is not None:
-        if not 0.0 < request.strength <= 1.0:
-            raise InvalidOption("Strength must be above 0 and at most 1 for image-to-image.")
-        validate_upload(request.init_image)
-    if not 0 <= request.seed < 2**63:
-        raise InvalidOption("The seed must be a non-negative whole number.")
 
 
 def _batch_key(request: GenerationRequest) -> tuple[Any, ...] | None:
@@ -110,8 +91,7 @@ class LocalEngine(Engine):
         model: str = "",
         device: str = "CPU",
         dtype: str = "float32",
-        max_steps: int = 200,
-        max_area: int = 512 * 512,
+        limits: EngineLimits,
         reload_if: Callable[[], bool] | None = None,
     ) -> None:
         """`reload_if`, when given, is asked before a request while unloaded: True loads again."""
@@ -120,8 +100,7 @@ class LocalEngine(Engine):
         self.model = model
         self.device = device
         self.dtype = dtype
-        self.max_steps = max_steps
-        self.max_area = max_area
+        self.limits = limits
         self.stats = EngineStats()
         self._loader = loader
         self._reload_if = reload_if
@@ -145,6 +124,7 @@ class LocalEngine(Engine):
         try:
             self._pipe = self._loader()
             self._error = None
+            self.limits = replace(self.limits, multiple=self.image_multiple)
             logger.info("engine %s ready (%s, %s)", self.name, self.device, self.dtype)
         except HuahuaError as exc:
             self._error = exc.message
@@ -172,7 +152,7 @@ class LocalEngine(Engine):
     @property
     def image_multiple(self) -> int:
         """Image sides must be multiples of this (64 for the official model)."""
-        return int(getattr(self.config, "image_multiple", 64))
+        return int(getattr(self.config, "image_multiple", self.limits.multiple))
 
     async def health(self) -> dict[str, Any]:
         return {
@@ -185,6 +165,7 @@ class LocalEngine(Engine):
             "error": self._error,
             "load": {"busy": self._busy, "waiting": len(self._pending)},
             "stats": vars(self.stats).copy(),
+            "limits": self.limits.to_dict(),
         }
 
     # generation
@@ -193,9 +174,7 @@ class LocalEngine(Engine):
         self, request: GenerationRequest, on_progress: ProgressCallback, cancel: CancelToken
     ) -> list[GeneratedImage]:
         await self._ensure_ready()
-        validate_request(
-            request, max_steps=self.max_steps, max_area=self.max_area, multiple=self.image_multiple
-        )
+        validate_request(request, self.limits)
         if cancel.cancelled:
             raise JobCancelled()
         future: asyncio.Future[list[GeneratedImage]] = asyncio.get_running_loop().create_future()
@@ -399,8 +378,7 @@ def wukong_engine(settings: Settings) -> LocalEngine:
         model="wukong-huahua",
         device=device,
         dtype=dtype,
-        max_steps=settings.max_steps,
-        max_area=settings.image_area * 4,
+        limits=EngineLimits.for_area(settings.image_area, max_steps=settings.max_steps),
         # load again once the files change, e.g. after `huahua model fetch`, not on every request
         reload_if=lambda: bool(tried) and _files_state(checkpoint, vocab) != tried[0],
     )
@@ -425,8 +403,7 @@ def tiny_engine(settings: Settings, *, seed: int = 0) -> LocalEngine:
         model="wukong-tiny",
         device=device,
         dtype=dtype,
-        max_steps=settings.max_steps,
-        max_area=settings.tiny_image_area * 4,
+        limits=EngineLimits.for_area(settings.tiny_image_area, max_steps=settings.max_steps),
     )
 
 
