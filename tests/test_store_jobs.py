@@ -168,3 +168,23 @@ async def test_outbox_gives_up_after_max_attempts(store, make_job) -> None:
     assert states == [DeliveryState.PENDING, DeliveryState.PENDING, DeliveryState.DEAD]
     assert await store.claim_deliveries("dc", "bot", 5.0, T0 + 10_000) == []
     assert await store.retry_delivery(1, "someone-else", "x", T0, 3) is None
+
+
+async def test_named_lock_is_exclusive_between_processes(store_backend: Backend) -> None:
+    stores = [await store_backend.open(), await store_backend.open()]
+    order: list[str] = []
+
+    async def edit(store, who: str) -> None:  # type: ignore[no-untyped-def]
+        async with store.lock("story:tg:-100"):
+            order.append(f"{who} in")
+            await asyncio.sleep(0.1)
+            order.append(f"{who} out")
+
+    try:
+        await asyncio.gather(edit(stores[0], "a"), edit(stores[1], "b"), edit(stores[0], "c"))
+        assert [entry.split()[1] for entry in order] == ["in", "out"] * 3
+        async with stores[0].lock("story:one"), stores[1].lock("story:other"):
+            pass  # different names do not wait for each other
+    finally:
+        for store in stores:
+            await store.close()

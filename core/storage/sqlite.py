@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import fcntl
+import hashlib
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -28,13 +31,17 @@ from core.types import Delivery, DeliveryState, Job, JobStatus
 
 logger = logging.getLogger(__name__)
 
+LOCK_POLL_S = 0.02
+
 _DAY = 86_400.0
 
 
 class SqliteStore(Store):
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: aiosqlite.Connection, db_path: Path) -> None:
         """Use `SqliteStore.open`."""
         self._conn = conn
+        self._lock_dir = db_path.parent / f"{db_path.name}.locks"
+        self._named_locks: dict[str, asyncio.Lock] = {}
         self._write_lock = asyncio.Lock()
 
     @classmethod
@@ -59,7 +66,7 @@ class SqliteStore(Store):
             await conn.close()
             raise
         logger.info("store opened at %s", db_path)
-        return cls(conn)
+        return cls(conn, db_path)
 
     async def close(self) -> None:
         async with self._write_lock:
@@ -319,11 +326,27 @@ class SqliteStore(Store):
                 await self._conn.execute(
                     "INSERT INTO stories (id, chat, active, updated_at, data) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT (id) DO UPDATE SET chat = excluded.chat, active = excluded.active, "
-                    "updated_at = excluded.updated_at, data = excluded.data",
+                    "updated_at = excluded.updated_at, data = excluded.data, version = version + 1",
                     (story_id, chat, int(active), time.time(), text),
                 )
             except sqlite3.IntegrityError as err:
                 raise InvalidOption("This chat already has an active story: /story end it first.") from err
+
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str) -> AsyncIterator[None]:
+        """An advisory file lock beside the database (every process on it sees the same file)."""
+        local = self._named_locks.setdefault(name, asyncio.Lock())
+        async with local:
+            path = self._lock_dir / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.lock"
+            fd = await asyncio.to_thread(_open_lock_file, path)
+            try:
+                while True:  # another process holds it: poll (flock has no async wait)
+                    if _try_flock(fd):
+                        break
+                    await asyncio.sleep(LOCK_POLL_S)
+                yield
+            finally:
+                os.close(fd)  # closing releases the lock
 
     async def get_story(self, story_id: str) -> dict[str, Any] | None:
         return await self._story("SELECT data FROM stories WHERE id = ?", (story_id,))
@@ -437,6 +460,19 @@ def _delivery(row: Any) -> Delivery:
         created_at=float(row[10]),
         sent_at=row[11],
     )
+
+
+def _open_lock_file(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _decode_settings(text: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ must hold across processes is one atomic operation here:
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +121,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def save_story(self, story_id: str, chat: str, active: bool, data: dict[str, Any]) -> None:
         """Insert or replace a story document (see core.story.model)."""
+
+    @abc.abstractmethod
+    def lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """An exclusive lock named `name`, held across every process using this store (the edits of one
+        chat's story take "story:<chat>", so any number of processes keep its document consistent)."""
 
     @abc.abstractmethod
     async def get_story(self, story_id: str) -> dict[str, Any] | None: ...

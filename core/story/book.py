@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import re
 import secrets
@@ -46,7 +46,6 @@ class StoryBook:
         self.planner = planner
         service.listen("", self._on_event, frozenset({EventType.DONE}))
         service.on_choose = self.choose
-        self._locks: dict[str, asyncio.Lock] = {}
 
     # storage -----------------------------------------------------------------------------------
 
@@ -71,9 +70,10 @@ class StoryBook:
 
     # commands ----------------------------------------------------------------------------------
 
-    def _lock(self, chat: str) -> asyncio.Lock:
-        """Story changes are read-modify-write of one document: one at a time per chat."""
-        return self._locks.setdefault(chat, asyncio.Lock())
+    def _lock(self, chat: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Story changes are read-modify-write of one document: one at a time per chat, in every process
+        that shares the store."""
+        return self.service.store.lock(f"story:{chat}")
 
     async def handle(self, chat: str, user: str, command: str, args: str, context: MessageContext) -> Reply:
         async with self._lock(chat):
