@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("telegram", help="the Telegram bot (HUAHUA_TELEGRAM_TOKEN)")
     sub.add_parser("discord", help="the Discord bot (HUAHUA_DISCORD_TOKEN)")
     sub.add_parser("serve", help="the web chat and every adapter with a token, in one process")
+    sub.add_parser(
+        "jobs",
+        help="only run jobs from the shared queue on this host's engine (no web chat, no bots); "
+        "needs HUAHUA_QUEUE=redis",
+    )
     worker = sub.add_parser("worker", help="serve the engine over HTTP for `HUAHUA_ENGINE=http` bots")
     worker.add_argument("--host")
     worker.add_argument("--port", type=int)
@@ -107,6 +112,11 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         return await _imagine(args, settings)
     if args.command == "db":
         return await _db(args, settings)
+    if args.command == "jobs" and (settings.queue != "redis" or settings.workers < 1):
+        raise HuahuaError(
+            "`huahua jobs` takes work from a shared queue: set HUAHUA_QUEUE=redis (with "
+            "HUAHUA_REDIS_URL) and HUAHUA_WORKERS to 1 or more."
+        )
     runners = _runners(args.command, settings)
     from core.app import build_service
 
@@ -116,7 +126,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     await asyncio.sleep(0)
     try:
         await service.start()
-        await _until_signal(adapters)
+        await _until_signal(adapters if runners else asyncio.Event().wait())
     finally:
         adapters.cancel()
         await service.stop()
@@ -160,7 +170,7 @@ async def _imagine(args: argparse.Namespace, settings: Settings) -> int:
     from core.types import JobStatus
 
     service = await build_service(settings)
-    await service.start()
+    await service.start(recover=False)  # other processes' unfinished jobs are theirs to finish
     try:
         reply = await service.handle_message("cli:local", "cli:local", f"/imagine {args.text}")
         for text in reply.texts:
