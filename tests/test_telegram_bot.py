@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -25,7 +26,7 @@ from bots.telegram.bot import build_application, start_application, stop_applica
 from core.app import build_service
 from core.engine import Engine
 from core.errors import InvalidOption
-from core.types import Action, JobStatus
+from core.types import Action, GeneratedImage, GenerationRequest, JobStatus
 from tests.fake_telegram import BOT_USER, FakeTelegram
 from tests.support import PatternEngine, make_settings
 
@@ -232,10 +233,31 @@ async def test_job_queued_at_shutdown_is_delivered_after_restart(tmp_path: Path,
     assert {int(e.params["message_id"]) for e in done} == status_ids
 
 
+class HeavyPictureEngine(PatternEngine):
+    """Draws seeded noise 1,900 px square: a PNG over Telegram's 10 MB photo limit."""
+
+    @staticmethod
+    def _draw(request: GenerationRequest, seed: int) -> GeneratedImage:
+        pixels = np.random.default_rng(seed).integers(0, 256, (1900, 1900, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+        return GeneratedImage(png=buffer.getvalue(), width=1900, height=1900, seed=seed)
+
+
 async def test_large_pictures_go_as_documents(tmp_path: Path, fake: FakeTelegram) -> None:
     assert messages.fits_as_photo(1000, 1024, 1024)
     assert not messages.fits_as_photo(11 * 1024 * 1024, 512, 512)
     assert not messages.fits_as_photo(1000, 8000, 2001)
+    async with running(tmp_path, fake, HeavyPictureEngine()) as service:
+        fake.send_text(USER, USER, "/imagine 一只猫 --seed 5")
+        (document,) = await fake.wait_for("sendDocument", chat_id=USER)
+        press = keyboards.decode(button_data(document, "🔄"))
+        assert press is not None
+        job = await service.get_job(press.job_id)
+        picture = await service.image(job.images[0])
+    assert not fake.calls_of("sendPhoto")  # the fake refuses photos over 10 MB, as Telegram does
+    assert len(picture) > messages.PHOTO_MAX_BYTES and document.files["document"] == picture
+    assert "seed 5" in document.params["caption"]
 
 
 def test_caption_truncation_counts_utf16() -> None:
