@@ -273,7 +273,12 @@ class StoryBook:
         plan = await self.planner.plan(excerpt, story)
         prompt, cut = self.planner.compose(plan, story)
         service = self.service
-        resolved = resolve(ImagineOptions(text=excerpt, style=story.style), service.settings, service.styles)
+        resolved = resolve(
+            ImagineOptions(text=excerpt, style=story.style),
+            service.settings,
+            service.styles,
+            await service.engine.fetch_limits(),
+        )
         negative = service.builder.negative_prompt(story.style)
         lead = story.member(plan.characters[0]) if plan.characters else None
         request = replace(
