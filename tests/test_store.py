@@ -222,6 +222,43 @@ async def test_stories_one_active_per_chat(store_backend: Backend) -> None:
         await store.close()
 
 
+async def test_a_named_lock_excludes_other_processes(store_backend: Backend) -> None:
+    """Two stores on one database stand for two processes: one holder of a name at a time, any other
+    name free meanwhile, and the lock is free again after an error inside it."""
+    stores = [await store_backend.open(), await store_backend.open()]
+    inside: list[int] = []
+    most = 0
+
+    async def edit(store: Store, i: int) -> None:
+        nonlocal most
+        async with store.lock("story:tg:1"):
+            inside.append(i)
+            most = max(most, len(inside))
+            await asyncio.sleep(0.005)
+            inside.remove(i)
+
+    try:
+        await asyncio.gather(*(edit(stores[i % 2], i) for i in range(12)))
+        assert most == 1
+        async with stores[0].lock("story:tg:1"):
+            async with asyncio.timeout(5):
+                async with stores[1].lock("story:tg:2"):
+                    pass
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    async with stores[1].lock("story:tg:1"):
+                        pass
+        with pytest.raises(RuntimeError):
+            async with stores[1].lock("story:tg:1"):
+                raise RuntimeError("the edit failed")
+        async with asyncio.timeout(5):
+            async with stores[0].lock("story:tg:1"):
+                pass
+    finally:
+        for store in stores:
+            await store.close()
+
+
 # SQLite only ----------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ types, are those of `SqliteStore`: one contract test suite runs against both.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import json
 import logging
@@ -36,6 +37,8 @@ SCHEMES = ("postgresql", "postgres")
 _SETTINGS_LOCK = 0x68_75_61_68
 # ... and admissions of one user (quota and pending limit).
 _ADMISSION_LOCK = 0x68_75_61_69
+# ... and `lock(name)`.
+_NAMED_LOCK = 0x68_75_61_6C
 # A server that went away or was shut down. asyncpg raises InternalClientError when the server ends
 # an idle connection (pg_terminate_backend, a restart), the same as a lost connection.
 _LOST_CONNECTION = (
@@ -86,6 +89,7 @@ class PostgresStore(Store):
         """Use `PostgresStore.open`."""
         self._pool = pool
         self._where = where
+        self._named_locks: dict[str, asyncio.Lock] = {}
 
     @classmethod
     async def open(
@@ -360,7 +364,7 @@ class PostgresStore(Store):
                 await conn.execute(
                     "INSERT INTO stories (id, chat, active, updated_at, data) VALUES ($1, $2, $3, $4, $5) "
                     "ON CONFLICT (id) DO UPDATE SET chat = excluded.chat, active = excluded.active, "
-                    "updated_at = excluded.updated_at, data = excluded.data",
+                    "updated_at = excluded.updated_at, data = excluded.data, version = stories.version + 1",
                     story_id,
                     chat,
                     bool(active),
@@ -369,6 +373,22 @@ class PostgresStore(Store):
                 )
             except asyncpg.UniqueViolationError as err:
                 raise InvalidOption("This chat already has an active story: /story end it first.") from err
+
+    @asynccontextmanager
+    async def lock(self, name: str) -> AsyncIterator[None]:
+        """A session-level advisory lock on its own pooled connection: the server queues the waiters,
+        and releases the lock by itself if this process or its connection dies."""
+        local = self._named_locks.setdefault(name, asyncio.Lock())
+        async with local, self._connection() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", _NAMED_LOCK, name)
+            try:
+                yield
+            finally:
+                try:
+                    await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))", _NAMED_LOCK, name)
+                except BaseException:
+                    conn.terminate()  # never hand back a connection that may still hold the lock
+                    raise
 
     async def get_story(self, story_id: str) -> dict[str, Any] | None:
         return await self._story("SELECT data FROM stories WHERE id = $1", story_id)
