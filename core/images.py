@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -18,6 +19,8 @@ logger = logging.getLogger(__name__)
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_SIDE = 4096
 MIN_UPLOAD_SIDE = 8
+MAX_DECODE_PIXELS = 8192 * 8192
+"""No image larger than this (by its header) is ever decoded: 192 MiB as RGB."""
 
 
 def array_to_pngs(images: np.ndarray) -> list[bytes]:
@@ -42,34 +45,66 @@ def png_to_array(data: bytes) -> np.ndarray:
     return (pixels.transpose(2, 0, 1)[None] / 127.5 - 1.0).astype(np.float32)
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Open image bytes, turning anything that is not a readable image into InvalidOption."""
+def open_image(data: bytes, *, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
+    """Decode image bytes; anything unreadable, or larger than `max_pixels` by its header, is InvalidOption.
+
+    The size is read from the header first (Pillow's `Image.open` is lazy), so a huge picture is refused
+    before its pixels are decoded. Decoding is CPU work: async callers run this in a thread."""
+    with _opened(data) as image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise InvalidOption("The uploaded image is too large.")
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise InvalidOption("The uploaded file is not an image I can read.") from exc
+        return image
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image's header (a PNG's IHDR), without decoding a single pixel."""
+    with _opened(data) as image:
+        width, height = image.size
+        return width, height
+
+
+@contextlib.contextmanager
+def _opened(data: bytes) -> Iterator[Image.Image]:
+    """Pillow's lazy open: reads the header only; pixels are decoded by `load()`."""
     if not isinstance(data, bytes | bytearray) or not data:
         raise InvalidOption("The uploaded file is empty or not an image.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidOption("The uploaded file is not an image I can read.") from exc
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise InvalidOption("The uploaded image is too large.") from exc
-    return image
+    yield image
 
 
 def validate_upload(
-    data: bytes, *, max_bytes: int = MAX_UPLOAD_BYTES, max_side: int = MAX_UPLOAD_SIDE
+    data: bytes,
+    *,
+    max_bytes: int = MAX_UPLOAD_BYTES,
+    max_side: int = MAX_UPLOAD_SIDE,
+    decode: bool = True,
 ) -> tuple[int, int]:
-    """Check an uploaded image and return its (width, height); raise InvalidOption when unusable."""
+    """Check an uploaded image and return its (width, height); raise InvalidOption when unusable.
+
+    Byte count, then width and height from the header, are checked before any pixel is decoded;
+    with `decode` the pixels are then decoded once to prove the file is whole. That is CPU work
+    (a 4096×4096 picture takes a while): from async code call it through `asyncio.to_thread`."""
     if isinstance(data, bytes | bytearray) and len(data) > max_bytes:
         raise InvalidOption(f"The image is too large: at most {max_bytes // (1024 * 1024)} MB, please.")
-    image = open_image(data)
-    width, height = image.size
+    width, height = image_size(data)
     if width > max_side or height > max_side:
         raise InvalidOption(f"The image is too large: at most {max_side}×{max_side} pixels, please.")
     if width < MIN_UPLOAD_SIDE or height < MIN_UPLOAD_SIDE:
         raise InvalidOption(f"The image is too small: at least {MIN_UPLOAD_SIDE}×{MIN_UPLOAD_SIDE} pixels.")
+    if decode:
+        open_image(data, max_pixels=max_side * max_side)
     return width, height
 
 
@@ -104,6 +139,6 @@ def grid(pngs: Sequence[bytes], columns: int | None = None) -> bytes:
 
 
 def png_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of image bytes."""
+    """(width, height) of image bytes that are known to be whole (decodes them)."""
     width, height = open_image(data).size
     return width, height

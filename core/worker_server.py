@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -14,9 +15,15 @@ from aiohttp import web
 from core.engine import CancelToken, Engine
 from core.engines.http import SECRET_HEADER, error_to_wire, image_to_wire, request_from_wire
 from core.errors import EngineUnavailable, HuahuaError, InvalidOption, JobCancelled
+from core.images import validate_upload
+from core.logs import http_error_logger, rate_limited_logger
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
+refusals = rate_limited_logger(f"{__name__}.refused")
+"""Anyone on the network can cause these lines, so at most one a minute (with a count of the rest)."""
+http_errors = http_error_logger(f"{__name__}.http")
+"""aiohttp's own lines (malformed requests, handler failures): one line each, rate limited."""
 
 ENGINE_KEY = web.AppKey("engine", Engine)
 SECRET_KEY = web.AppKey("secret", bytes)
@@ -46,15 +53,23 @@ def _error_response(exc: HuahuaError) -> web.Response:
 async def _require_secret(request: web.Request, handler: Any) -> web.StreamResponse:
     secret = request.app[SECRET_KEY]
     if secret:
-        given = request.headers.get(SECRET_HEADER, "").encode()
-        if not hmac.compare_digest(given, secret):
-            logger.warning("refused a request from %s: wrong or missing secret", request.remote)
+        # digests of equal length, so the comparison's time says nothing about the secret, not even its length
+        given = hashlib.sha256(_given_secret(request)).digest()
+        if not hmac.compare_digest(given, hashlib.sha256(secret).digest()):
+            refusals.warning("refused a request from %s: wrong or missing secret", request.remote)
             return web.json_response(
                 {"type": "error", "code": "not_allowed", "message": "Wrong or missing worker secret."},
                 status=401,
             )
     response: web.StreamResponse = await handler(request)
     return response
+
+
+def _given_secret(request: web.Request) -> bytes:
+    """The secret header's raw bytes (any bytes, UTF-8 or not); empty when missing or sent twice."""
+    wanted = SECRET_HEADER.lower().encode("ascii")
+    values = [value for name, value in request.raw_headers if name.lower() == wanted]
+    return values[0] if len(values) == 1 else b""
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -75,6 +90,9 @@ async def _generate(request: web.Request) -> web.StreamResponse:
         return _error_response(InvalidOption("The request body is too large."))
     try:
         gen_request = request_from_wire(body)
+        if gen_request.init_image is not None:
+            # sizes from the header first; the one decode runs off the event loop
+            await asyncio.to_thread(validate_upload, gen_request.init_image)
     except InvalidOption as exc:
         return _error_response(exc)
 
@@ -146,6 +164,10 @@ async def _write(response: web.StreamResponse, line: dict[str, Any]) -> None:
     await response.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
 
 
+SERVER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "logger": http_errors}
+"""How `serve_worker` runs the app (`web.AppRunner(app, **SERVER_OPTIONS)`; tests use the same)."""
+
+
 def create_app(engine: Engine, *, secret: str | None = None) -> web.Application:
     """The worker's aiohttp application; the caller starts and closes the engine."""
     app = web.Application(middlewares=[_require_secret], client_max_size=MAX_BODY_BYTES)
@@ -166,7 +188,7 @@ async def serve_worker(settings: Settings, *, engine: Engine | None = None) -> N
     if not secret and settings.worker_host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("the worker listens on %s without HUAHUA_WORKER_SECRET", settings.worker_host)
     await engine.start()
-    runner = web.AppRunner(create_app(engine, secret=secret), handler_cancellation=True)
+    runner = web.AppRunner(create_app(engine, secret=secret), **SERVER_OPTIONS)
     await runner.setup()
     site = web.TCPSite(runner, settings.worker_host, settings.worker_port)
     await site.start()
