@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 
 import pytest
 
+from core.moderation import BLOCKED_MESSAGE
 from core.service import MessageContext
+from core.settings import Settings
 from core.types import Action, EventType, JobStatus
-from tests.support import PatternEngine, make_service
+from tests.support import PatternEngine, make_service, until
 
 
 async def _events(service, job_id):
@@ -90,20 +93,47 @@ async def test_blocked_prompt_is_refused_and_counted(tmp_path):
         blocked = _first_blocklist_term(service)
         reply = await service.handle_message("web:room", "web:ann", f"/imagine {blocked}")
         assert reply.job is None
-        assert blocked not in reply.texts[0]
-        await asyncio.sleep(0.05)
-        assert (await service.store.counters()).get("blocked") == 1
+        assert reply.texts == (BLOCKED_MESSAGE,) and blocked not in reply.texts[0]
+
+        async def counted() -> bool:
+            return (await service.store.counters()).get("blocked") == 1
+
+        await until(counted)
     finally:
         await service.stop()
 
 
-def _first_blocklist_term(service) -> str:
+def _first_blocklist_term(service, *, chinese: bool = False) -> str:
     path = service.settings.prompts_dir / "blocklist.txt"
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()
-        if line and not line.startswith(("#", "[")):
+        if line and not line.startswith(("#", "[")) and (not chinese or not line.isascii()):
             return line
     raise AssertionError("the blocklist is empty")
+
+
+async def test_english_that_translates_into_a_blocked_term_is_refused(tmp_path):
+    """The Chinese prompt is moderated too, not only the user's text: an English word that the glossary
+    turns into a blocked Chinese term is refused, while the English text itself passes."""
+    prompts = tmp_path / "prompts"
+    shutil.copytree(Settings(_env_file=None).prompts_dir, prompts)  # type: ignore[call-arg]
+    plain = await make_service(tmp_path / "plain", engine=PatternEngine())
+    try:
+        blocked = _first_blocklist_term(plain, chinese=True)
+        accepted = await plain.handle_message("web:room", "web:ann", "/imagine a glorbish cat")
+        assert accepted.job is not None  # "glorbish" is no word to the glossary or the blocklist
+    finally:
+        await plain.stop()
+    with (prompts / "glossary.tsv").open("a", encoding="utf-8") as glossary:
+        glossary.write(f"glorbish\t{blocked}\n")
+    engine = PatternEngine()
+    service = await make_service(tmp_path / "glossary", engine=engine, prompts_dir=prompts)
+    try:
+        reply = await service.handle_message("web:room", "web:ann", "/imagine a glorbish cat")
+        assert reply.job is None and reply.texts == (BLOCKED_MESSAGE,)
+        assert await service.queue.size() == 0 and not engine.requests
+    finally:
+        await service.stop()
 
 
 async def test_daily_quota_counts_images(tmp_path):
@@ -125,8 +155,11 @@ async def test_cancel_queued_and_running_jobs(tmp_path):
     try:
         running = (await service.handle_message("web:room", "web:ann", "/imagine 猫")).job
         queued = (await service.handle_message("web:room", "web:bob", "/imagine 狗")).job
-        await asyncio.sleep(0.05)
-        assert (await service.get_job(running.id)).status == JobStatus.RUNNING
+
+        async def started() -> bool:
+            return (await service.get_job(running.id)).status == JobStatus.RUNNING
+
+        await until(started)
         assert await service.position(queued.id) == 1
         cancelled = await service.act(queued.id, Action.CANCEL, 0, "web:bob")
         assert cancelled.status == JobStatus.CANCELLED
@@ -147,7 +180,11 @@ async def test_jobs_queued_at_shutdown_run_after_restart(tmp_path):
     service = await make_service(tmp_path, engine=PatternEngine(gate=gate))
     running = (await service.handle_message("web:room", "web:ann", "/imagine 猫")).job
     waiting = (await service.handle_message("web:room", "web:bob", "/imagine 狗")).job
-    await asyncio.sleep(0.05)
+
+    async def started() -> bool:
+        return (await service.get_job(running.id)).status == JobStatus.RUNNING
+
+    await until(started)
     await service.stop()
 
     service = await make_service(tmp_path, engine=PatternEngine())
@@ -184,6 +221,28 @@ async def test_reroll_variation_and_upscale(tmp_path):
             await service.act(parent.id, Action.UPSCALE, 5, "web:ann")
         with pytest.raises(Exception, match="reroll, variation, upscale"):
             await service.act(parent.id, "explode", 0, "web:ann")
+    finally:
+        await service.stop()
+
+
+async def test_variation_and_upscale_strengths_reach_the_engine(tmp_path):
+    """A variation redraws its picture at strength 0.6, an upscale at 0.35 (docs/architecture.md)."""
+    engine = PatternEngine()
+    service = await make_service(tmp_path, engine=engine)
+    try:
+        parent = (await service.handle_message("web:room", "web:ann", "/imagine 猫 --seed 5")).job
+        await _events(service, parent.id)
+        picture = await service.image((await service.get_job(parent.id)).images[0])
+        for action, strength, scale in ((Action.VARIATION, 0.6, 1), (Action.UPSCALE, 0.35, 2)):
+            child = await service.act(parent.id, action, 0, "web:ann")
+            assert (await _events(service, child.id))[-1].type == EventType.DONE
+            request = engine.requests[-1]
+            assert request.init_image == picture and request.strength == strength, action
+            assert (request.width, request.height) == (
+                scale * parent.request.width,
+                scale * parent.request.height,
+            )
+        assert [r.init_image is None for r in engine.requests] == [True, False, False]
     finally:
         await service.stop()
 
