@@ -66,6 +66,8 @@ class Settings(BaseSettings):
 
     # moderation and quotas
     daily_image_quota: int = Field(100, ge=0)
+    chat_quota_max: int | None = Field(None, ge=0)
+    """The most a chat's /settings quota may allow; None: the global daily_image_quota (lower only)."""
     max_text_length: int = Field(2000, ge=1)
 
     # translation
@@ -80,6 +82,12 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = 8080
     public_url: str = ""
+    web_secret: SecretStr | None = None
+    """Signs the browsers' identity cookies; None: a random one kept in data_dir/web_secret."""
+    web_token: SecretStr | None = None
+    """Access token the web chat asks for before anything else, when set."""
+    web_admins: str = ""
+    """Comma-separated web user ids (as the page shows them) with admin rights."""
 
     # telegram
     telegram_token: SecretStr | None = None
@@ -117,6 +125,10 @@ class Settings(BaseSettings):
     @property
     def images_dir(self) -> Path:
         return self.data_dir / "images"
+
+    @property
+    def web_admin_ids(self) -> frozenset[str]:
+        return frozenset(item.strip() for item in self.web_admins.split(",") if item.strip())
 
 
 @lru_cache(maxsize=1)

@@ -12,7 +12,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,17 +20,31 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from core import presenter
-from core.errors import (
-    EngineUnavailable,
-    HuahuaError,
-    NotAllowed,
-    NotFound,
-    QueueFull,
-    QuotaExceeded,
-    ServiceUnavailable,
-    TooManyJobs,
+from bots.web.errors import BadRequest, error_response, errors_middleware, protocol_logger, status_for
+from bots.web.identity import (
+    GUARD_KEY,
+    IDENTITIES_KEY,
+    RIGHTS_KEY,
+    Identities,
+    LoginGuard,
+    Rights,
+    current_user,
+    exposure_warning,
+    identity_middleware,
+    is_loopback,
+    load_secret,
+    login,
 )
+from bots.web.payload import (
+    MAX_BODY_BYTES,
+    int_field,
+    read_object,
+    refuse_user_field,
+    text_field,
+    without_invisible_start,
+)
+from core import presenter
+from core.errors import HuahuaError, NotFound, ServiceUnavailable
 from core.service import Huahua, MessageContext, Reply
 from core.settings import Settings
 from core.story.book import StoryBook, story_json
@@ -41,8 +55,13 @@ from core.types import Action, EventType, Job, JobEvent, JobStatus
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-MAX_BODY_BYTES = 64 * 1024
 MAX_NAME_LENGTH = 64
+PERSONAL_MARK = "@"
+"""A browser's own chat is web:@<user id>; room names may not start with it."""
+HISTORY_JOBS = 50
+HELP_WORDS = frozenset({"help", "?", "？", "帮助", "幫助"})
+"""Plain messages that mean /help (any other plain text draws)."""
+LANGUAGES = ("en", "zh")
 HEARTBEAT_S = 15.0
 IMAGE_CACHE = "public, max-age=31536000, immutable"
 PLATFORM = "web:"
@@ -53,19 +72,12 @@ EXPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 """Exported storybooks are static: embedded pictures and their own styles, no scripts."""
 
 SERVICE_KEY: web.AppKey[Huahua] = web.AppKey("service", Huahua)
+PAGES_KEY: web.AppKey[dict[str, str]] = web.AppKey("pages", dict)
+PAGES = ("index.html", "story.html")
 HEARTBEAT_KEY: web.AppKey[float] = web.AppKey("heartbeat", float)
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{16,64}")
-_STATUS_BY_ERROR: tuple[tuple[type[HuahuaError], int], ...] = (
-    (NotFound, 404),
-    (NotAllowed, 403),
-    (QuotaExceeded, 429),
-    (TooManyJobs, 429),
-    (QueueFull, 429),
-    (EngineUnavailable, 503),
-    (ServiceUnavailable, 503),
-)
 _EVENT_STATUS = {
     EventType.QUEUED: JobStatus.QUEUED,
     EventType.POSITION: JobStatus.QUEUED,
@@ -128,15 +140,6 @@ class AttachmentShelf:
 SHELF_KEY: web.AppKey[AttachmentShelf] = web.AppKey("attachments", AttachmentShelf)
 
 
-class BadRequest(Exception):
-    """Malformed HTTP input (not JSON, wrong types); the message is one sentence for the user."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-
-
 # serialisation ---------------------------------------------------------------------------------
 
 
@@ -144,15 +147,19 @@ def image_url(digest: str) -> str:
     return f"/images/{digest}.png"
 
 
-def job_json(job: Job, position: int | None = None) -> dict[str, Any]:
-    """The job as the page and the API clients see it."""
+def job_json(job: Job, position: int | None = None, viewer: str | None = None) -> dict[str, Any]:
+    """The job as the page and the API clients see it; `mine` says whether `viewer` asked for it."""
     request = job.request
+    caption = presenter.describe(job)
+    prompt_line = f"提示词: {request.prompt}"
     return {
         "id": job.id,
         "status": job.status.value,
         "progress": round(job.progress, 4),
         "position": position,
         "prompt_zh": request.prompt,
+        "text": job.source_text,
+        "mine": viewer is not None and job.user == viewer,
         "params": {
             "width": request.width,
             "height": request.height,
@@ -165,102 +172,159 @@ def job_json(job: Job, position: int | None = None) -> dict[str, Any]:
         },
         "images": [image_url(digest) for digest in job.images],
         "error": job.error,
-        "caption": presenter.describe(job),
+        "caption": caption,
+        "details": caption.removeprefix(prompt_line).lstrip("\n"),
         "label": job.engine_label,
         "kind": job.kind.value,
         "parent_id": job.parent_id,
+        "created_at": job.created_at,
         "meta": {key: value for key, value in job.meta.items() if key.startswith(STORY_META_PREFIX)},
     }
 
 
-def _error(message: str, status: int) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+# input -----------------------------------------------------------------------------------------
 
 
-# input parsing ---------------------------------------------------------------------------------
+def _chat_of(room: str, user: str) -> str:
+    """The chat a room name means: empty is the browser's own chat, anything else a shared room."""
+    room = room.strip()
+    if not room:
+        return f"{PLATFORM}{PERSONAL_MARK}{user}"
+    if len(room) > MAX_NAME_LENGTH or not room.isprintable() or room.startswith(PERSONAL_MARK):
+        raise BadRequest(
+            f"The room must be a short printable name (at most {MAX_NAME_LENGTH} characters, "
+            f"not starting with {PERSONAL_MARK})."
+        )
+    return PLATFORM + room
 
 
-async def _read_object(request: web.Request) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise BadRequest("That request is too large.", status=413)
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise BadRequest("That request is too large.", status=413) from None
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("The request body must be a JSON object.") from None
-    if not isinstance(data, dict):
-        raise BadRequest("The request body must be a JSON object.")
-    return data
-
-
-def _text_field(data: dict[str, Any], name: str, *, max_length: int | None = None) -> str:
-    value = data.get(name)
-    if value is None:
-        raise BadRequest(f"The field {name!r} is missing.")
+def _room_field(data: dict[str, Any], user: str) -> str:
+    value = data.get("chat", "")
     if not isinstance(value, str):
-        raise BadRequest(f"The field {name!r} must be text.")
-    if max_length is not None and len(value) > max_length:
-        raise BadRequest(f"The field {name!r} must be at most {max_length} characters.")
-    return value
+        raise BadRequest("The field 'chat' must be text.")
+    return _chat_of(value, user)
 
 
-def _name_field(data: dict[str, Any], name: str) -> str:
-    """A user or room name: short, printable, no surrounding spaces; returned with the web: prefix."""
-    value = _text_field(data, name, max_length=MAX_NAME_LENGTH).strip()
-    if not value or not value.isprintable():
-        raise BadRequest(f"The field {name!r} must be a short printable name.")
-    return PLATFORM + value
+async def _caller(request: web.Request) -> tuple[str, bool]:
+    """The caller's platform id (web:<user id>) and whether they are an admin."""
+    user = current_user(request)
+    return PLATFORM + user, await request.app[RIGHTS_KEY].is_admin(user)
 
 
-def _int_field(data: dict[str, Any], name: str) -> int:
-    value = data.get(name)
-    if value is None:
-        raise BadRequest(f"The field {name!r} is missing.")
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"The field {name!r} must be a whole number.")
-    return value
+async def _as_command(service: Huahua, chat: str, text: str) -> str:
+    """Plain text in the web chat draws (as any image app's prompt box does), unless it asks for help or
+    the room collects story text (/story auto on)."""
+    if text.startswith("/"):
+        return text
+    if text.lower() in HELP_WORDS:
+        return "/help"
+    book = service.handler("story")
+    if isinstance(book, StoryBook) and (await service.chat_settings(chat)).story_auto:
+        if await book.active(chat) is not None:
+            return text
+    return f"/imagine {text}"
 
 
 # handlers --------------------------------------------------------------------------------------
 
 
-async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+def _language(request: web.Request) -> str:
+    """zh or en, the first of them the browser prefers (Accept-Language), en when it names neither."""
+    choices = []
+    for position, part in enumerate(request.headers.get("Accept-Language", "").split(",")):
+        tag, _, params = part.strip().partition(";")
+        weight = 1.0
+        if params.strip().startswith("q="):
+            try:
+                weight = float(params.strip()[2:])
+            except ValueError:
+                weight = 0.0
+        language = tag.strip().lower().split("-")[0]
+        if language in LANGUAGES and weight > 0:
+            choices.append((-weight, position, language))
+    return min(choices)[2] if choices else "en"
+
+
+def _page(request: web.Request, name: str, status: int = 200) -> web.Response:
+    """A static page with `<html lang>` set to the browser's language (the scripts follow it)."""
+    html = request.app[PAGES_KEY][name].replace('<html lang="en">', f'<html lang="{_language(request)}">', 1)
+    return web.Response(
+        text=html,
+        status=status,
+        content_type="text/html",
+        headers={"Cache-Control": "no-cache", "Vary": "Accept-Language"},
+    )
+
+
+async def index(request: web.Request) -> web.Response:
+    return _page(request, "index.html")
+
+
+async def favicon(request: web.Request) -> web.FileResponse:
+    headers = {"Content-Type": "image/svg+xml", "Cache-Control": "max-age=86400"}
+    return web.FileResponse(STATIC_DIR / "favicon.svg", headers=headers)
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """200 when jobs can be taken and run; 503 with the reason when the engine or the queue cannot."""
     service = request.app[SERVICE_KEY]
     health = await service.engine.health()
-    return web.json_response(
-        {
-            "ok": bool(health.get("ready", True)),
-            "engine": service.engine.name,
-            "label": service.engine.label,
-            "queue": await service.queue.size(),
-        }
-    )
+    body: dict[str, Any] = {"ok": True, "engine": service.engine.name, "label": service.engine.label}
+    try:
+        body["queue"] = await service.queue.size()
+    except HuahuaError as err:
+        body.update(ok=False, queue=None, error={"code": err.code, "message": err.message})
+    if body["ok"] and not health.get("ready", True):
+        message = health.get("error") or "The image engine is not ready."
+        body.update(ok=False, error={"code": "engine_unavailable", "message": str(message)})
+    return web.json_response(body, status=200 if body["ok"] else 503)
+
+
+async def get_me(request: web.Request) -> web.Response:
+    """Who the browser is: its user id (for HUAHUA_WEB_ADMINS) and whether it is an admin."""
+    user = current_user(request)
+    return web.json_response({"user": user, "admin": await request.app[RIGHTS_KEY].is_admin(user)})
 
 
 async def post_message(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
-    data = await _read_object(request)
-    chat = _name_field(data, "chat")
-    user = _name_field(data, "user")
-    text = _text_field(data, "text")
-    if not text.strip():
+    data = await read_object(request)
+    refuse_user_field(data)
+    user, admin = await _caller(request)
+    chat = _room_field(data, user.removeprefix(PLATFORM))
+    text = without_invisible_start(text_field(data, "text"))
+    if not text:
         raise BadRequest("Type a message first.")
-    reply = await service.handle_message(chat, user, text, MessageContext(is_admin=True))
-    jobs = [job_json(job, await service.position(job.id)) for job in reply.jobs]
+    command = await _as_command(service, chat, text)
+    reply = await service.handle_message(chat, user, command, MessageContext(is_admin=admin))
+    if reply.error is not None:
+        return error_response(reply.error.code, reply.error.message, status_for(reply.error))
+    texts = list(reply.texts)
+    if not (texts or reply.jobs or reply.attachments):
+        texts = ["📝 Added to the story."] if command == text else ["✅"]
+    jobs = [job_json(job, await service.position(job.id), user) for job in reply.jobs]
     return web.json_response(
         {
-            "replies": list(reply.texts),
+            "replies": texts,
             "job": jobs[0] if jobs else None,
             "jobs": jobs,
             "attachments": await _attachments_json(request, reply),
         }
+    )
+
+
+async def get_history(request: web.Request) -> web.Response:
+    """The chat's recent jobs, oldest first (the page shows them when it opens); ?chat=<room>&limit=."""
+    service = request.app[SERVICE_KEY]
+    user, _ = await _caller(request)
+    chat = _chat_of(request.query.get("chat", ""), user.removeprefix(PLATFORM))
+    raw_limit = request.query.get("limit", str(HISTORY_JOBS))
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 200:
+        raise BadRequest("The limit must be a whole number from 1 to 200.")
+    jobs = list(reversed(await service.store.recent_jobs(chat, int(raw_limit))))
+    positions = [await service.position(job.id) if not job.status.finished else None for job in jobs]
+    return web.json_response(
+        {"jobs": [job_json(job, position, user) for job, position in zip(jobs, positions, strict=True)]}
     )
 
 
@@ -308,21 +372,23 @@ def _file_response(data: bytes, name: str) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     job = await service.get_job(request.match_info["job_id"])
-    return web.json_response(job_json(job, await service.position(job.id)))
+    user, _ = await _caller(request)
+    return web.json_response(job_json(job, await service.position(job.id), user))
 
 
 async def post_action(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
-    data = await _read_object(request)
-    action = _text_field(data, "action")
+    data = await read_object(request)
+    refuse_user_field(data)
+    action = text_field(data, "action")
     if action not in {a.value for a in Action}:
         raise BadRequest("The action must be reroll, variation, upscale or cancel (or choose, for a story).")
     index = data.get("index", 0)
     if isinstance(index, bool) or not isinstance(index, int):
         raise BadRequest("The field 'index' must be a whole number.")
-    user = _name_field(data, "user")
-    job = await service.act(request.match_info["job_id"], action, index, user)
-    return web.json_response(job_json(job, await service.position(job.id)))
+    user, admin = await _caller(request)
+    job = await service.act(request.match_info["job_id"], action, index, user, is_admin=admin)
+    return web.json_response(job_json(job, await service.position(job.id), user))
 
 
 async def get_image(request: web.Request) -> web.StreamResponse:
@@ -356,11 +422,12 @@ async def _story_response(book: StoryBook, story: Story) -> web.Response:
 
 async def get_chat_story(request: web.Request) -> web.Response:
     """The active story of a web room (the room name without the web: prefix)."""
-    room = request.match_info["chat"].strip()
-    if not room or len(room) > MAX_NAME_LENGTH or not room.isprintable():
-        raise BadRequest("The room must be a short printable name.")
+    user, _ = await _caller(request)
+    room = request.match_info["chat"]
+    if room.strip() == PERSONAL_MARK:
+        room = ""
     book = _book(request.app[SERVICE_KEY])
-    story = await book.active(PLATFORM + room)
+    story = await book.active(_chat_of(room, user.removeprefix(PLATFORM)))
     if story is None:
         raise NotFound("There is no story in this room yet: start one with /story new <title>.")
     return await _story_response(book, story)
@@ -385,7 +452,7 @@ async def export_story_pdf(request: web.Request) -> web.Response:
     except NotFound:
         raise
     except HuahuaError as err:
-        return _error(err.message, 503)
+        return error_response(err.code, err.message, 503)
     return _file_response(pdf, f"{_file_stem(story)}.pdf")
 
 
@@ -395,10 +462,11 @@ def _file_stem(story: Story) -> str:
 
 async def choose_picture(request: web.Request) -> web.Response:
     """⭐ from the gallery: picture `picture` (1-based, among the scene's variants) becomes the panel."""
-    data = await _read_object(request)
-    scene_number = _int_field(data, "scene")
-    picture = _int_field(data, "picture")
-    user = _name_field(data, "user")
+    data = await read_object(request)
+    refuse_user_field(data)
+    scene_number = int_field(data, "scene")
+    picture = int_field(data, "picture")
+    user, _ = await _caller(request)
     book = _book(request.app[SERVICE_KEY])
     story = await book.get(request.match_info["story_id"])
     scene = story.scene(scene_number)
@@ -417,14 +485,14 @@ async def choose_picture(request: web.Request) -> web.Response:
     return await _story_response(book, story)
 
 
-async def story_page(request: web.Request) -> web.FileResponse:
+async def story_page(request: web.Request) -> web.Response:
     """The gallery page; 404 (same page, it shows the API's sentence) for an unknown story."""
     status = 200
     try:
         await _book(request.app[SERVICE_KEY]).get(request.match_info["story_id"])
     except NotFound:
         status = 404
-    return web.FileResponse(STATIC_DIR / "story.html", status=status, headers={"Cache-Control": "no-cache"})
+    return _page(request, "story.html", status)
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
@@ -515,44 +583,31 @@ async def _with_heartbeats(
             await aclose()
 
 
-# errors ----------------------------------------------------------------------------------------
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Core errors become 4xx JSON with their sentence; anything unexpected a logged, generic 500."""
-    try:
-        return await handler(request)
-    except BadRequest as err:
-        return _error(err.message, err.status)
-    except HuahuaError as err:
-        status = next((code for kind, code in _STATUS_BY_ERROR if isinstance(err, kind)), 400)
-        return _error(err.message, status)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _error(exc.reason or "That request could not be handled.", exc.status)
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        logger.exception("unexpected error on %s %s", request.method, request.path)
-        return _error("Something went wrong on the server; please try again.", 500)
-
-
 # the application -------------------------------------------------------------------------------
 
 
 def create_app(service: Huahua, settings: Settings, *, heartbeat_s: float = HEARTBEAT_S) -> web.Application:
     """The aiohttp application; the caller owns the service's start and stop."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_middleware])
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[identity_middleware, errors_middleware],
+        handler_args={"logger": protocol_logger()},
+    )
     app[SERVICE_KEY] = service
     app[HEARTBEAT_KEY] = heartbeat_s
     app[SHELF_KEY] = AttachmentShelf()
+    token = settings.web_token.get_secret_value() if settings.web_token is not None else None
+    app[IDENTITIES_KEY] = Identities(load_secret(settings), token)
+    app[RIGHTS_KEY] = Rights(service.store, settings.web_admin_ids, is_loopback(settings.web_host))
+    app[GUARD_KEY] = LoginGuard()
+    app[PAGES_KEY] = {name: (STATIC_DIR / name).read_text(encoding="utf-8") for name in PAGES}
     app.router.add_get("/", index)
+    app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/healthz", healthz)
+    app.router.add_post("/api/login", login)
+    app.router.add_get("/api/me", get_me)
     app.router.add_post("/api/messages", post_message)
+    app.router.add_get("/api/history", get_history)
     app.router.add_get("/api/jobs/{job_id}", get_job)
     app.router.add_get("/api/jobs/{job_id}/events", job_events)
     app.router.add_post("/api/jobs/{job_id}/actions", post_action)
@@ -576,6 +631,9 @@ async def run_web(service: Huahua, settings: Settings) -> None:
         site = web.TCPSite(runner, settings.web_host, settings.web_port)
         await site.start()
         logger.info("web chat on http://%s:%d/", settings.web_host, settings.web_port)
+        warning = exposure_warning(settings)
+        if warning:
+            logger.warning(warning)
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

@@ -1,63 +1,41 @@
-// Huahua web chat: posts messages, follows jobs over server-sent events, renders results.
+// Huahua web chat: posts messages, follows jobs over server-sent events, renders results and history.
 // All user-supplied text is set with textContent, never parsed as HTML.
 "use strict";
 
 const FINAL = new Set(["done", "failed", "cancelled"]);
 const EVENTS = ["queued", "position", "started", "progress", "done", "failed", "cancelled"];
-const STATUS_TEXT = {
-  queued: "⏳ Queued",
-  running: "🎨 Drawing…",
-  done: "✅ Done",
-  failed: "⚠️ Failed",
-  cancelled: "❌ Cancelled",
-};
+const HEALTH_EVERY_MS = 30000;
 
 const $ = (id) => document.getElementById(id);
 const list = $("messages");
-const userBox = $("user");
 const chatBox = $("chat");
 const textBox = $("text");
+const welcome = $("welcome");
 const cards = new Map();
+const streams = new Map();
+let me = { user: null, admin: false };
 
-function randomName() {
-  const words = ["panda", "crane", "koi", "tiger", "lotus", "bamboo", "cloud", "plum"];
-  const word = words[Math.floor(Math.random() * words.length)];
-  return `${word}-${Math.floor(Math.random() * 9000 + 1000)}`;
+function remembered(key) {
+  try { return localStorage.getItem(key) || ""; } catch (_) { return ""; }
 }
 
-function remembered(key, fallback) {
-  let value = null;
-  try { value = localStorage.getItem(key); } catch (_) { /* private mode */ }
-  if (!value) {
-    value = fallback();
-    try { localStorage.setItem(key, value); } catch (_) { /* private mode */ }
-  }
-  return value;
+function remember(key, value) {
+  try { localStorage.setItem(key, value); } catch (_) { /* private mode */ }
 }
 
-userBox.value = remembered("huahua.user", randomName);
-chatBox.value = remembered("huahua.chat", () => "main");
-for (const [box, key] of [[userBox, "huahua.user"], [chatBox, "huahua.chat"]]) {
-  box.addEventListener("change", () => {
-    const value = box.value.trim();
-    if (value) { try { localStorage.setItem(key, value); } catch (_) { /* ignore */ } }
-  });
+function room() {
+  return chatBox.value.trim();
 }
 
 function scrollDown() {
   list.scrollTop = list.scrollHeight;
 }
 
-function addMessage(text, kind, who) {
+function addMessage(text, kind) {
+  welcome.hidden = true;
   const div = document.createElement("div");
   div.className = `msg ${kind}`;
-  if (who) {
-    const name = document.createElement("span");
-    name.className = "who";
-    name.textContent = who;
-    div.append(name);
-  }
-  div.append(document.createTextNode(text));
+  div.textContent = text;
   list.append(div);
   scrollDown();
   return div;
@@ -74,13 +52,11 @@ function button(label, title, onClick) {
 
 async function act(job, action, index) {
   try {
-    const result = await api(`/api/jobs/${encodeURIComponent(job.id)}/actions`, {
-      action, index, user: userBox.value.trim(),
-    });
+    const result = await api(`/api/jobs/${encodeURIComponent(job.id)}/actions`, { action, index });
     if (action === "cancel") {
       renderJob(result);
     } else if (action === "choose") {
-      addMessage(`⭐ Picture ${index + 1} is now panel ${job.meta.story_scene} of the story.`, "bot");
+      addMessage(t("chosen", index + 1, job.meta.story_scene), "bot");
     } else {
       follow(result);
     }
@@ -93,23 +69,25 @@ function renderActions(card, job) {
   const actions = card.querySelector(".actions");
   actions.replaceChildren();
   if (job.status === "queued" || job.status === "running") {
-    const cancel = button("❌ Cancel", "Cancel this job", () => act(job, "cancel", 0));
-    cancel.className = "cancel";
-    actions.append(cancel);
+    if (job.mine || me.admin) {
+      const cancel = button(t("cancel"), t("cancelTitle"), () => act(job, "cancel", 0));
+      cancel.className = "cancel";
+      actions.append(cancel);
+    }
     return;
   }
   if (job.status !== "done" && job.status !== "failed") return;
-  const reroll = button("🔄 Reroll", "Reroll: same prompt, new seed", () => act(job, "reroll", 0));
+  const reroll = button(t("rerollButton"), t("rerollTitle"), () => act(job, "reroll", 0));
   reroll.className = "reroll";
   actions.append(reroll);
   if (job.status !== "done") return;
   job.images.forEach((_, i) => {
-    const v = button(`V${i + 1}`, `Variation of image ${i + 1}`, () => act(job, "variation", i));
+    const v = button(`V${i + 1}`, `${t("variationTitle")} ${i + 1}`, () => act(job, "variation", i));
     v.className = "variation";
     actions.append(v);
   });
   job.images.forEach((_, i) => {
-    const u = button(`U${i + 1}`, `Upscale image ${i + 1}`, () => act(job, "upscale", i));
+    const u = button(`U${i + 1}`, `${t("upscaleTitle")} ${i + 1}`, () => act(job, "upscale", i));
     u.className = "upscale";
     actions.append(u);
   });
@@ -118,8 +96,7 @@ function renderActions(card, job) {
 
 function renderStoryActions(actions, job) {
   job.images.forEach((_, i) => {
-    const star = button(`⭐${job.images.length > 1 ? i + 1 : ""}`, `Use image ${i + 1} in the storybook`,
-      () => act(job, "choose", i));
+    const star = button(`⭐${job.images.length > 1 ? i + 1 : ""}`, t("chooseTitle"), () => act(job, "choose", i));
     star.className = "choose";
     actions.append(star);
   });
@@ -128,17 +105,18 @@ function renderStoryActions(actions, job) {
   link.href = `/stories/${encodeURIComponent(job.meta.story_id)}`;
   link.target = "_blank";
   link.rel = "noopener";
-  link.textContent = "📖 Storybook";
+  link.textContent = t("storybook");
   actions.append(link);
 }
 
 function addAttachments(attachments) {
+  if (!attachments || attachments.length === 0) return;
   const div = document.createElement("div");
   div.className = "msg bot attachments";
   for (const item of attachments) {
     if (!item.url) {
       const missing = document.createElement("span");
-      missing.textContent = `📎 ${item.name} (too large to offer here)`;
+      missing.textContent = `📎 ${item.name} (${t("tooLarge")})`;
       div.append(missing);
       continue;
     }
@@ -165,6 +143,7 @@ function addAttachments(attachments) {
 function cardFor(job) {
   let card = cards.get(job.id);
   if (!card) {
+    welcome.hidden = true;
     card = $("job-template").content.firstElementChild.cloneNode(true);
     card.dataset.jobId = job.id;
     cards.set(job.id, card);
@@ -173,24 +152,33 @@ function cardFor(job) {
   return card;
 }
 
+function kindLabel(job) {
+  const kind = t(job.parent_id ? job.kind : "imagine");
+  if (job.meta && job.meta.story_scene) return `📖 ${t("panel", job.meta.story_scene)} · ${kind}`;
+  return kind;
+}
+
+function statusLabel(job) {
+  if (job.status === "failed" && job.error) return `⚠️ ${job.error}`;
+  let status = t(job.status);
+  if (job.status === "queued" && job.position) status += ` — ${t("position")} ${job.position}`;
+  if (job.status === "running") status += ` ${Math.round(job.progress * 100)}%`;
+  return status;
+}
+
 function renderJob(job) {
   const card = cardFor(job);
   const before = card.dataset.status;
   card.dataset.status = job.status;
   card.classList.toggle("finished", FINAL.has(job.status));
-  let kind = job.parent_id ? `${job.kind}` : "imagine";
-  if (job.meta && job.meta.story_scene) kind = `📖 panel ${job.meta.story_scene} · ${job.kind}`;
-  card.querySelector(".kind").textContent = kind;
-  let status = STATUS_TEXT[job.status] || job.status;
-  if (job.status === "queued" && job.position) status += ` — position ${job.position}`;
-  if (job.status === "running") status += ` ${Math.round(job.progress * 100)}%`;
-  if (job.status === "failed" && job.error) status = `⚠️ ${job.error}`;
-  card.querySelector(".status").textContent = status;
+  card.querySelector(".kind").textContent = kindLabel(job);
+  card.querySelector(".status").textContent = statusLabel(job);
+  const percent = Math.round(job.progress * 100);
   const bar = card.querySelector(".bar");
-  bar.setAttribute("aria-valuenow", String(Math.round(job.progress * 100)));
-  bar.querySelector(".fill").style.width = `${Math.round(job.progress * 100)}%`;
+  bar.setAttribute("aria-valuenow", String(percent));
+  bar.querySelector(".fill").style.width = `${percent}%`;
   card.querySelector(".prompt").textContent = job.prompt_zh;
-  card.querySelector(".caption").textContent = job.caption;
+  card.querySelector(".caption").textContent = job.details;
   const images = card.querySelector(".images");
   if (images.childElementCount !== job.images.length) {
     images.replaceChildren(...job.images.map((url, i) => {
@@ -209,44 +197,132 @@ function renderJob(job) {
 
 function follow(job) {
   renderJob(job);
-  if (FINAL.has(job.status)) return;
+  if (FINAL.has(job.status) || streams.has(job.id)) return;
   const source = new EventSource(`/api/jobs/${encodeURIComponent(job.id)}/events`);
+  streams.set(job.id, source);
+  const close = () => { source.close(); streams.delete(job.id); };
   for (const type of EVENTS) {
     source.addEventListener(type, (event) => {
       renderJob(JSON.parse(event.data));
-      if (FINAL.has(type)) source.close();
+      if (FINAL.has(type)) close();
     });
   }
   source.onerror = () => {
-    if (source.readyState === EventSource.CLOSED) return;
+    if (source.readyState === EventSource.CLOSED) { streams.delete(job.id); return; }
     // the browser reconnects by itself; make sure a finished job is not left spinning
     api(`/api/jobs/${encodeURIComponent(job.id)}`).then((latest) => {
       renderJob(latest);
-      if (FINAL.has(latest.status)) source.close();
-    }).catch(() => source.close());
+      if (FINAL.has(latest.status)) close();
+    }).catch(close);
   };
 }
 
-$("composer").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const text = textBox.value;
+// The chat's recent jobs, oldest first: what was asked (the asker's words) and the result card.
+async function loadHistory() {
+  for (const source of streams.values()) source.close();
+  streams.clear();
+  cards.clear();
+  list.replaceChildren(welcome);
+  let jobs = [];
+  try {
+    jobs = (await api(`/api/history?chat=${encodeURIComponent(room())}`)).jobs;
+  } catch (err) {
+    if (err.status === 401) { showLogin(); return; }
+    addMessage(err.message, "error");
+    return;
+  }
+  welcome.hidden = jobs.length > 0;
+  for (const job of jobs) {
+    if (job.text && !job.parent_id) addMessage(job.text, job.mine ? "mine" : "other");
+    follow(job);
+  }
+}
+
+async function send(text) {
   if (!text.trim()) return;
-  const user = userBox.value.trim() || randomName();
-  const chat = chatBox.value.trim() || "main";
-  userBox.value = user;
-  chatBox.value = chat;
-  addMessage(text, "mine", user);
+  addMessage(text, "mine");
   textBox.value = "";
   try {
-    const data = await api("/api/messages", { chat, user, text });
-    for (const reply of data.replies) addMessage(reply, "bot");
-    if (data.attachments) addAttachments(data.attachments);
-    for (const job of data.jobs || []) follow(job);
+    const data = await api("/api/messages", { chat: room(), text });
+    const jobs = data.jobs || [];
+    // a reply per job only announces it: the job's card shows its state and prompt instead
+    const announcements = jobs.length > 0 && data.replies.length === jobs.length;
+    if (!announcements) for (const reply of data.replies) addMessage(reply, "bot");
+    addAttachments(data.attachments);
+    for (const job of jobs) follow(job);
   } catch (err) {
+    if (err.status === 401) showLogin();
     addMessage(err.message, "error");
+  }
+}
+
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  send(textBox.value);
+});
+
+chatBox.value = remembered("huahua.room");
+chatBox.addEventListener("change", () => {
+  remember("huahua.room", room());
+  loadHistory();
+});
+$("who").addEventListener("submit", (event) => { event.preventDefault(); chatBox.blur(); });
+
+$("example").textContent = t("example");
+$("example").addEventListener("click", () => send(t("example")));
+
+function showLogin() {
+  $("login").hidden = false;
+  $("composer").hidden = true;
+  $("token").focus();
+}
+
+$("login-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  try {
+    await api("/api/login", { token: $("token").value });
+    $("login").hidden = true;
+    $("composer").hidden = false;
+    $("token").value = "";
+    start();
+  } catch (err) {
+    $("login-error").hidden = false;
+    $("login-error").textContent = err.message;
   }
 });
 
-api("/healthz").then((health) => {
-  $("engine").textContent = health.label ? `${health.engine} · ${health.label}` : health.engine;
-}).catch(() => { $("engine").textContent = "engine unreachable"; });
+async function checkHealth() {
+  const badge = $("engine");
+  try {
+    const response = await fetch("/healthz", { cache: "no-store" });
+    const health = await response.json();
+    if (health.ok) {
+      badge.textContent = health.label ? `${health.engine} · ${health.label}` : health.engine;
+      badge.dataset.state = "ok";
+      badge.title = t("engineTitle");
+    } else {
+      badge.textContent = t("engineDown");
+      badge.dataset.state = "down";
+      badge.title = (health.error && health.error.message) || t("engineDown");
+    }
+  } catch (_) {
+    badge.textContent = t("engineUnreachable");
+    badge.dataset.state = "down";
+  }
+}
+
+async function start() {
+  try {
+    me = await api("/api/me");
+  } catch (err) {
+    if (err.status === 401) { showLogin(); return; }
+  }
+  if (me.user) {
+    $("me").textContent = `${t("you")}: ${me.user}${me.admin ? ` · ${t("admin")}` : ""}`;
+  }
+  await loadHistory();
+}
+
+checkHealth();
+setInterval(checkHealth, HEALTH_EVERY_MS);
+start();

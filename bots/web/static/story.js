@@ -11,12 +11,6 @@ const base = `/api/stories/${encodeURIComponent(storyId)}`;
 let polls = 0;
 let pollTimer = null;
 
-function reader() {
-  let name = null;
-  try { name = localStorage.getItem("huahua.user"); } catch (_) { /* private mode */ }
-  return name || "reader";
-}
-
 function notice(text) {
   $("notice").textContent = text;
 }
@@ -35,12 +29,12 @@ function thumbnails(scene) {
     const chosen = url === scene.chosen;
     thumb.className = chosen ? "thumb chosen" : "thumb";
     thumb.dataset.picture = String(i + 1);
-    thumb.append(picture(url, `Panel ${scene.index}, picture ${i + 1}`));
+    thumb.append(picture(url, t("pictureAlt", scene.index, i + 1)));
     const star = document.createElement("button");
     star.type = "button";
     star.className = "star";
     star.textContent = chosen ? "★" : "☆";
-    star.title = chosen ? "In the book" : `Use picture ${i + 1} for panel ${scene.index}`;
+    star.title = chosen ? t("inBook") : t("starTitle", i + 1, scene.index);
     star.disabled = chosen;
     star.addEventListener("click", () => choose(scene.index, i + 1));
     thumb.append(star);
@@ -52,7 +46,7 @@ function renderPanel(scene) {
   const figure = $("panel-template").content.firstElementChild.cloneNode(true);
   figure.id = `panel-${scene.index}`;
   figure.dataset.scene = String(scene.index);
-  figure.querySelector(".number").textContent = `Panel ${scene.index}`;
+  figure.querySelector(".number").textContent = t("panelTitle", scene.index);
   const main = figure.querySelector(".main");
   if (scene.chosen) {
     const img = picture(scene.chosen, scene.excerpt);
@@ -62,7 +56,7 @@ function renderPanel(scene) {
   } else {
     const drawing = document.createElement("div");
     drawing.className = "drawing";
-    drawing.textContent = "🎨 Still drawing…";
+    drawing.textContent = t("stillDrawing");
     main.append(drawing);
   }
   figure.querySelector(".excerpt").textContent = scene.excerpt;
@@ -74,9 +68,9 @@ function renderPanel(scene) {
 function render(story) {
   document.title = `${story.title} · Huahua 画画`;
   $("title").textContent = story.title;
-  const parts = [`${story.scenes.length} panels`];
+  const parts = [t("panels", story.scenes.length)];
   if (story.style) parts.push(story.style);
-  if (!story.active) parts.push("finished");
+  if (!story.active) parts.push(t("finished"));
   $("meta").textContent = parts.join(" · ");
   $("export-html").href = `${base}/export.html`;
   $("export-pdf").href = `${base}/export.pdf`;
@@ -109,8 +103,8 @@ async function load() {
 
 async function choose(scene, number) {
   try {
-    render(await api(`${base}/choose`, { scene, picture: number, user: reader() }));
-    notice(`★ Panel ${scene} now uses picture ${number}.`);
+    render(await api(`${base}/choose`, { scene, picture: number }));
+    notice(t("chosenNotice", scene, number));
   } catch (err) {
     notice(err.message);
   }
