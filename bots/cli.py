@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         "fetch", help="download the checkpoint and the vocabulary into HUAHUA_MODEL_DIR"
     )
     fetch.add_argument(
-        "--vocab-only", action="store_true", help="only the vocabulary (enough for --engine tiny)"
+        "--vocab-only", action="store_true", help="only vocab_zh.txt (the tiny engine has a built-in one)"
     )
     check = model_sub.add_parser("check", help="is this file a usable Wukong-Huahua checkpoint?")
     check.add_argument("path", nargs="?", type=Path)

@@ -121,7 +121,7 @@ async def fetch_model(
 ) -> FetchResult:
     """Download the vocabulary and the weights into `settings.model_dir` (skipping present files).
 
-    `vocab_only` fetches just the tokenizer vocabulary, which is all the `tiny` engine needs.
+    `vocab_only` fetches just the official tokenizer vocabulary (the `tiny` engine has a built-in one).
 
     Each file is written to `<name>.part` and resumed with an HTTP Range request after a break; it
     becomes `<name>` only once checked (vocabulary by sha256, checkpoint by parameter names and shapes).

@@ -55,7 +55,7 @@ def make_timesteps(steps: int, strength: float = 1.0) -> np.ndarray:
     """Descending timesteps spaced 1000 // steps apart, offset by one as in the reference.
 
     Where `steps` divides 1000 this is exactly the reference's `range(0, 1000, 1000 // steps) + 1`,
-    reversed (981, 961, ..., 1 for 20 steps). Otherwise the reference yields an extra step; here the
+    reversed (951, 901, ..., 51, 1 for 20 steps). Otherwise the reference yields an extra step; here the
     caller gets exactly `steps`. For 1000 steps the offset is dropped so the last index stays 999.
     `strength` < 1 (image-to-image) keeps only the last ceil(steps * strength) timesteps.
     """
