@@ -67,6 +67,8 @@ class Reply:
     jobs: tuple[Job, ...] = ()
     attachments: tuple[tuple[str, bytes], ...] = ()
     """(file name, bytes) pairs, e.g. an exported storybook or the latest story panels."""
+    error: HuahuaError | None = None
+    """Set when the message was refused (`texts` then holds its sentence), e.g. for an HTTP status."""
 
     @property
     def job(self) -> Job | None:
@@ -209,7 +211,7 @@ class Huahua:
         try:
             return await self._dispatch(chat, user, text, context)
         except HuahuaError as err:
-            return Reply(texts=(err.message,))
+            return Reply(texts=(err.message,), error=err)
 
     async def _dispatch(self, chat: str, user: str, text: str, context: MessageContext) -> Reply:
         if not isinstance(text, str):
@@ -268,8 +270,10 @@ class Huahua:
         if field == "style":
             return {field: self.styles.get(value).name}
         if field == "daily_quota":
-            if not value.isdigit() or int(value) > 10_000:
-                raise InvalidOption("quota must be a whole number of images per user per day, 0 to 10000.")
+            most = self.settings.chat_quota_max
+            most = self.settings.daily_image_quota if most is None else most
+            if not (value.isascii() and value.isdigit()) or int(value) > most:
+                raise InvalidOption(f"quota must be a whole number of images per user per day, 0 to {most}.")
             return {field: int(value)}
         if field in ("enabled", "story_auto"):
             if value.lower() not in ("on", "off", "true", "false", "yes", "no"):
@@ -393,8 +397,8 @@ class Huahua:
         await self._admit(job)
         try:
             position = await self.queue.put(job)
-        except HuahuaError as err:
-            await self.runner.finish(job, JobStatus.FAILED, error=err.message)
+        except HuahuaError:
+            await self.store.discard_job(job.id)  # refused: no record, no quota used
             raise
         self._waiting[job.id] = job
         if self.relay is not None:

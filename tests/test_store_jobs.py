@@ -188,3 +188,16 @@ async def test_named_lock_is_exclusive_between_processes(store_backend: Backend)
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_discard_only_removes_a_job_that_never_ran(store, make_job) -> None:
+    fresh, started = make_job(created_at=T0), make_job(created_at=T0)
+    for job in (fresh, started):
+        assert (await _admit(store, job, quota=10, pending=10)).admitted
+    assert await store.claim_job(started.id, "w", 30.0, T0) is not None
+    assert await store.discard_job(fresh.id)
+    assert await store.get_job(fresh.id) is None
+    assert await store.images_today("web:alice", now=T0) == 1
+    assert not await store.discard_job(started.id)
+    assert not await store.discard_job(fresh.id)
+    assert await store.get_job(started.id) is not None

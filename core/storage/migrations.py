@@ -110,36 +110,42 @@ async def migrate(conn: aiosqlite.Connection, migrations: tuple[Migration, ...] 
     """Bring the schema up to the last migration; returns the version now in force.
 
     The connection must be in autocommit mode (`isolation_level=None`): this function opens and
-    commits (or rolls back) its own transaction. `migrations` defaults to `MIGRATIONS`.
+    commits (or rolls back) its own transaction, taken before the version is read, so processes
+    opening a new database at once apply each migration exactly once. `migrations` defaults to
+    `MIGRATIONS`; their statements are split at semicolons (keep semicolons out of SQL literals).
     """
     migrations = MIGRATIONS if migrations is None else migrations
     check_order(migrations)
-    version = await current_version(conn)
     target = latest_version(migrations)
-    if version > target:
-        raise StorageError(
-            f"The database uses schema version {version} but this Huahua only knows up to {target}; "
-            "please upgrade Huahua."
-        )
-    pending = [m for m in migrations if m.version > version]
-    if not pending:
-        return version
-    now = time.time()
-    script = ["BEGIN IMMEDIATE;"]
-    for migration in pending:
-        script.append(migration.sql.strip().rstrip(";") + ";")
-        script.append(
-            f"INSERT INTO schema_version (version, applied_at) VALUES ({migration.version}, {now!r});"
-        )
-    script.append("COMMIT;")
+    version = 0
     try:
-        await conn.executescript("\n".join(script))
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = await current_version(conn)
+            if version > target:
+                raise StorageError(
+                    f"The database uses schema version {version} but this Huahua only knows up to "
+                    f"{target}; please upgrade Huahua."
+                )
+            now = time.time()
+            for migration in migrations:
+                if migration.version <= version:
+                    continue
+                for statement in migration.sql.split(";"):
+                    if statement.strip():
+                        await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (migration.version, now)
+                )
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+        await conn.execute("COMMIT")
     except sqlite3.Error as err:
-        if conn.in_transaction:
-            await conn.rollback()
         raise StorageError(f"Updating the database schema from version {version} failed ({err}).") from err
-    logger.info("database schema migrated from version %d to %d", version, target)
-    return target
+    if version < target:
+        logger.info("database schema migrated from version %d to %d", version, target)
+    return max(version, target)
 
 
 def check_order(migrations: tuple[Migration, ...]) -> None:

@@ -171,6 +171,15 @@ class PostgresStore(Store):
                 await _insert_job(conn, job)
         return Admission(refused is None, used, pending, refused)
 
+    async def discard_job(self, job_id: str) -> bool:
+        async with self._connection() as conn:
+            status = await conn.execute(
+                "DELETE FROM jobs WHERE id = $1 AND status = $2 AND attempt = 0",
+                job_id,
+                JobStatus.QUEUED.value,
+            )
+        return _rowcount(status) == 1
+
     async def claim_job(self, job_id: str, owner: str, lease_s: float, now: float) -> Job | None:
         # FOR UPDATE, not SKIP LOCKED: the caller names this one job, and a row held for a moment by
         # merge_meta must be waited for, not taken for a job that is running elsewhere.

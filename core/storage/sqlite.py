@@ -120,6 +120,14 @@ class SqliteStore(Store):
                 await self._insert_job(job)
         return Admission(refused is None, used, pending, refused)
 
+    async def discard_job(self, job_id: str) -> bool:
+        async with self._write_lock:
+            cursor = await self._conn.execute(
+                "DELETE FROM jobs WHERE id = ? AND status = ? AND attempt = 0",
+                (job_id, JobStatus.QUEUED.value),
+            )
+            return cursor.rowcount == 1
+
     async def claim_job(self, job_id: str, owner: str, lease_s: float, now: float) -> Job | None:
         async with self._transaction():
             async with self._conn.execute(
@@ -394,7 +402,7 @@ class SqliteStore(Store):
     async def update_settings(self, scope: str, changes: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(changes, dict) or not all(isinstance(key, str) for key in changes):
             raise InvalidOption("Settings changes must map names to values.")
-        async with self._write_lock:
+        async with self._transaction():
             current = await self.get_settings(scope)
             for key, value in changes.items():
                 if value is None:

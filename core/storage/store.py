@@ -52,6 +52,11 @@ class Store(abc.ABC):
         many processes share the store. StorageError if its id exists."""
 
     @abc.abstractmethod
+    async def discard_job(self, job_id: str) -> bool:
+        """Delete a job that was admitted but could not be queued (it never ran: queued, attempt 0), so a
+        refused request leaves no record and counts against no quota. False if it is not such a job."""
+
+    @abc.abstractmethod
     async def claim_job(self, job_id: str, owner: str, lease_s: float, now: float) -> Job | None:
         """Start a new attempt of a queued job, or of a running one whose lease expired before `now`: it
         becomes running, `attempt` + 1, leased to `owner` until `now + lease_s`. None when the job is
