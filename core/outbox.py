@@ -40,6 +40,9 @@ POLL_S = 2.0
 MAX_ATTEMPTS = 8
 BACKOFF_S, MAX_BACKOFF_S = 2.0, 300.0
 FINAL_EVENTS = frozenset({EventType.DONE, EventType.FAILED, EventType.CANCELLED})
+STOP_GRACE_S = 10.0
+"""How long `stop` lets a batch being posted finish before cancelling it (a cancelled post keeps its
+claim until `claim_s` runs out)."""
 
 
 class DeliveryRetry(Exception):
@@ -76,11 +79,13 @@ class Outbox:
         self.max_attempts = max_attempts
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
+        self._stopping: set[str] = set()
 
     def serve(self, platform: str, post: Post) -> None:
         """Post `platform`'s deliveries with `post` from now on (a platform is served once per process)."""
         if platform in self._tasks:
             raise ValueError(f"the {platform} outbox is already served by this process")
+        self._stopping.discard(platform)
         wake = self._wake[platform] = asyncio.Event()
 
         async def on_final(job: Job, event: JobEvent) -> None:
@@ -88,6 +93,22 @@ class Outbox:
 
         self.events.listen(f"{platform}:", on_final, FINAL_EVENTS)
         self._tasks[platform] = asyncio.create_task(self._loop(platform, post), name=f"outbox-{platform}")
+
+    async def stop(self, platform: str, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop serving `platform` here (its adapter is stopping): the batch being posted may finish
+        within `grace_s`; the platform's other deliveries wait for the next process that serves it."""
+        task = self._tasks.pop(platform, None)
+        if task is None:
+            return
+        self._stopping.add(platform)
+        self._wake[platform].set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), grace_s)
+        except TimeoutError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        except Exception:
+            logger.exception("the %s outbox failed", platform)
 
     async def close(self) -> None:
         for task in self._tasks.values():
@@ -97,7 +118,7 @@ class Outbox:
 
     async def _loop(self, platform: str, post: Post) -> None:
         wake = self._wake[platform]
-        while True:
+        while platform not in self._stopping:
             wake.clear()
             try:
                 deliveries = await self._claim(platform)
@@ -105,7 +126,12 @@ class Outbox:
                 logger.warning("the %s outbox cannot read the store: %s", platform, err.message)
                 deliveries = []
             for delivery in deliveries:
-                await self._deliver(delivery, post)
+                try:
+                    await self._deliver(delivery, post)
+                except HuahuaError as err:  # the store failed: the claim runs out and it is tried again
+                    logger.warning("delivery %d of job %s: %s", delivery.id, delivery.job_id, err.message)
+                except Exception:
+                    logger.exception("delivery %d of job %s failed", delivery.id, delivery.job_id)
             if deliveries:
                 continue
             try:

@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 from telegram import BotCommand, Chat, InputMediaPhoto, Message, MessageEntity, Update, User
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import (
-    AIORateLimiter,
     Application,
     ApplicationBuilder,
     CallbackQueryHandler,
@@ -29,8 +28,9 @@ from telegram.ext import (
 from telegram.ext import MessageHandler as TgMessageHandler
 
 from bots.telegram import keyboards, messages
-from bots.telegram.delivery import Delivery, StatusRef, chat_key, meta_for
+from bots.telegram.delivery import STATUS_EVENTS, Delivery, StatusRef, chat_key, meta_for
 from bots.telegram.gallery import Gallery, Sharer
+from bots.telegram.ratelimit import RateLimiter
 from core import images
 from core.errors import HuahuaError, InvalidOption, NotAllowed, ServiceUnavailable
 from core.logs import RedactSecrets
@@ -389,7 +389,7 @@ def build_application(service: Huahua, settings: Settings) -> Application:  # ty
         .token(settings.telegram_token.get_secret_value().strip())
         .base_url(f"{root}/bot")
         .base_file_url(f"{root}/file/bot")
-        .rate_limiter(AIORateLimiter(max_retries=2))
+        .rate_limiter(RateLimiter(max_retries=2))
         .concurrent_updates(True)
         .build()
     )
@@ -397,7 +397,7 @@ def build_application(service: Huahua, settings: Settings) -> Application:  # ty
     app.add_handler(TgMessageHandler(filters.TEXT & ~filters.UpdateType.EDITED, adapter.on_message))
     app.add_handler(CallbackQueryHandler(adapter.on_button))
     app.add_error_handler(adapter.on_error)
-    service.listen("tg:", adapter.delivery.on_event)
+    service.listen("tg:", adapter.delivery.on_event, STATUS_EVENTS)
     return app
 
 
@@ -424,7 +424,8 @@ async def start_application(
     webhook_listen: str = "0.0.0.0",
     poll_timeout: int = 10,
 ) -> None:
-    """Connect (getMe), publish the command menu, start delivering, then poll or serve the webhook."""
+    """Connect (getMe), publish the command menu, start delivering (serving the "tg" outbox from this
+    process), then poll or serve the webhook."""
     adapter = adapter_of(app)
     secret = webhook_secret(settings) if settings.telegram_webhook_url else None
     try:
@@ -439,6 +440,7 @@ async def start_application(
         ) from None
     await app.bot.set_my_commands(adapter.commands())
     adapter.delivery.attach(app.bot)
+    adapter.service.outbox.serve("tg", adapter.delivery.post)
     await app.start()
     assert app.updater is not None
     if settings.telegram_webhook_url:
@@ -472,8 +474,10 @@ def webhook_secret(settings: Settings) -> str:
 
 
 async def stop_application(app: Application) -> None:  # type: ignore[type-arg]
-    """Stop receiving updates, stop delivering and close the connection pool."""
-    adapter_of(app).delivery.close()
+    """Stop delivering (pending results wait in the outbox), stop receiving updates, close the pool."""
+    adapter = adapter_of(app)
+    await adapter.service.outbox.stop("tg")
+    adapter.delivery.close()
     if app.updater is not None and app.updater.running:
         await app.updater.stop()
     if app.running:
@@ -484,8 +488,9 @@ async def stop_application(app: Application) -> None:  # type: ignore[type-arg]
 async def run_telegram(service: Huahua, settings: Settings) -> None:
     """Run the bot until cancelled.
 
-    The delivery listener is registered before the first await: call this right after `service.start()`
-    (or before it) so that recovered jobs' results reach their chats.
+    The status listener is registered before the first await: call this right after `service.start()`
+    (or before it) so that recovered jobs show their progress. Results owed to Telegram chats wait in
+    the outbox and are posted once the bot has started.
     """
     logging.getLogger("httpx").setLevel(logging.WARNING)
     app = build_application(service, settings)

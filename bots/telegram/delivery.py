@@ -1,5 +1,10 @@
 """Job events to Telegram: throttled status-message edits and the finished picture with its buttons.
 
+Progress reaches the status message through a service listener (non-final events only). A job's end is
+posted by `Delivery.post`, which the process running the adapter serves from the core outbox: the
+store keeps a pending delivery for every finished "tg:" job, so a result is retried after Telegram's
+`retry_after` or a network failure, resent after a restart, and never posted again once marked sent.
+
 Where a job's status message and reply target live: in memory for jobs this process started, and in the
 job's `meta` ("tg_status", "tg_reply_to") so delivery works after a restart. The service gives every job
 the adapter's meta from creation and never copies a parent's platform ids to its children.
@@ -13,20 +18,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
-from collections import defaultdict
+import warnings
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import Any
 
-from telegram import Bot, InlineKeyboardMarkup, ReplyParameters
-from telegram.error import BadRequest, TelegramError
+from telegram import InlineKeyboardMarkup, Message, ReplyParameters
+from telegram.error import BadRequest, ChatMigrated, Forbidden, RetryAfter, TelegramError
+from telegram.ext import ExtBot
+from telegram.warnings import PTBDeprecationWarning
 
 from bots.telegram import keyboards, messages
+from bots.telegram.ratelimit import NO_RETRIES
 from core import images, presenter
-from core.errors import HuahuaError
+from core.errors import HuahuaError, NotFound
+from core.outbox import DeliveryRefused, DeliveryRetry
 from core.service import Huahua
-from core.types import EventType, Job, JobEvent
+from core.types import EventType, Job, JobEvent, JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +52,9 @@ PLATFORM = "tg:"
 STORY_ID = "story_id"
 READY_TIMEOUT_S = 30.0
 CREATION_WAIT_S = 10.0
+STATUS_EVENTS = frozenset(t for t in EventType if not t.final)
+"""What the listener shows; a job's end goes through the outbox (`Delivery.post`)."""
+REMEMBERED = 2000
 
 
 @dataclass(frozen=True)
@@ -102,12 +117,13 @@ def _int(value: str | None) -> int | None:
 
 
 class Delivery:
-    """The service listener for "tg:" chats. One edit per chat per `min_edit_interval` seconds."""
+    """The service listener for "tg:" chats (one edit per chat per `min_edit_interval` seconds) and the
+    outbox's poster of finished jobs."""
 
     def __init__(self, service: Huahua, *, min_edit_interval: float = 1.0) -> None:
         self.service = service
         self.min_edit_interval = min_edit_interval
-        self._bot: Bot | None = None
+        self._bot: ExtBot[Any] | None = None
         self._ready = asyncio.Event()
         self._closed = False
         self._refs: dict[str, StatusRef] = {}
@@ -117,10 +133,13 @@ class Delivery:
         self._locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._creating: dict[int, int] = defaultdict(int)
         self._created = asyncio.Condition()
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        """Jobs whose end was posted here: a late progress event must not edit their status again."""
+        self._background: set[asyncio.Task[None]] = set()
 
     # lifecycle ---------------------------------------------------------------------------------
 
-    def attach(self, bot: Bot) -> None:
+    def attach(self, bot: ExtBot[Any]) -> None:
         """Start delivering through `bot` (after the application is initialised)."""
         self._bot = bot
         self._closed = False
@@ -133,6 +152,8 @@ class Delivery:
         for task in self._flushing.values():
             task.cancel()
         self._flushing.clear()
+        for task in self._background:
+            task.cancel()
 
     # jobs started by the handlers -------------------------------------------------------------
 
@@ -169,17 +190,18 @@ class Delivery:
                 return
         if self._closed or self._bot is None:
             return
+        if event.type.final:
+            return  # posted by the outbox (`post`)
         ref = await self._ref(job)
         if ref is None:
             return
         async with self._locks[ref.chat_id]:
+            if job.id in self._ended:
+                return
             try:
-                if event.type.final:
-                    await self._finish(self._bot, job, event, ref)
-                else:
-                    await self._progress(self._bot, job, event, ref)
+                await self._progress(self._bot, job, event, ref)
             except TelegramError as err:
-                logger.warning("telegram delivery of job %s failed: %s", job.id, type(err).__name__)
+                logger.warning("status edit of job %s failed: %s", job.id, type(err).__name__)
 
     async def _ref(self, job: Job) -> StatusRef | None:
         parsed = parse_chat_key(job.chat)
@@ -201,7 +223,7 @@ class Delivery:
                 ref = ref_from_meta(await self.service.get_job(job.id))
         return ref or StatusRef(chat_id, thread_id=thread_id)
 
-    async def _progress(self, bot: Bot, job: Job, event: JobEvent, ref: StatusRef) -> None:
+    async def _progress(self, bot: ExtBot[Any], job: Job, event: JobEvent, ref: StatusRef) -> None:
         if ref.status_id is None:
             return
         self._latest[job.id] = (job, event)
@@ -217,14 +239,14 @@ class Delivery:
         await asyncio.sleep(delay)
         async with self._locks[chat_id]:
             self._flushing.pop(job_id, None)
-            if self._bot is None or self._closed or job_id not in self._latest:
+            if self._bot is None or self._closed or job_id not in self._latest or job_id in self._ended:
                 return
             try:
                 await self._edit_latest(self._bot, job_id)
             except TelegramError as err:
                 logger.warning("status edit of job %s failed: %s", job_id, type(err).__name__)
 
-    async def _edit_latest(self, bot: Bot, job_id: str) -> None:
+    async def _edit_latest(self, bot: ExtBot[Any], job_id: str) -> None:
         job, event = self._latest[job_id]
         ref = self._refs.get(job_id) or ref_from_meta(job)
         if ref is None or ref.status_id is None:
@@ -240,69 +262,129 @@ class Delivery:
         return max(0.0, last + self.min_edit_interval - time.monotonic())
 
     async def _edit(
-        self, bot: Bot, job_id: str, ref: StatusRef, text: str, markup: InlineKeyboardMarkup | None
+        self,
+        bot: ExtBot[Any],
+        job_id: str,
+        ref: StatusRef,
+        text: str,
+        markup: InlineKeyboardMarkup | None,
+        **call: Any,
     ) -> None:
         assert ref.status_id is not None
         self._last_edit[ref.chat_id] = time.monotonic()
         try:
             await bot.edit_message_text(
-                text, chat_id=ref.chat_id, message_id=ref.status_id, reply_markup=markup
+                text, chat_id=ref.chat_id, message_id=ref.status_id, reply_markup=markup, **call
             )
         except BadRequest as err:
             if "not modified" in err.message.lower():
                 return
+            if _chat_gone(err):
+                raise
             logger.info("status message of job %s is gone (%s); no more edits", job_id, err.message)
             self._refs[job_id] = replace(ref, status_id=None)
 
-    async def _finish(self, bot: Bot, job: Job, event: JobEvent, ref: StatusRef) -> None:
-        self._latest.pop(job.id, None)
-        pending = self._flushing.pop(job.id, None)
+    # the end of a job: posted by the outbox ----------------------------------------------------
+
+    async def post(self, job: Job) -> str | None:
+        """Show a finished job in its chat: the final status edit, then the picture with its buttons
+        (or the failure, when there is no status message to carry it). Returns the id of the message
+        that shows the result. Telegram's errors become the outbox's: `RetryAfter` waits, a chat that
+        is gone or closed to the bot refuses, network failures are retried."""
+        if self._bot is None or self._closed:
+            raise DeliveryRetry(1.0, "the Telegram adapter is not running")
+        bot = self._bot
+        ref = await self._ref(job)
+        if ref is None:
+            raise DeliveryRefused(f"{job.chat} is not a Telegram chat")
+        async with self._locks[ref.chat_id]:
+            self._end(job.id)
+            try:
+                sent = await self._show_end(bot, job, ref)
+            except RetryAfter as err:
+                raise DeliveryRetry(_wait_of(err), "Telegram flood control") from err
+            except (Forbidden, ChatMigrated) as err:
+                raise DeliveryRefused(err.message) from err
+            except BadRequest as err:
+                if _chat_gone(err):
+                    raise DeliveryRefused(err.message) from err
+                raise
+        self._refs.pop(job.id, None)
+        if sent is None:
+            return None
+        if job.status == JobStatus.DONE:
+            self._in_background(self._keep_result_id(job.id, sent.message_id))
+        return str(sent.message_id)
+
+    def _end(self, job_id: str) -> None:
+        """No more progress edits for this job: its end is being posted."""
+        self._ended[job_id] = None
+        while len(self._ended) > REMEMBERED:
+            self._ended.popitem(last=False)
+        self._latest.pop(job_id, None)
+        pending = self._flushing.pop(job_id, None)
         if pending is not None:
             pending.cancel()
-        text = messages.status_text(job, event)
+
+    async def _show_end(self, bot: ExtBot[Any], job: Job, ref: StatusRef) -> Message | None:
+        """The final status edit (repeating it is harmless), then the one message Telegram cannot
+        take back: the picture, or the failure when there is no status message to show it."""
+        text = messages.truncate(presenter.status_line(job), messages.MESSAGE_LIMIT)
         if ref.status_id is not None:
             await asyncio.sleep(self._edit_wait(ref.chat_id))
-            await self._edit(bot, job.id, ref, text, None)
-        elif event.type != EventType.DONE:
-            await bot.send_message(
-                ref.chat_id, text, reply_parameters=_reply(ref.reply_to), message_thread_id=ref.thread_id
-            )
-        if event.type == EventType.DONE:
-            await self._send_result(bot, job, ref)
-        self._refs.pop(job.id, None)
+            await self._edit(bot, job.id, ref, text, None, rate_limit_args=NO_RETRIES)
+            ref = self._refs.get(job.id, ref)
+        if job.status != JobStatus.DONE:
+            if ref.status_id is not None:
+                return None
+            return await self._send_text(bot, ref, text)
+        try:
+            return await self._send_result(bot, job, ref)
+        except NotFound as err:  # the pictures are gone from the image store
+            return await self._send_text(bot, ref, err.message)
 
-    async def _send_result(self, bot: Bot, job: Job, ref: StatusRef) -> None:
+    async def _send_text(self, bot: ExtBot[Any], ref: StatusRef, text: str) -> Message:
+        return await bot.send_message(
+            ref.chat_id,
+            text,
+            reply_parameters=_reply(ref.reply_to),
+            message_thread_id=ref.thread_id,
+            rate_limit_args=NO_RETRIES,
+        )
+
+    async def _send_result(self, bot: ExtBot[Any], job: Job, ref: StatusRef) -> Message:
         if not job.images:
-            job = await self.service.get_job(job.id)
-        if not job.images:
-            await bot.send_message(
-                ref.chat_id,
-                "The job finished without a picture.",
-                reply_parameters=_reply(ref.reply_to),
-                message_thread_id=ref.thread_id,
-            )
-            return
+            return await self._send_text(bot, ref, "The job finished without a picture.")
         picture = await result_picture(self.service, job)
         width, height = images.png_size(picture)
         caption = messages.truncate(presenter.describe(job), messages.CAPTION_LIMIT)
         keyboard = keyboards.result_keyboard(
             job.id, len(job.images), choose=STORY_ID in job.meta, share=await self._has_gallery(job.chat)
         )
-        common = {
+        common: dict[str, Any] = {
             "caption": caption,
             "reply_markup": keyboard,
             "reply_parameters": _reply(ref.reply_to),
             "filename": f"huahua-{job.id}.png",
             "message_thread_id": ref.thread_id,
+            "rate_limit_args": NO_RETRIES,
         }
         if messages.fits_as_photo(len(picture), width, height):
-            sent = await bot.send_photo(ref.chat_id, picture, **common)  # type: ignore[arg-type]
-        else:
-            sent = await bot.send_document(ref.chat_id, picture, **common)  # type: ignore[arg-type]
+            return await bot.send_photo(ref.chat_id, picture, **common)
+        return await bot.send_document(ref.chat_id, picture, **common)
+
+    async def _keep_result_id(self, job_id: str, message_id: int) -> None:
+        """The result's message id on the job, for /share as a reply to it. Runs once the outbox got
+        the id, so that marking the delivery sent is the only await after Telegram's answer."""
         try:
-            await self.service.update_meta(job.id, {META_RESULT: str(sent.message_id)})
+            await self.service.update_meta(job_id, {META_RESULT: str(message_id)})
         except HuahuaError as err:
-            logger.warning("could not keep the result message id on job %s: %s", job.id, err.message)
+            logger.warning("could not keep the result message id on job %s: %s", job_id, err.message)
+
+    def _in_background(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _has_gallery(self, chat: str) -> bool:
         try:
@@ -322,3 +404,18 @@ def _reply(message_id: int | None) -> ReplyParameters | None:
     if message_id is None:
         return None
     return ReplyParameters(message_id=message_id, allow_sending_without_reply=True)
+
+
+def _chat_gone(err: BadRequest) -> bool:
+    """Telegram's 400 for a chat the bot can no longer reach (deleted, or never shared with it)."""
+    return "chat not found" in err.message.lower()
+
+
+def _wait_of(err: RetryAfter) -> float:
+    """Telegram's `retry_after` in seconds (an int or a timedelta, depending on PTB_TIMEDELTA)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PTBDeprecationWarning)
+        retry_after = err.retry_after
+    if isinstance(retry_after, datetime.timedelta):
+        return retry_after.total_seconds()
+    return float(retry_after)
