@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from core.errors import CheckpointError, EngineUnavailable
+from core.errors import CheckpointError, EngineUnavailable, EngineUnreachable
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ class DownloadInterrupted(CheckpointError):
 def check_model(path: Path | str, settings: Settings | None = None, *, config: Any = None) -> ModelReport:
     """Report whether `path` is a checkpoint with every parameter of the model, in the right shape."""
     path = Path(path)
+    if path.is_dir():
+        return ModelReport(path, False, _directory_lines(path, settings))
     if not path.is_file():
         return ModelReport(path, False, (f"{path}: no such file.",))
     try:
@@ -76,12 +80,41 @@ def check_model(path: Path | str, settings: Settings | None = None, *, config: A
     size_mb = path.stat().st_size / 1e6
     lines = [f"{path} ({size_mb:,.1f} MB)"]
     lines += _section("missing parameter", missing)
-    lines += _section("parameter with the wrong shape", mismatched)
+    lines += _section("parameter with the wrong shape", [_shapes(item) for item in mismatched])
     if extra:
         lines.append(f"{len(extra)} extra entries (ignored), e.g. {_name(extra[0])}")
     ok = bool(report.ok)
     lines.append("OK: every parameter is present with the expected shape." if ok else "NOT usable.")
     return ModelReport(path, ok, tuple(lines))
+
+
+def _directory_lines(path: Path, settings: Settings | None) -> tuple[str, ...]:
+    """`model check` was given a folder: say so, and which file in it is the checkpoint."""
+    name = settings.checkpoint_path.name if settings else str(Settings.model_fields["checkpoint"].default)
+    inside = path / name
+    lines = [
+        f"{path} is a directory; `huahua model check` reads one checkpoint file (.ckpt or .safetensors)."
+    ]
+    if inside.is_file():
+        lines.append(f"It holds {name}: huahua model check {inside}")
+    else:
+        lines.append(f"The expected file is {name} (HUAHUA_CHECKPOINT) and it is not in there.")
+    return tuple(lines)
+
+
+def _shapes(item: Any) -> str:
+    """A mismatched parameter as `name: expected 320×4×3×3, found 32×4×3×3`."""
+    try:
+        name, expected, found = item
+    except (TypeError, ValueError):
+        return _name(item)
+    return f"{name}: expected {_shape(expected)}, found {_shape(found)}"
+
+
+def _shape(shape: Any) -> str:
+    if isinstance(shape, tuple | list):
+        return "×".join(str(side) for side in shape) if shape else "a scalar"
+    return str(shape)
 
 
 def _section(what: str, items: list[Any]) -> list[str]:
@@ -132,11 +165,13 @@ async def fetch_model(
         timeout=aiohttp.ClientTimeout(sock_connect=30, sock_read=120)
     ) as session:
         if not vocab.is_file() or sha256_file(vocab) != vocab_sha256:
-            await download(session, vocab_url, vocab, progress=progress, retries=retries)
+            with _by_hand(vocab_url, vocab, "HUAHUA_VOCAB_PATH"):
+                await download(session, vocab_url, vocab, progress=progress, retries=retries)
             _finish(vocab, _vocab_problem(vocab, vocab_sha256))
             downloaded.append(vocab)
         if not vocab_only and not checkpoint.is_file():
-            await download(session, checkpoint_url, checkpoint, progress=progress, retries=retries)
+            with _by_hand(checkpoint_url, checkpoint, "HUAHUA_MODEL_DIR and HUAHUA_CHECKPOINT"):
+                await download(session, checkpoint_url, checkpoint, progress=progress, retries=retries)
             # readers pick the format by suffix, so the file is checked under `<stem>.checking<suffix>`
             checking = checkpoint.with_name(f"{checkpoint.stem}.checking{checkpoint.suffix}")
             _part(checkpoint).replace(checking)
@@ -150,6 +185,18 @@ async def fetch_model(
             logger.info("installed %s", checkpoint)
             downloaded.append(checkpoint)
     return FetchResult(checkpoint, vocab, tuple(downloaded))
+
+
+@contextlib.contextmanager
+def _by_hand(url: str, dest: Path, settings_names: str) -> Iterator[None]:
+    """When the host cannot be reached, add to the error how to put the file in place by hand."""
+    try:
+        yield
+    except EngineUnreachable as exc:
+        raise EngineUnreachable(
+            f"{exc.message} To install it by hand, download {_public(url)} on a machine that can, and "
+            f"copy it to {dest.resolve()} (or point {settings_names} at where you put it)."
+        ) from None
 
 
 def _part(dest: Path) -> Path:
@@ -214,7 +261,8 @@ async def _download_once(session: aiohttp.ClientSession, url: str, part: Path, p
             expected = (resp.content_length + start) if resp.content_length is not None else None
             await _write_body(resp, part, start, expected, name, progress)
     except aiohttp.ClientConnectorError as exc:
-        raise EngineUnavailable(f"Cannot reach {_host(url)} to download {name}: {exc.os_error}.") from None
+        reason = exc.os_error.strerror or str(exc.os_error)
+        raise EngineUnreachable(f"Cannot reach {_host(url)} to download {name} ({reason}).") from None
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, TimeoutError) as exc:
         got = _size(part)
         raise DownloadInterrupted(
@@ -263,6 +311,14 @@ def _progress_bar(name: str, start: int, total: int | None) -> Any:
 def _total_from_range(value: str) -> int | None:
     tail = value.rsplit("/", 1)[-1]
     return int(tail) if tail.isdigit() else None
+
+
+def _public(url: str) -> str:
+    """The URL without user, password or query (which may carry tokens), for messages."""
+    try:
+        return str(URL(url).with_user(None).with_query(None).with_fragment(None))
+    except (ValueError, TypeError):
+        return _host(url)
 
 
 def _host(url: str) -> str:

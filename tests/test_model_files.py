@@ -258,3 +258,66 @@ async def test_vocab_only_fetches_just_the_vocabulary(files: FileServer, tmp_pat
     )
     assert result.downloaded == (settings.resolved_vocab_path,)
     assert sorted(p.name for p in settings.model_dir.iterdir()) == ["vocab_zh.txt"]
+
+
+def test_check_model_on_a_directory_names_the_file_it_expects(tmp_path: Path) -> None:
+    report = check_model(tmp_path)
+    assert not report.ok and "no such file" not in report.text
+    assert (
+        report.lines[0] == f"{tmp_path} is a directory; `huahua model check` reads one checkpoint file "
+        "(.ckpt or .safetensors)."
+    )
+    assert "wukong-huahua-ms.ckpt (HUAHUA_CHECKPOINT)" in report.text
+    (tmp_path / "wukong-huahua-ms.ckpt").write_bytes(b"weights")
+    report = check_model(tmp_path, Settings(model_dir=tmp_path, _env_file=None))  # type: ignore[call-arg]
+    assert (
+        report.lines[-1]
+        == f"It holds wukong-huahua-ms.ckpt: huahua model check {tmp_path / 'wukong-huahua-ms.ckpt'}"
+    )
+
+
+def test_check_model_labels_the_expected_and_the_found_shape(tmp_path: Path, tiny_checkpoint: bytes) -> None:
+    import re
+
+    path = tmp_path / "tiny.ckpt"
+    path.write_bytes(tiny_checkpoint)
+    lines = check_model(path).lines
+    shapes = [line for line in lines if ": expected " in line]
+    assert shapes, lines
+    name, _, sizes = shapes[0].strip().partition(": ")
+    assert name.startswith("model.") and " " not in name
+    expected, found = sizes.removeprefix("expected ").split(", found ")
+    assert expected != found
+    assert re.fullmatch(r"\d+(×\d+)*", expected) and re.fullmatch(r"\d+(×\d+)*", found)
+
+
+async def test_offline_fetch_says_how_to_place_the_files_by_hand(tmp_path: Path) -> None:
+    from core.errors import EngineUnreachable
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://user:pw@127.0.0.1:{sock.getsockname()[1]}"
+    settings = _settings(tmp_path)
+    with pytest.raises(EngineUnreachable) as vocab_error:
+        await fetch_model(settings, False, vocab_url=f"{closed}/vocab_zh.txt?token=s3cret", retries=0)
+    message = vocab_error.value.message
+    assert message.startswith("Cannot reach 127.0.0.1 to download vocab_zh.txt (")
+    assert f"download {closed.replace('user:pw@', '')}/vocab_zh.txt on a machine that can" in message
+    assert str(settings.resolved_vocab_path.resolve()) in message and "HUAHUA_VOCAB_PATH" in message
+    assert "s3cret" not in message and "pw@" not in message
+
+    settings.resolved_vocab_path.parent.mkdir(parents=True, exist_ok=True)
+    settings.resolved_vocab_path.write_text("[PAD]\n")
+    with pytest.raises(EngineUnreachable) as checkpoint_error:
+        await fetch_model(
+            settings,
+            False,
+            vocab_url=f"{closed}/vocab_zh.txt",
+            vocab_sha256=hashlib.sha256(b"[PAD]\n").hexdigest(),
+            checkpoint_url=f"{closed}/wukong-huahua-ms.ckpt",
+            retries=0,
+        )
+    message = checkpoint_error.value.message
+    assert "download wukong-huahua-ms.ckpt (" in message
+    assert str(settings.checkpoint_path.resolve()) in message
+    assert "HUAHUA_MODEL_DIR and HUAHUA_CHECKPOINT" in message
