@@ -201,3 +201,26 @@ async def test_discard_only_removes_a_job_that_never_ran(store, make_job) -> Non
     assert not await store.discard_job(started.id)
     assert not await store.discard_job(fresh.id)
     assert await store.get_job(started.id) is not None
+
+
+async def test_settings_updates_from_two_processes_keep_every_key(store_backend: Backend) -> None:
+    stores = [await store_backend.open(), await store_backend.open()]
+    try:
+        await asyncio.gather(
+            *(stores[i % 2].update_settings("chat:web:room1", {f"key{i}": i}) for i in range(40))
+        )
+        assert await stores[0].get_settings("chat:web:room1") == {f"key{i}": i for i in range(40)}
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_processes_opening_a_new_sqlite_file_at_once_migrate_it_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from core.storage.sqlite import SqliteStore
+
+    db = tmp_path / "new.sqlite3"
+    stores = await asyncio.gather(*(SqliteStore.open(db) for _ in range(6)))
+    for store in stores:
+        await store.close()
+    reopened = await SqliteStore.open(db)
+    await reopened.close()
