@@ -96,11 +96,19 @@ async def test_wukong_loads_again_only_when_its_files_change(tmp_path: Path) -> 
         with pytest.raises(EngineUnavailable, match=r"model weights .*not installed"):
             await engine.generate(_request(), _ignore, CancelToken())
     assert engine.stats.loads == 2
+    settings.resolved_vocab_path.unlink()
     settings.checkpoint_path.write_bytes(b"\x00garbage" * 100)  # a (bad) checkpoint appears
+    with pytest.raises(EngineUnavailable) as missing_vocab:
+        await engine.generate(_request(), _ignore, CancelToken())
+    assert missing_vocab.value.message == (
+        f"The tokenizer vocabulary is not installed ({settings.resolved_vocab_path}); "
+        "download it with `huahua model fetch`."
+    )
+    settings.resolved_vocab_path.write_text(builtin_vocabulary_text(), encoding="utf-8")
     for _ in range(2):
         with pytest.raises(EngineUnavailable, match=r"corrupt.*huahua model fetch"):
             await engine.generate(_request(), _ignore, CancelToken())
-    assert engine.stats.loads == 3
+    assert engine.stats.loads == 4
     await engine.close()
 
 

@@ -354,11 +354,14 @@ def wukong_engine(settings: Settings) -> LocalEngine:
 
     def load() -> Any:
         tried[:] = [_files_state(checkpoint, vocab)]
-        for path, what in ((checkpoint, "model weights"), (vocab, "tokenizer vocabulary")):
-            if not path.is_file():
-                raise EngineUnavailable(
-                    f"The {what} are not installed ({path}); download them with `{FETCH_COMMAND}`."
-                )
+        if not checkpoint.is_file():
+            raise EngineUnavailable(
+                f"The model weights are not installed ({checkpoint}); download them with `{FETCH_COMMAND}`."
+            )
+        if not vocab.is_file():
+            raise EngineUnavailable(
+                f"The tokenizer vocabulary is not installed ({vocab}); download it with `{FETCH_COMMAND}`."
+            )
         diffusion = _import_diffusion()
         try:
             return diffusion.WukongPipeline.load(
