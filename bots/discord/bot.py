@@ -1,4 +1,7 @@
-"""The Discord client: slash commands, persistent buttons and job delivery wired to the Huahua service."""
+"""The Discord client: slash commands, persistent buttons and job delivery wired to the Huahua service.
+
+The process running the client serves the "dc" outbox: finished jobs are posted by `Delivery.post`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import discord
 from discord import app_commands
 
 from bots.discord.commands import SlashCommands
-from bots.discord.delivery import Delivery
+from bots.discord.delivery import STATUS_EVENTS, Delivery
 from bots.discord.interactions import answer
 from bots.discord.views import JobButton
 from core.errors import HuahuaError
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHAT_PREFIX = "dc:"
+OUTBOX_PLATFORM = "dc"
 
 
 class HuahuaBot(discord.Client):
@@ -38,12 +42,13 @@ class HuahuaBot(discord.Client):
         self.commands = SlashCommands(service, self.delivery)
         self.commands.install(self.tree)
         self.tree.on_error = self.on_command_error  # type: ignore[method-assign]
-        service.listen(CHAT_PREFIX, self.delivery.on_event)
+        service.listen(CHAT_PREFIX, self.delivery.on_event, STATUS_EVENTS)
 
     async def setup_hook(self) -> None:
         self.add_dynamic_items(JobButton)
         await self.sync_commands()
         self.delivery.open()
+        self.service.outbox.serve(OUTBOX_PLATFORM, self.delivery.post)
 
     async def sync_commands(self) -> None:
         """Publish the commands: to one guild (instant) when HUAHUA_DISCORD_GUILD_ID is set, else globally."""
@@ -75,12 +80,14 @@ class HuahuaBot(discord.Client):
             await answer(interaction, "Something went wrong on my side; please try again in a moment.")
 
     async def close(self) -> None:
+        await self.service.outbox.stop(OUTBOX_PLATFORM)
         self.delivery.close()
         await super().close()
 
 
 def build_client(service: Huahua, settings: Settings, *, edit_interval: float = 1.0) -> HuahuaBot:
-    """A client ready to `login`/`start`; it already listens to the service's "dc:" job events."""
+    """A client ready to `login`/`start`; it already listens to the service's "dc:" job events and
+    serves the "dc" outbox once logged in (`setup_hook`)."""
     return HuahuaBot(service, settings, edit_interval=edit_interval)
 
 
