@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-import string
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 
 from core.errors import CheckpointError, InvalidOption
 from core.tokenizer import BasicTokenCounter, WordPieceTokenizer, load_tokenizer
-from core.vocabulary import builtin_tokenizer, builtin_vocabulary, builtin_vocabulary_text
+from core.vocabulary import builtin_vocabulary, builtin_vocabulary_text
 from tests.support import import_or_skip, official_vocab, vocabularies
 
 CASES = {
@@ -70,26 +68,8 @@ def test_specials_and_size(vocab: Vocab) -> None:
     assert tok.vocab_size == (21128 if vocab.name == "official" else len(builtin_vocabulary()))
     assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id) == (0, 100, 101, 102)
     assert vocab.lines[101] == "[CLS]" and vocab.lines[102] == "[SEP]" and vocab.lines[103] == "[MASK]"
+    assert vocab.lines[:104] == list(builtin_vocabulary()[:104])  # the built-in specials sit where these do
     assert tok.exact is True and tok.max_pieces == 75
-
-
-def test_the_builtin_vocabulary_is_made_by_its_rules() -> None:
-    lines = builtin_vocabulary()
-    assert len(set(lines)) == len(lines) < 49408  # fits the tiny text encoder's embedding table
-    assert [lines[i] for i in (0, 1, 99, 100, 101, 102, 103)] == [
-        "[PAD]", "[unused1]", "[unused99]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
-    ]  # fmt: skip
-    assert builtin_tokenizer() is builtin_tokenizer()
-    # every assigned character of the main CJK block is one token of its own
-    cjk = "".join(chr(c) for c in range(0x4E00, 0xA000) if unicodedata.category(chr(c)) == "Lo")
-    assert len(cjk) > 20_900 and builtin_tokenizer().tokenize(cjk) == list(cjk)
-    # any ASCII word splits into known pieces, never [UNK]
-    rng = np.random.default_rng(5)
-    for _ in range(200):
-        word = "".join(rng.choice(list(string.ascii_letters + string.digits), size=int(rng.integers(1, 30))))
-        pieces = builtin_tokenizer().tokenize(word)
-        assert "[UNK]" not in pieces and "".join(p.removeprefix("##") for p in pieces) == word.lower()
-    assert builtin_vocabulary_text() == "".join(line + "\n" for line in lines)
 
 
 HAND_CHECKED = {
