@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from core import presenter
+from core.chat_settings import ChatSettings, parse_setting
 from core.engine import Engine
 from core.errors import (
     HuahuaError,
@@ -74,22 +75,6 @@ class Reply:
     def job(self) -> Job | None:
         """The first job started, for the common one-job reply."""
         return self.jobs[0] if self.jobs else None
-
-
-@dataclass(frozen=True)
-class ChatSettings:
-    """Per-chat settings, stored under scope "chat:<chat>"."""
-
-    style: str | None = None
-    daily_quota: int | None = None
-    enabled: bool = True
-    gallery: str | None = None
-    story_auto: bool = False
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ChatSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class CommandHandler(Protocol):
@@ -252,34 +237,13 @@ class Huahua:
     async def _settings_command(self, chat: str, args: str, context: MessageContext) -> Reply:
         if not args:
             current = await self.chat_settings(chat)
-            shown = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(current).items())
-            return Reply(texts=(f"Settings for this chat: {shown}.",))
+            return Reply(texts=(f"Settings for this chat: {current.describe()}.",))
         if not context.is_admin:
             raise NotAllowed("Only the chat's admins can change its settings.")
         key, _, value = args.partition(" ")
-        changes = self._parse_setting(key.lower(), value.strip())
+        name, changes = parse_setting(key, value.strip(), self.styles, self.settings)
         updated = await self.update_chat_settings(chat, changes)
-        return Reply(texts=(f"Saved: {key.lower()} = {getattr(updated, _SETTING_FIELDS[key.lower()])}.",))
-
-    def _parse_setting(self, key: str, value: str) -> dict[str, Any]:
-        if key not in _SETTING_FIELDS:
-            raise InvalidOption(f"Unknown setting {key!r}: use one of {', '.join(_SETTING_FIELDS)}.")
-        field = _SETTING_FIELDS[key]
-        if value.lower() in ("", "none", "default", "off") and field in ("style", "gallery", "daily_quota"):
-            return {field: None}
-        if field == "style":
-            return {field: self.styles.get(value).name}
-        if field == "daily_quota":
-            most = self.settings.chat_quota_max
-            most = self.settings.daily_image_quota if most is None else most
-            if not (value.isascii() and value.isdigit()) or int(value) > most:
-                raise InvalidOption(f"quota must be a whole number of images per user per day, 0 to {most}.")
-            return {field: int(value)}
-        if field in ("enabled", "story_auto"):
-            if value.lower() not in ("on", "off", "true", "false", "yes", "no"):
-                raise InvalidOption(f"{key} must be on or off.")
-            return {field: value.lower() in ("on", "true", "yes")}
-        return {field: value}
+        return Reply(texts=(f"Saved: {name} = {updated.shown(name)}.",))
 
     async def chat_settings(self, chat: str) -> ChatSettings:
         return ChatSettings.from_dict(await self.store.get_settings(f"chat:{chat}"))
@@ -600,15 +564,6 @@ class Huahua:
         task = asyncio.create_task(_logged(work))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-_SETTING_FIELDS = {
-    "style": "style",
-    "quota": "daily_quota",
-    "enabled": "enabled",
-    "gallery": "gallery",
-    "story_auto": "story_auto",
-}
 
 
 def _remember(ids: OrderedDict[str, None], job_id: str) -> None:
