@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import signal
 import sys
@@ -21,54 +22,151 @@ logger = logging.getLogger("huahua")
 Runner = Callable[[Any, Settings], Awaitable[None]]
 
 
+ONE_SHOT_QUIET = ("imagine",)
+"""Commands whose output is the answer itself: they log warnings only, unless HUAHUA_LOG_LEVEL is set."""
+_VALUE_OPTIONS = ("--engine", "--data-dir", "-o", "--output")
+"""Options of `imagine` that take a value; every other word after `imagine` is part of its text."""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("huahua")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every command takes, before or after its name: `huahua imagine … --engine tiny`."""
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    # SUPPRESS: a command's own parser must not overwrite a value given before the command's name
+    common.add_argument(
+        "--engine",
+        choices=["wukong", "tiny", "http"],
+        default=argparse.SUPPRESS,
+        help="which engine draws: the official model, the tiny test model, or a remote worker "
+        "(overrides HUAHUA_ENGINE)",
+    )
+    common.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="where the database and the pictures live (overrides HUAHUA_DATA_DIR)",
+    )
+    return common
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="huahua", description=__doc__)
-    parser.add_argument("--engine", choices=["wukong", "tiny", "http"], help="override HUAHUA_ENGINE")
-    parser.add_argument("--data-dir", type=Path, help="override HUAHUA_DATA_DIR")
-    sub = parser.add_subparsers(dest="command", required=True)
-    web = sub.add_parser("web", help="the local web chat")
-    web.add_argument("--host")
-    web.add_argument("--port", type=int)
-    sub.add_parser("telegram", help="the Telegram bot (HUAHUA_TELEGRAM_TOKEN)")
-    sub.add_parser("discord", help="the Discord bot (HUAHUA_DISCORD_TOKEN)")
-    sub.add_parser("serve", help="the web chat and every adapter with a token, in one process")
-    sub.add_parser(
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="huahua",
+        description=__doc__,
+        parents=[common],
+        allow_abbrev=False,
+        epilog="Settings come from HUAHUA_* variables and .env (see .env.example); "
+        "`huahua COMMAND --help` describes each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"huahua {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help, description=help, parents=[common], allow_abbrev=False, **kwargs
+        )
+
+    web = command("web", "the local web chat")
+    web.add_argument("--host", help="address to listen on (overrides HUAHUA_WEB_HOST)")
+    web.add_argument("--port", type=int, help="port to listen on (overrides HUAHUA_WEB_PORT)")
+    command("telegram", "the Telegram bot (HUAHUA_TELEGRAM_TOKEN)")
+    command("discord", "the Discord bot (HUAHUA_DISCORD_TOKEN)")
+    command("serve", "the web chat and every adapter with a token, in one process")
+    command(
         "jobs",
-        help="only run jobs from the shared queue on this host's engine (no web chat, no bots); "
+        "only run jobs from the shared queue on this host's engine (no web chat, no bots); "
         "needs HUAHUA_QUEUE=redis",
     )
-    worker = sub.add_parser("worker", help="serve the engine over HTTP for `HUAHUA_ENGINE=http` bots")
-    worker.add_argument("--host")
-    worker.add_argument("--port", type=int)
-    imagine = sub.add_parser(
-        "imagine", help="one picture, no chat: huahua imagine 'text --ar 3:2' -o out.png"
+    worker = command("worker", "serve the engine over HTTP for `HUAHUA_ENGINE=http` bots")
+    worker.add_argument("--host", help="address to listen on (overrides HUAHUA_WORKER_HOST)")
+    worker.add_argument("--port", type=int, help="port to listen on (overrides HUAHUA_WORKER_PORT)")
+    imagine = command(
+        "imagine",
+        "one picture, no chat: huahua imagine 一只猫在月亮上 --ar 3:2 -o out.png",
+        epilog="Every /imagine option works here (--ar --seed --steps --n --no --style --guidance); "
+        "the words and those options may come in any order, quoted or not.",
     )
-    imagine.add_argument("text")
-    imagine.add_argument("-o", "--output", type=Path, default=Path("huahua.png"))
-    model = sub.add_parser("model", help="fetch or check the official weights")
-    model_sub = model.add_subparsers(dest="model_command", required=True)
+    imagine.add_argument("text", nargs="+", help="what to draw, with any /imagine options")
+    imagine.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("huahua.png"),
+        metavar="FILE",
+        help="where to save the picture (several pictures: FILE-1.png, FILE-2.png, …); default huahua.png",
+    )
+    model = command("model", "fetch or check the official weights")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     fetch = model_sub.add_parser(
-        "fetch", help="download the checkpoint and the vocabulary into HUAHUA_MODEL_DIR"
+        "fetch",
+        help="download the checkpoint and the vocabulary into HUAHUA_MODEL_DIR",
+        parents=[common],
+        allow_abbrev=False,
     )
     fetch.add_argument(
         "--vocab-only", action="store_true", help="only vocab_zh.txt (the tiny engine has a built-in one)"
     )
-    check = model_sub.add_parser("check", help="is this file a usable Wukong-Huahua checkpoint?")
-    check.add_argument("path", nargs="?", type=Path)
-    db = sub.add_parser("db", help="database tools")
-    db_sub = db.add_subparsers(dest="db_command", required=True)
+    check = model_sub.add_parser(
+        "check", help="is this file a usable Wukong-Huahua checkpoint?", parents=[common], allow_abbrev=False
+    )
+    check.add_argument(
+        "path",
+        nargs="?",
+        type=Path,
+        help="a .ckpt or .safetensors file (default: HUAHUA_MODEL_DIR/HUAHUA_CHECKPOINT)",
+    )
+    db = command("db", "database tools")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     migrate_to = db_sub.add_parser(
-        "migrate-to", help="copy jobs, settings, stories and counters into a PostgreSQL database"
+        "migrate-to",
+        help="copy jobs, settings, stories and counters into a PostgreSQL database",
+        parents=[common],
+        allow_abbrev=False,
     )
     migrate_to.add_argument("url", help="postgresql://user:password@host:5432/db, or - to read it from stdin")
     return parser
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; `imagine` keeps every word that is not one of its options, in order."""
+    parser = _parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(words)
+    if args.command == "imagine":
+        args.text = _imagine_text(words[words.index("imagine") + 1 :])
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def _imagine_text(words: list[str]) -> str:
+    kept: list[str] = []
+    skip_value = False
+    for word in words:
+        if skip_value:
+            skip_value = False
+        elif word in _VALUE_OPTIONS:
+            skip_value = True
+        elif word.split("=", 1)[0] in _VALUE_OPTIONS or (word.startswith("-o") and not word.startswith("--")):
+            pass  # --output=FILE, -oFILE
+        else:
+            kept.append(word)
+    return " ".join(kept)
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
-    if args.engine:
+    if getattr(args, "engine", None):
         overrides["engine"] = args.engine
-    if args.data_dir:
+    if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
     if args.command == "web":
         if args.host:
@@ -84,13 +182,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         settings = _settings(args)
     except Exception as err:  # pydantic's ValidationError: show it without a stack
         print(f"huahua: invalid settings: {err}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    if args.command in ONE_SHOT_QUIET and "log_level" not in settings.model_fields_set:
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         return asyncio.run(_run(args, settings))
     except KeyboardInterrupt:
@@ -139,6 +239,10 @@ def _runners(command: str, settings: Settings) -> list[Runner]:
         from bots.web.app import run_web
 
         runners.append(run_web)
+    if command == "serve":
+        for bot, variable in (("Telegram", "HUAHUA_TELEGRAM_TOKEN"), ("Discord", "HUAHUA_DISCORD_TOKEN")):
+            if not getattr(settings, variable.removeprefix("HUAHUA_").lower()):
+                logger.info("the %s bot is off: %s is not set", bot, variable)
     if command == "telegram" or (command == "serve" and settings.telegram_token):
         if not settings.telegram_token:
             raise HuahuaError("Set HUAHUA_TELEGRAM_TOKEN to the token @BotFather gave you.")
@@ -173,14 +277,12 @@ async def _imagine(args: argparse.Namespace, settings: Settings) -> int:
     await service.start(recover=False)  # other processes' unfinished jobs are theirs to finish
     try:
         reply = await service.handle_message("cli:local", "cli:local", f"/imagine {args.text}")
-        for text in reply.texts:
-            print(text)
         if reply.job is None:
+            for text in reply.texts:
+                print(f"huahua: {text}", file=sys.stderr)
             return 1
-        async for event in service.subscribe(reply.job.id):
-            if event.total_steps:
-                print(f"\rstep {event.step}/{event.total_steps}", end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
+        # the queued reply (position, prompt) is not shown: the prompt comes once, with the result
+        await _follow(service, reply.job)
         job = await service.get_job(reply.job.id)
         if job.status != JobStatus.DONE:
             print(job.error or f"The job ended {job.status}.", file=sys.stderr)
@@ -195,6 +297,27 @@ async def _imagine(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     finally:
         await service.stop()
+
+
+async def _follow(service: Any, job: Any) -> None:
+    """A progress bar with the time left, from the job's events until it ends."""
+    from tqdm import tqdm
+
+    from core.types import EventType
+
+    bar = tqdm(total=job.request.steps, desc="starting", unit="step", file=sys.stderr, dynamic_ncols=True)
+    drawing = False
+    try:
+        async for event in service.subscribe(job.id):
+            if event.type != EventType.PROGRESS or not event.total_steps:
+                continue
+            if not drawing:  # the clock starts with the first step: loading the engine is not drawing
+                bar.reset(total=event.total_steps)
+                bar.set_description("drawing")
+                drawing = True
+            bar.update(event.step - bar.n)
+    finally:
+        bar.close()
 
 
 def _numbered(path: Path, number: int) -> Path:

@@ -8,14 +8,16 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import discord
 from discord import app_commands
+from yarl import URL
 
 from bots.discord.commands import SlashCommands
 from bots.discord.delivery import STATUS_EVENTS, Delivery
 from bots.discord.interactions import answer
 from bots.discord.views import JobButton
-from core.errors import HuahuaError
+from core.errors import HuahuaError, ServiceUnavailable
 from core.settings import Settings
 from core.types import Action
 
@@ -92,14 +94,31 @@ def build_client(service: Huahua, settings: Settings, *, edit_interval: float = 
 
 
 async def run_discord(service: Huahua, settings: Settings) -> None:
-    """Run the bot until cancelled; closing logs out and stops delivering."""
+    """Run the bot until cancelled; closing logs out and stops delivering.
+
+    Failing to start (a refused token, no network) raises a HuahuaError with one sentence."""
     if settings.discord_token is None or not settings.discord_token.get_secret_value().strip():
         raise HuahuaError("Set HUAHUA_DISCORD_TOKEN to your Discord application's bot token.")
+    # the bot has no voice, so the library's warnings about missing voice packages are noise
+    discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
     client = build_client(service, settings)
     async with client:
         try:
-            await client.start(settings.discord_token.get_secret_value().strip())
+            await client.login(settings.discord_token.get_secret_value().strip())
         except discord.LoginFailure:
             raise HuahuaError("Discord refused the bot token: check HUAHUA_DISCORD_TOKEN.") from None
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            host = URL(discord.http.Route.BASE).host or "discord.com"
+            raise ServiceUnavailable(f"I can't reach Discord at {host}; is the network up?") from None
+        except discord.HTTPException as err:
+            raise ServiceUnavailable(
+                f"Discord answered HTTP {err.status} when the bot logged in; try again in a moment."
+            ) from None
+        try:
+            await client.connect()
         except discord.PrivilegedIntentsRequired:
             raise HuahuaError("Discord refused the gateway intents requested by the bot.") from None
+        except discord.ConnectionClosed as err:
+            if err.code == 4004:
+                raise HuahuaError("Discord refused the bot token: check HUAHUA_DISCORD_TOKEN.") from None
+            raise ServiceUnavailable(f"Discord closed the gateway connection (code {err.code}).") from None
