@@ -4,80 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse
-from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
-from bots.web.app import create_app
 from core.presenter import HELP
-from tests.support import PatternEngine, make_service
-
-IMAGINE = "/imagine 一只在月球上看书的猫 --ar 3:2 --seed 7"
-
-
-class Web:
-    """A started service, its web app on loopback and an HTTP client for it."""
-
-    def __init__(self, client: TestClient, service: Any, engine: PatternEngine) -> None:
-        self.client = client
-        self.service = service
-        self.engine = engine
-
-    async def say(self, text: str, user: str = "alice", chat: str = "main") -> dict[str, Any]:
-        response = await self.client.post("/api/messages", json={"chat": chat, "user": user, "text": text})
-        assert response.status == 200, await response.text()
-        return await response.json()
-
-    async def imagine(self, user: str = "alice", text: str = IMAGINE) -> dict[str, Any]:
-        data = await self.say(text, user=user)
-        assert data["job"] is not None, data
-        return data["job"]
-
-    async def act(self, job_id: str, action: str, index: Any = 0, user: str = "alice") -> ClientResponse:
-        return await self.client.post(
-            f"/api/jobs/{job_id}/actions", json={"action": action, "index": index, "user": user}
-        )
-
-    async def events(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
-        response = await self.client.get(f"/api/jobs/{job_id}/events")
-        assert response.status == 200
-        return [item async for item in read_events(response)]
-
-
-async def read_events(response: ClientResponse) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """Parse a server-sent-events body into (event, data) pairs; comment lines are yielded as ("", {})."""
-    kind = ""
-    async for raw in response.content:
-        line = raw.decode().rstrip("\n")
-        if line.startswith(":"):
-            yield "", {}
-        elif line.startswith("event: "):
-            kind = line[len("event: ") :]
-        elif line.startswith("data: "):
-            yield kind, json.loads(line[len("data: ") :])
+from tests.support import PatternEngine
+from tests.web_support import IMAGINE, Web, read_events
+from tests.web_support import start_web as start_web_server
 
 
 @pytest.fixture
 async def start_web(tmp_path) -> AsyncIterator[Callable[..., Any]]:
-    started: list[tuple[TestClient, Any]] = []
+    started: list[Web] = []
 
     async def start(engine: PatternEngine | None = None, **settings: Any) -> Web:
-        engine = engine or PatternEngine()
-        service = await make_service(tmp_path, engine=engine, **settings)
-        client = TestClient(TestServer(create_app(service, service.settings, heartbeat_s=0.05)))
-        await client.start_server()
-        started.append((client, service))
-        return Web(client, service, engine)
+        web = await start_web_server(tmp_path, engine, **settings)
+        started.append(web)
+        return web
 
     yield start
-    for client, service in started:
-        await client.close()
-        await service.stop()
+    for web in started:
+        await web.close()
 
 
 async def _wait_until(predicate: Callable[[], Any], within_s: float = 10.0) -> None:
@@ -87,18 +37,23 @@ async def _wait_until(predicate: Callable[[], Any], within_s: float = 10.0) -> N
         await asyncio.sleep(0.02)
 
 
+def _message(body: dict[str, Any]) -> str:
+    """The sentence of an API error body {"error": {"code": ..., "message": ...}}."""
+    return str(body["error"]["message"])
+
+
 # messages -----------------------------------------------------------------------------------------
 
 
 async def test_help_is_a_plain_reply_without_job(start_web):
     web = await start_web()
-    data = await web.say("/help")
+    data = await web.client.say("/help")
     assert data == {"replies": [HELP], "job": None, "jobs": [], "attachments": []}
 
 
 async def test_imagine_returns_the_job_and_runs_to_done_with_a_served_image(start_web):
     web = await start_web()
-    data = await web.say(IMAGINE)
+    data = await web.client.say(IMAGINE)
     assert len(data["replies"]) == 1 and "提示词" in data["replies"][0]
     job = data["job"]
     assert job["status"] in ("queued", "running")
@@ -117,7 +72,7 @@ async def test_imagine_returns_the_job_and_runs_to_done_with_a_served_image(star
     }
     assert "猫" in job["prompt_zh"]
 
-    events = await web.events(job["id"])
+    events = await web.client.events(job["id"])
     assert events[-1][0] == "done"
     response = await web.client.get(f"/api/jobs/{job['id']}")
     assert response.status == 200
@@ -135,16 +90,20 @@ async def test_imagine_returns_the_job_and_runs_to_done_with_a_served_image(star
     assert picture.size == (params["width"], params["height"])
 
 
-async def test_user_and_chat_are_prefixed_with_web(start_web):
+async def test_the_user_comes_from_the_cookie_and_the_chat_is_prefixed_with_web(start_web):
     web = await start_web()
-    job = await web.imagine(user="bob")
+    bob = await web.user_id("bob")
+    job = await web.browser("bob").imagine()
     stored = await web.service.get_job(job["id"])
-    assert stored.user == "web:bob" and stored.chat == "web:main"
+    assert stored.user == bob and stored.chat == "web:main" and job["mine"] is True
+    assert bob != await web.user_id("alice")
+    own = (await web.browser("bob").say("/imagine 一只猫", chat=""))["job"]
+    assert (await web.service.get_job(own["id"])).chat == f"web:@{bob.removeprefix('web:')}"
 
 
 async def test_hostile_text_is_returned_as_data_not_markup(start_web):
     web = await start_web()
-    job = await web.imagine(text="/imagine <img src=x onerror=alert(1)> 猫 --seed 1")
+    job = await web.client.imagine(text="/imagine <img src=x onerror=alert(1)> 猫 --seed 1")
     stored = await web.service.get_job(job["id"])
     assert job["caption"].startswith("提示词:")
     assert stored.source_text.startswith("<img")
@@ -152,8 +111,8 @@ async def test_hostile_text_is_returned_as_data_not_markup(start_web):
 
 async def test_text_over_the_length_limit_gets_a_friendly_reply(start_web):
     web = await start_web(max_text_length=100)
-    data = await web.say("/imagine " + "猫" * 200)
-    assert data["job"] is None and "too long" in data["replies"][0]
+    data = await web.client.say("/imagine " + "猫" * 200, status=400)
+    assert data["error"]["code"] == "invalid_option" and "too long" in _message(data)
 
 
 @pytest.mark.parametrize(
@@ -161,13 +120,15 @@ async def test_text_over_the_length_limit_gets_a_friendly_reply(start_web):
     [
         (b"not json", 400, "JSON object"),
         (b"[1, 2]", 400, "JSON object"),
-        (b'{"chat": "main", "user": "alice"}', 400, "'text' is missing"),
-        (b'{"chat": "main", "user": "alice", "text": 5}', 400, "'text' must be text"),
-        (b'{"chat": [], "user": "alice", "text": "/help"}', 400, "'chat' must be text"),
-        (b'{"chat": "main", "user": "", "text": "/help"}', 400, "'user' must be a short printable name"),
-        (b'{"chat": "main", "user": "a\\u0000b", "text": "/help"}', 400, "printable"),
-        (b'{"chat": "main", "user": "alice", "text": "   "}', 400, "Type a message"),
-        (b'{"chat": "main", "user": "alice", "text": "\xff\xfe"}', 400, "JSON object"),
+        (b'{"chat": "main"}', 400, "'text' is missing"),
+        (b'{"chat": "main", "text": 5}', 400, "'text' must be text"),
+        (b'{"chat": [], "text": "/help"}', 400, "'chat' must be text"),
+        (b'{"chat": "main", "user": "alice", "text": "/help"}', 400, "Leave out 'user'"),
+        (b'{"chat": "a\\u0000b", "text": "/help"}', 400, "printable"),
+        (b'{"chat": "@someone", "text": "/help"}', 400, "not starting with @"),
+        (b'{"chat": "main", "text": "   "}', 400, "Type a message"),
+        (b'{"chat": "main", "text": "\\ufeff "}', 400, "Type a message"),
+        (b'{"chat": "main", "text": "\xff\xfe"}', 400, "JSON object"),
     ],
 )
 async def test_bad_message_bodies_get_400_with_one_sentence(start_web, body, status, fragment):
@@ -175,16 +136,17 @@ async def test_bad_message_bodies_get_400_with_one_sentence(start_web, body, sta
     response = await web.client.post("/api/messages", data=body, headers={"Content-Type": "application/json"})
     assert response.status == status
     data = await response.json()
-    assert fragment in data["error"]
+    assert fragment in _message(data) and data["error"]["code"] == "bad_request"
     assert await web.service.queue.size() == 0
 
 
 async def test_a_100_kb_message_is_refused_before_it_reaches_the_service(start_web):
     web = await start_web()
-    body = {"chat": "main", "user": "alice", "text": "/imagine " + "x" * 100_000}
+    body = {"chat": "main", "text": "/imagine " + "x" * 100_000}
     response = await web.client.post("/api/messages", json=body)
     assert response.status == 413
-    assert "too large" in (await response.json())["error"]
+    data = await response.json()
+    assert "too large" in _message(data) and data["error"]["code"] == "too_large"
 
 
 # jobs and events ----------------------------------------------------------------------------------
@@ -193,8 +155,8 @@ async def test_a_100_kb_message_is_refused_before_it_reaches_the_service(start_w
 async def test_sse_order_queued_then_started_progress_and_done(start_web):
     gate = asyncio.Event()
     web = await start_web(PatternEngine(gate=gate))
-    first = await web.imagine(user="alice")
-    second = await web.imagine(user="bob")
+    first = await web.browser("alice").imagine()
+    second = await web.browser("bob").imagine()
     response = await web.client.get(f"/api/jobs/{second['id']}/events")
     stream = read_events(response)
     kind, data = await anext(stream)
@@ -215,16 +177,16 @@ async def test_sse_order_queued_then_started_progress_and_done(start_web):
 
 async def test_sse_of_a_finished_job_sends_the_final_event_and_closes(start_web):
     web = await start_web()
-    job = await web.imagine()
-    await web.events(job["id"])
-    events = await web.events(job["id"])
+    job = await web.client.imagine()
+    await web.client.events(job["id"])
+    events = await web.client.events(job["id"])
     assert [k for k, _ in events] == ["done"]
 
 
 async def test_sse_sends_heartbeats_and_unsubscribes_when_the_client_leaves(start_web):
     gate = asyncio.Event()
     web = await start_web(PatternEngine(gate=gate))
-    job = await web.imagine()
+    job = await web.client.imagine()
     response = await web.client.get(f"/api/jobs/{job['id']}/events")
     assert response.headers["Content-Type"].startswith("text/event-stream")
     stream = read_events(response)
@@ -246,22 +208,23 @@ async def test_sse_sends_heartbeats_and_unsubscribes_when_the_client_leaves(star
 async def test_cancel_while_queued(start_web):
     gate = asyncio.Event()
     web = await start_web(PatternEngine(gate=gate))
-    await web.imagine(user="alice")
-    queued = await web.imagine(user="bob")
-    response = await web.act(queued["id"], "cancel", user="alice")
+    await web.browser("alice").imagine()
+    queued = await web.browser("bob").imagine()
+    response = await web.browser("alice").act(queued["id"], "cancel")
     assert response.status == 403
-    response = await web.act(queued["id"], "cancel", user="bob")
+    assert (await response.json())["error"]["code"] == "not_allowed"
+    response = await web.browser("bob").act(queued["id"], "cancel")
     assert response.status == 200
     cancelled = await response.json()
     assert cancelled["status"] == "cancelled"
-    assert [k for k, _ in await web.events(queued["id"])] == ["cancelled"]
+    assert [k for k, _ in await web.client.events(queued["id"])] == ["cancelled"]
     gate.set()
 
 
 async def test_cancel_while_running(start_web):
     gate = asyncio.Event()
     web = await start_web(PatternEngine(gate=gate))
-    job = await web.imagine()
+    job = await web.client.imagine()
 
     async def running() -> bool:
         return (await web.service.get_job(job["id"])).status.value == "running"
@@ -270,7 +233,7 @@ async def test_cancel_while_running(start_web):
     response = await web.client.get(f"/api/jobs/{job['id']}/events")
     stream = read_events(response)
     await anext(stream)
-    answer = await web.act(job["id"], "cancel")
+    answer = await web.client.act(job["id"], "cancel")
     assert answer.status == 200 and (await answer.json())["id"] == job["id"]
     gate.set()
     kinds = [k async for k, _ in stream if k]
@@ -281,14 +244,14 @@ async def test_cancel_while_running(start_web):
 
 async def test_reroll_variation_and_upscale_make_child_jobs(start_web):
     web = await start_web()
-    parent = await web.imagine()
-    await web.events(parent["id"])
+    parent = await web.client.imagine()
+    await web.client.events(parent["id"])
     for action, kind in (("reroll", "reroll"), ("variation", "variation"), ("upscale", "upscale")):
-        response = await web.act(parent["id"], action, 0)
+        response = await web.client.act(parent["id"], action, 0)
         assert response.status == 200, await response.text()
         child = await response.json()
         assert child["kind"] == kind and child["parent_id"] == parent["id"] and child["id"] != parent["id"]
-        assert (await web.events(child["id"]))[-1][0] == "done"
+        assert (await web.client.events(child["id"]))[-1][0] == "done"
     upscaled = await web.service.get_job(child["id"])
     assert upscaled.request.width == parent["params"]["width"] * 2
 
@@ -296,31 +259,32 @@ async def test_reroll_variation_and_upscale_make_child_jobs(start_web):
 @pytest.mark.parametrize(
     ("body", "status", "fragment"),
     [
-        ({"action": "explode", "index": 0, "user": "alice"}, 400, "reroll, variation, upscale or cancel"),
-        ({"action": "variation", "index": 5, "user": "alice"}, 400, "from 1 to 1"),
-        ({"action": "upscale", "index": -1, "user": "alice"}, 400, "from 1 to 1"),
-        ({"action": "variation", "index": "1", "user": "alice"}, 400, "whole number"),
-        ({"action": "variation", "index": True, "user": "alice"}, 400, "whole number"),
-        ({"action": "reroll", "index": 0}, 400, "'user' is missing"),
-        ({"action": 3, "index": 0, "user": "alice"}, 400, "'action' must be text"),
+        ({"action": "explode", "index": 0}, 400, "reroll, variation, upscale or cancel"),
+        ({"action": "variation", "index": 5}, 400, "from 1 to 1"),
+        ({"action": "upscale", "index": -1}, 400, "from 1 to 1"),
+        ({"action": "variation", "index": "1"}, 400, "whole number"),
+        ({"action": "variation", "index": True}, 400, "whole number"),
+        ({"action": "reroll", "index": 0, "user": "bob"}, 400, "Leave out 'user'"),
+        ({"action": 3, "index": 0}, 400, "'action' must be text"),
     ],
 )
 async def test_bad_actions_get_400(start_web, body, status, fragment):
     web = await start_web()
-    parent = await web.imagine()
-    await web.events(parent["id"])
+    parent = await web.client.imagine()
+    await web.client.events(parent["id"])
     response = await web.client.post(f"/api/jobs/{parent['id']}/actions", json=body)
     assert response.status == status
-    assert fragment in (await response.json())["error"]
+    assert fragment in _message(await response.json())
 
 
 async def test_quota_refusal_on_an_action_is_429(start_web):
     web = await start_web(daily_image_quota=1)
-    parent = await web.imagine()
-    await web.events(parent["id"])
-    response = await web.act(parent["id"], "reroll")
+    parent = await web.client.imagine()
+    await web.client.events(parent["id"])
+    response = await web.client.act(parent["id"], "reroll")
     assert response.status == 429
-    assert "quota" in (await response.json())["error"]
+    data = await response.json()
+    assert "quota" in _message(data) and data["error"]["code"] == "quota"
 
 
 @pytest.mark.parametrize(
@@ -333,10 +297,10 @@ async def test_quota_refusal_on_an_action_is_429(start_web):
 )
 async def test_unknown_job_is_404(start_web, method, path):
     web = await start_web()
-    body = {"action": "reroll", "index": 0, "user": "alice"}
+    body = {"action": "reroll", "index": 0}
     response = await web.client.request(method, path, json=body if method == "POST" else None)
     assert response.status == 404
-    assert "can't find" in (await response.json())["error"]
+    assert "can't find" in _message(await response.json())
 
 
 # images, page and health --------------------------------------------------------------------------
@@ -362,8 +326,8 @@ async def test_unknown_or_malformed_image_digests_are_404(start_web, path):
 async def test_healthz_reports_engine_and_queue(start_web):
     gate = asyncio.Event()
     web = await start_web(PatternEngine(gate=gate))
-    await web.imagine(user="alice")
-    await web.imagine(user="bob")
+    await web.browser("alice").imagine()
+    await web.browser("bob").imagine()
     response = await web.client.get("/healthz")
     assert response.status == 200
     health = await response.json()
@@ -393,5 +357,7 @@ async def test_unexpected_errors_are_a_generic_500_without_details(start_web, ca
     response = await web.client.get("/healthz")
     assert response.status == 500
     body = await response.json()
-    assert body == {"error": "Something went wrong on the server; please try again."}
+    assert body == {
+        "error": {"code": "internal", "message": "Something went wrong on the server; please try again."}
+    }
     assert "unexpected error on GET /healthz" in caplog.text

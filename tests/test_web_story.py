@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 from pypdf import PdfReader
 
-from bots.web.app import AttachmentShelf, create_app
+from bots.web.app import AttachmentShelf
 from core.story import export
-from tests.support import CHROMIUM, PatternEngine, make_service, skip_needing, skip_unless
+from tests import web_support
+from tests.support import CHROMIUM, PatternEngine, skip_needing, skip_unless
 
 ROOM = "月光屋"
 LILY = "穿红斗篷的小女孩"
@@ -33,12 +33,13 @@ CHAT_SCREENSHOT = Path("/tmp/huahua-story-chat.png")
 
 
 class Web:
-    def __init__(self, client: TestClient, service: Any) -> None:
-        self.client = client
-        self.service = service
+    def __init__(self, server: web_support.Web) -> None:
+        self.server = server
+        self.client = server.client
+        self.service = server.service
 
-    async def say(self, text: str, room: str = ROOM, user: str = "alice") -> dict[str, Any]:
-        response = await self.client.post("/api/messages", json={"chat": room, "user": user, "text": text})
+    async def say(self, text: str, room: str = ROOM) -> dict[str, Any]:
+        response = await self.client.post("/api/messages", json={"chat": room, "text": text})
         assert response.status == 200, await response.text()
         return await response.json()
 
@@ -88,19 +89,16 @@ StartWeb = Callable[..., Awaitable[Web]]
 
 @pytest.fixture
 async def start_web(tmp_path) -> AsyncIterator[StartWeb]:
-    started: list[tuple[TestClient, Any]] = []
+    started: list[web_support.Web] = []
 
     async def start(**settings: Any) -> Web:
-        service = await make_service(tmp_path, engine=PatternEngine(), **settings)
-        client = TestClient(TestServer(create_app(service, service.settings, heartbeat_s=0.05)))
-        await client.start_server()
-        started.append((client, service))
-        return Web(client, service)
+        server = await web_support.start_web(tmp_path, PatternEngine(), **settings)
+        started.append(server)
+        return Web(server)
 
     yield start
-    for client, service in started:
-        await client.close()
-        await service.stop()
+    for server in started:
+        await server.close()
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -143,9 +141,8 @@ async def test_a_whole_story_through_the_web_api(start_web):
     assert await web.get_json(f"/api/stories/{story_id}") == story
 
     # 🔄 on panel 1's job: the new picture becomes a variant of scene 1
-    response = await web.client.post(
-        f"/api/jobs/{jobs[0]['id']}/actions", json={"action": "reroll", "index": 0, "user": "bob"}
-    )
+    bob = web.server.browser("bob")
+    response = await bob.post(f"/api/jobs/{jobs[0]['id']}/actions", json={"action": "reroll", "index": 0})
     assert response.status == 200
     reroll = await response.json()
     assert reroll["meta"] == {"story_id": story_id, "story_scene": "1"} and reroll["kind"] == "reroll"
@@ -157,16 +154,14 @@ async def test_a_whole_story_through_the_web_api(start_web):
     assert [len(scene["images"]) for scene in story["scenes"][1:]] == [1, 1]
 
     # ⭐ in the gallery: picture 2 of panel 1
-    response = await web.client.post(
-        f"/api/stories/{story_id}/choose", json={"scene": 1, "picture": 2, "user": "bob"}
-    )
+    response = await bob.post(f"/api/stories/{story_id}/choose", json={"scene": 1, "picture": 2})
     assert response.status == 200, await response.text()
     chosen = await response.json()
     assert chosen["scenes"][0]["chosen"] == first["images"][1]
     assert (await web.story_of_room())["scenes"][0]["chosen"] == first["images"][1]
     # ⭐ under a chat picture: the action "choose" puts the first one back
     response = await web.client.post(
-        f"/api/jobs/{jobs[0]['id']}/actions", json={"action": "choose", "index": 0, "user": "alice"}
+        f"/api/jobs/{jobs[0]['id']}/actions", json={"action": "choose", "index": 0}
     )
     assert response.status == 200 and (await response.json())["id"] == jobs[0]["id"]
     assert (await web.story_of_room())["scenes"][0]["chosen"] == first["images"][0]
@@ -210,7 +205,7 @@ async def test_reply_attachments_are_served(start_web):
 
     for path in ("/api/attachments/AAAAAAAAAAAAAAAAAAAAAAAA/x.pdf", "/api/attachments/bad!/x.pdf"):
         response = await web.client.get(path)
-        assert response.status == 404 and "expired" in (await response.json())["error"]
+        assert response.status == 404 and "expired" in (await response.json())["error"]["message"]
 
 
 def test_the_attachment_shelf_expires_and_stays_within_its_bytes():
@@ -251,32 +246,31 @@ async def test_the_gallery_page_is_served(start_web):
 )
 async def test_an_unknown_story_is_404(start_web, method, path):
     web = await start_web()
-    body = {"scene": 1, "picture": 1, "user": "alice"}
+    body = {"scene": 1, "picture": 1}
     response = await web.client.request(method, path, json=body if method == "POST" else None)
     assert response.status == 404
     if path.startswith("/api/"):
-        assert "can't find that story" in (await response.json())["error"]
+        assert "can't find that story" in (await response.json())["error"]["message"]
 
 
 async def test_a_room_without_a_story_is_404_and_a_bad_room_400(start_web):
     web = await start_web()
     data = await web.get_json("/api/chats/empty/story", status=404)
-    assert "/story new" in data["error"]
+    assert "/story new" in data["error"]["message"]
     data = await web.get_json(f"/api/chats/{'x' * 65}/story", status=400)
-    assert "short printable name" in data["error"]
+    assert "short printable name" in data["error"]["message"]
 
 
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
-        ({"scene": 1, "picture": 0, "user": "alice"}, "pictures 1 to 1"),
-        ({"scene": 1, "picture": 2, "user": "alice"}, "pictures 1 to 1"),
-        ({"scene": 4, "picture": 1, "user": "alice"}, "panel from 1 to 3"),
-        ({"scene": 1, "picture": "1", "user": "alice"}, "'picture' must be a whole number"),
-        ({"scene": True, "picture": 1, "user": "alice"}, "'scene' must be a whole number"),
-        ({"scene": 1, "user": "alice"}, "'picture' is missing"),
-        ({"scene": 1, "picture": 1}, "'user' is missing"),
-        ({"scene": 1, "picture": 1, "user": "   "}, "short printable name"),
+        ({"scene": 1, "picture": 0}, "pictures 1 to 1"),
+        ({"scene": 1, "picture": 2}, "pictures 1 to 1"),
+        ({"scene": 4, "picture": 1}, "panel from 1 to 3"),
+        ({"scene": 1, "picture": "1"}, "'picture' must be a whole number"),
+        ({"scene": True, "picture": 1}, "'scene' must be a whole number"),
+        ({"scene": 1}, "'picture' is missing"),
+        ({"scene": 1, "picture": 1, "user": "alice"}, "Leave out 'user'"),
         ([1, 2], "JSON object"),
     ],
 )
@@ -285,7 +279,7 @@ async def test_bad_choose_input_is_400(start_web, body, fragment):
     story, _ = await web.illustrated()
     response = await web.client.post(f"/api/stories/{story['id']}/choose", json=body)
     assert response.status == 400
-    assert fragment in (await response.json())["error"]
+    assert fragment in (await response.json())["error"]["message"]
     assert (await web.story_of_room())["scenes"][0]["chosen"] == story["scenes"][0]["chosen"]
 
 
@@ -294,10 +288,8 @@ async def test_choose_on_a_plain_picture_is_400(start_web):
     job = (await web.say("/imagine 一只猫 --seed 3"))["job"]
     await web.wait_done(job["id"])
     assert job["meta"] == {}
-    response = await web.client.post(
-        f"/api/jobs/{job['id']}/actions", json={"action": "choose", "index": 0, "user": "alice"}
-    )
-    assert response.status == 400 and "story" in (await response.json())["error"]
+    response = await web.client.post(f"/api/jobs/{job['id']}/actions", json={"action": "choose", "index": 0})
+    assert response.status == 400 and "story" in (await response.json())["error"]["message"]
 
 
 async def test_the_pdf_without_a_chinese_font_is_503(start_web, monkeypatch):
@@ -312,7 +304,7 @@ async def test_the_pdf_without_a_chinese_font_is_503(start_web, monkeypatch):
         monkeypatch.undo()
         export.find_cjk_font.cache_clear()
     assert response.status == 503
-    assert "Chinese font" in (await response.json())["error"]
+    assert "Chinese font" in (await response.json())["error"]["message"]
 
 
 # the pages in headless Chromium ------------------------------------------------------------------
@@ -321,7 +313,7 @@ async def test_the_pdf_without_a_chinese_font_is_503(start_web, monkeypatch):
 @skip_unless(CHROMIUM.exists(), f"Chromium at {CHROMIUM}", "apt-get install chromium")
 async def test_the_chat_and_gallery_pages_in_chromium(start_web, browser):
     web = await start_web()
-    base = str(web.client.make_url("/"))
+    base = web.server.base_url
     page = await browser.new_page(viewport={"width": 1280, "height": 900})
     await page.goto(base)
     await page.fill("#chat", ROOM)

@@ -12,7 +12,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,7 @@ EXPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 SERVICE_KEY: web.AppKey[Huahua] = web.AppKey("service", Huahua)
 PAGES_KEY: web.AppKey[dict[str, str]] = web.AppKey("pages", dict)
 PAGES = ("index.html", "story.html")
+STATIC_KEY: web.AppKey[dict[str, Path]] = web.AppKey("static_files", dict)
 HEARTBEAT_KEY: web.AppKey[float] = web.AppKey("heartbeat", float)
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -258,6 +259,14 @@ def _page(request: web.Request, name: str, status: int = 200) -> web.Response:
 
 async def index(request: web.Request) -> web.Response:
     return _page(request, "index.html")
+
+
+async def static_file(request: web.Request) -> web.FileResponse:
+    """One of the page's own files (a fixed list, so a missing one is a JSON 404 like any other)."""
+    path = request.app[STATIC_KEY].get(request.match_info["name"])
+    if path is None:
+        raise web.HTTPNotFound()
+    return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
 
 async def favicon(request: web.Request) -> web.FileResponse:
@@ -549,7 +558,7 @@ async def _job_after(service: Huahua, job: Job, event: JobEvent) -> Job:
 
 async def _with_heartbeats(
     events: AsyncIterator[JobEvent], interval: float
-) -> AsyncIterator[JobEvent | None]:
+) -> AsyncGenerator[JobEvent | None, None]:
     """Yield events as they come and None after every `interval` seconds of silence."""
     inbox: asyncio.Queue[JobEvent | BaseException | None] = asyncio.Queue()
 
@@ -619,7 +628,8 @@ def create_app(service: Huahua, settings: Settings, *, heartbeat_s: float = HEAR
     app.router.add_get("/api/stories/{story_id}/export.pdf", export_story_pdf)
     app.router.add_post("/api/stories/{story_id}/choose", choose_picture)
     app.router.add_get("/stories/{story_id}", story_page)
-    app.router.add_static("/static/", STATIC_DIR, append_version=True)
+    app[STATIC_KEY] = {path.name: path for path in STATIC_DIR.iterdir() if path.is_file()}
+    app.router.add_get("/static/{name}", static_file)
     return app
 
 

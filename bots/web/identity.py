@@ -177,15 +177,14 @@ class LoginGuard:
 IDENTITIES_KEY: web.AppKey[Identities] = web.AppKey("identities", Identities)
 RIGHTS_KEY: web.AppKey[Rights] = web.AppKey("rights", Rights)
 GUARD_KEY: web.AppKey[LoginGuard] = web.AppKey("login_guard", LoginGuard)
-USER = "huahua_user"
-"""Request key: the caller's web user id (without the web: prefix)."""
+USER: web.RequestKey[str] = web.RequestKey("huahua_user", str)
+"""The caller's web user id (without the web: prefix)."""
 
 
 def current_user(request: web.Request) -> str:
-    user = request.get(USER)
-    if not isinstance(user, str):
+    if USER not in request:
         raise web.HTTPUnauthorized()
-    return user
+    return request[USER]
 
 
 def _open(path: str) -> bool:

@@ -153,7 +153,7 @@ function cardFor(job) {
 }
 
 function kindLabel(job) {
-  const kind = t(job.parent_id ? job.kind : "imagine");
+  const kind = t(job.kind);
   if (job.meta && job.meta.story_scene) return `📖 ${t("panel", job.meta.story_scene)} · ${kind}`;
   return kind;
 }

@@ -34,7 +34,7 @@ const TEXT = {
     variation: "variation",
     upscale: "upscale",
     scene: "scene",
-    panel: "panel",
+    panel: "panel {0}",
     cancel: "❌ Cancel",
     cancelTitle: "Cancel this job",
     rerollButton: "🔄 Reroll",
