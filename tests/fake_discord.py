@@ -3,7 +3,10 @@
 discord.py is pointed at it by setting `discord.http.Route.BASE` to `FakeDiscord.base`. It understands
 the routes the Huahua adapter uses: login, application info, command sync, interaction callbacks,
 webhook (interaction) messages and channel messages. Tokens in `expired_tokens` get the 401 Discord
-sends for a dead interaction token.
+sends for a dead interaction token. A channel message with `enforce_nonce` whose nonce the channel saw
+before is answered with the first message, as Discord does. `fail_next` scripts the failures of a busy or
+unreachable API: 429 (with or without the `Via` header that discord.py takes as a real rate limit), 5xx,
+403, a dropped connection, or an answer lost after the call was carried out (`LOST_ANSWER`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import discord
@@ -26,6 +29,8 @@ APP_ID = 1100000000000000001
 BOT_ID = 1100000000000000002
 OWNER_ID = 1100000000000000003
 VALID_TOKEN = "fake-bot-token"
+LOST_ANSWER = -1
+"""A scripted failure: the call is carried out, then the connection drops before the answer."""
 
 _ids = itertools.count(1300000000000000000)
 
@@ -54,6 +59,10 @@ class Call:
     parts: tuple[Part, ...] = ()
     at: float = 0.0
     """time.monotonic() when the call arrived."""
+    status: int = 200
+    """The HTTP status answered (0: the connection was dropped)."""
+    made: dict[str, Any] | None = None
+    """The message this call created, if it created one (not a failure, nor a repeated nonce)."""
 
     @property
     def files(self) -> tuple[Part, ...]:
@@ -81,6 +90,18 @@ def user_payload(user_id: int, name: str, *, bot: bool = False) -> dict[str, Any
     }
 
 
+@dataclass(frozen=True)
+class Failure:
+    """A scripted answer: an HTTP error status, 0 to drop the connection unanswered, or `LOST_ANSWER`."""
+
+    method: str
+    pattern: str
+    status: int
+    retry_after: float = 1.0
+    via: bool = True
+    """429 only: Discord's proxy header; without it discord.py takes the 429 for a Cloudflare ban."""
+
+
 class FakeDiscord:
     """The fake API server; `async with FakeDiscord() as api:` then point discord.py at `api.base`."""
 
@@ -88,6 +109,9 @@ class FakeDiscord:
         self.calls: list[Call] = []
         self.expired_tokens: set[str] = set()
         self.forbidden_channels: set[int] = set()
+        self.failures: list[Failure] = []
+        self._nonces: dict[tuple[int, str], dict[str, Any]] = {}
+        self._made: dict[str, Any] | None = None
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -119,6 +143,24 @@ class FakeDiscord:
         regex = re.compile(pattern)
         return [c for c in self.calls if c.method == method and regex.fullmatch(c.path)]
 
+    def messages_made(self) -> list[Call]:
+        """The calls that created a message (follow-ups and channel messages that Discord kept)."""
+        return [c for c in self.calls if c.made is not None]
+
+    def fail_next(
+        self,
+        method: str,
+        pattern: str,
+        status: int,
+        *,
+        retry_after: float = 1.0,
+        via: bool = True,
+        times: int = 1,
+    ) -> None:
+        """Answer the next `times` calls of `method` to a path matching `pattern` with `status`
+        (429 with `retry_after`; 0 drops the connection) instead of carrying them out."""
+        self.failures.extend([Failure(method, pattern, status, retry_after, via)] * times)
+
     async def wait_for(self, predicate: Callable[[], Any], limit_s: float = 20.0) -> Any:
         """Wait until `predicate()` is truthy (re-checked after every call) and return its value."""
 
@@ -136,10 +178,28 @@ class FakeDiscord:
         path = "/" + request.match_info["tail"]
         body, parts = await self._read_body(request)
         call = Call(request.method, path, dict(request.query), body, parts, time.monotonic())
+        failure = self._failure_for(call)
+        if failure is not None and failure.status != LOST_ANSWER:
+            call = replace(call, status=failure.status)
+            response = _failed(request, failure)
+        else:
+            self._made = None
+            response = self._answer(call, request.headers.get("Authorization", ""))
+            call = replace(call, status=response.status, made=self._made)
+            if failure is not None:
+                call = replace(call, status=LOST_ANSWER)
+                response = _failed(request, replace(failure, status=0))
         self.calls.append(call)
         async with self._changed:
             self._changed.notify_all()
-        return self._answer(call, request.headers.get("Authorization", ""))
+        return response
+
+    def _failure_for(self, call: Call) -> Failure | None:
+        for failure in self.failures:
+            if failure.method == call.method and re.fullmatch(failure.pattern, call.path):
+                self.failures.remove(failure)
+                return failure
+        return None
 
     @staticmethod
     async def _read_body(request: web.Request) -> tuple[Any, tuple[Part, ...]]:
@@ -189,12 +249,25 @@ class FakeDiscord:
                 return _json({"message": "Invalid Webhook Token", "code": 50027}, status=401)
             if method == "DELETE":
                 return web.Response(status=204)
-            return _json(message_payload(call.json, channel_id=0, parts=call.files, webhook=True))
+            message = message_payload(call.json, channel_id=0, parts=call.files, webhook=True)
+            if method == "POST":
+                self._made = message
+            return _json(message)
         if match := re.fullmatch(r"/channels/(\d+)/messages", path):
             channel_id = int(match[1])
             if channel_id in self.forbidden_channels:
                 return _json({"message": "Missing Access", "code": 50001}, status=403)
-            return _json(message_payload(call.json, channel_id=channel_id, parts=call.files))
+            body = call.json or {}
+            key = (channel_id, str(body.get("nonce")))
+            if body.get("enforce_nonce") and key in self._nonces:
+                return _json(self._nonces[key])
+            message = message_payload(call.json, channel_id=channel_id, parts=call.files)
+            if body.get("nonce") is not None:
+                message["nonce"] = str(body["nonce"])
+                if body.get("enforce_nonce"):
+                    self._nonces[key] = message
+            self._made = message
+            return _json(message)
         return _json({"message": f"404: Not Found ({method} {path})", "code": 0}, status=404)
 
     def _callback(self, interaction_id: int, token: str, call: Call) -> web.Response:
@@ -218,11 +291,29 @@ class FakeDiscord:
         return _json(answer)
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     """JSON the way Discord sends it: discord.py wants exactly `application/json`, without a charset."""
     return web.Response(
-        body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"}
+        body=json.dumps(data).encode(),
+        status=status,
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
+
+
+def _failed(request: web.Request, failure: Failure) -> web.Response:
+    if failure.status == 0:
+        if request.transport is not None:
+            request.transport.close()
+        return web.Response(status=500)  # never written: the client sees the connection drop
+    if failure.status == 429:
+        headers = {"Retry-After": f"{failure.retry_after:g}"}
+        if failure.via:
+            headers["Via"] = "1.1 google"
+        body = {"message": "You are being rate limited.", "retry_after": failure.retry_after, "global": False}
+        return _json(body, status=429, headers=headers)
+    if failure.status == 403:
+        return _json({"message": "Missing Access", "code": 50001}, status=403)
+    return _json({"message": f"{failure.status}: Server Error", "code": 0}, status=failure.status)
 
 
 def _application() -> dict[str, Any]:

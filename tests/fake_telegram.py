@@ -2,7 +2,8 @@
 
 It speaks the wire format python-telegram-bot uses (form, multipart with files, or JSON bodies) and
 answers like the real API for the methods the adapter calls, including its 400s for edits of missing or
-unchanged messages, so the real `telegram.ext.Application` runs against it unchanged.
+unchanged messages, so the real `telegram.ext.Application` runs against it unchanged. `fail_next` scripts
+the failures of a busy or unreachable API: 429 with `retry_after`, 5xx, 403, or a dropped connection.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import itertools
 import json
 import re
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,19 @@ class Call:
     files: dict[str, bytes] = field(default_factory=dict)
     filenames: dict[str, str] = field(default_factory=dict)
     at: float = field(default_factory=time.monotonic)
+    status: int = 200
+    """The HTTP status answered (0: the connection was dropped); only a 200 did anything."""
+    result: Any = None
+    """What a 200 answered with (for send* methods, the message the fake made)."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A scripted answer to one call: an HTTP error status, or 0 to drop the connection unanswered."""
+
+    status: int
+    retry_after: int | None = None
+    description: str = ""
 
 
 class FakeTelegram:
@@ -53,9 +68,12 @@ class FakeTelegram:
         self.channels: dict[str, int] = {}
         """Public channels: "@username" -> chat id; an unknown @username answers 400 chat not found."""
         self.forbidden: set[int] = set()
-        """Chats the bot may not post in: sending there answers 403, as for a channel it is not in."""
+        """Chats the bot may not post in (a channel it is not in, a group it was removed from): sending or
+        editing there answers 403."""
         self.forums: set[int] = set()
         """Supergroups with topics: messages there may carry a `message_thread_id`."""
+        self.failures: dict[str, list[Failure]] = defaultdict(list)
+        """Scripted answers per method, used (in order) before the method runs."""
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
         self._message_ids = itertools.count(100)
@@ -88,21 +106,32 @@ class FakeTelegram:
         method = request.match_info["method"]
         params, files, filenames = await _read_params(request)
         call = Call(method, params, files, filenames)
+        failure = self.failures[method].pop(0) if self.failures.get(method) else None
+        if failure is not None:
+            call.status = failure.status
         if method != "getUpdates":
             self.calls.append(call)
             async with self._changed:
                 self._changed.notify_all()
+        if failure is not None:
+            return _failed(request, failure)
         handler = getattr(self, f"_m_{method}", None)
         if handler is None:
             return _error(404, "Not Found: method not found")
         try:
             if "chat_id" in params and method.startswith("send"):
                 params = {**params, "chat_id": self._chat_id(params["chat_id"])}
+            elif "chat_id" in params and method.startswith(("edit", "delete")):
+                if int(params["chat_id"]) in self.forbidden:
+                    raise ForbiddenError("bot was kicked from the group chat")
             result = await handler(params, files)
         except ForbiddenError as err:
+            call.status = 403
             return _error(403, f"Forbidden: {err}")
         except ApiError as err:
+            call.status = 400
             return _error(400, f"Bad Request: {err}")
+        call.result = result
         return web.json_response({"ok": True, "result": result})
 
     async def _file(self, request: web.Request) -> web.Response:
@@ -169,6 +198,19 @@ class FakeTelegram:
 
         asyncio.get_running_loop().create_task(notify())
 
+    def fail_next(
+        self,
+        method: str,
+        status: int,
+        *,
+        retry_after: int | None = None,
+        times: int = 1,
+        description: str = "",
+    ) -> None:
+        """Answer the next `times` calls of `method` with `status` (429 carries `retry_after`; 0 drops
+        the connection without an answer) instead of running them."""
+        self.failures[method].extend([Failure(status, retry_after, description)] * times)
+
     def calls_of(self, method: str, chat_id: int | str | None = None) -> list[Call]:
         """The bot's calls of `method`, to one chat (by id, or by the @username it was addressed by)."""
         return [
@@ -176,6 +218,10 @@ class FakeTelegram:
             for c in self.calls
             if c.method == method and (chat_id is None or str(c.params.get("chat_id", 0)) == str(chat_id))
         ]
+
+    def posted(self, method: str, chat_id: int | str | None = None) -> list[Call]:
+        """The calls of `method` that the fake carried out (answered 200)."""
+        return [c for c in self.calls_of(method, chat_id) if c.status == 200]
 
     async def wait_for(
         self,
@@ -366,6 +412,26 @@ class ForbiddenError(Exception):
 
 def _error(status: int, description: str) -> web.Response:
     return web.json_response({"ok": False, "error_code": status, "description": description}, status=status)
+
+
+def _failed(request: web.Request, failure: Failure) -> web.Response:
+    if failure.status == 0:
+        if request.transport is not None:
+            request.transport.close()
+        return web.Response(status=500)  # never written: the client sees the connection drop
+    if failure.status == 429:
+        retry_after = failure.retry_after or 1
+        return web.json_response(
+            {
+                "ok": False,
+                "error_code": 429,
+                "description": f"Too Many Requests: retry after {retry_after}",
+                "parameters": {"retry_after": retry_after},
+            },
+            status=429,
+        )
+    default = {403: "Forbidden: bot was kicked from the group chat", 500: "Internal Server Error"}
+    return _error(failure.status, failure.description or default.get(failure.status, "Bad Gateway"))
 
 
 async def _read_params(
