@@ -9,8 +9,9 @@ platform's own wait when it names one: Telegram's `retry_after`, Discord's rate 
 restart, by whichever process serves the platform next.
 
 The one window left: a crash after the platform accepted a post and before the mark is stored posts
-that result again on the next attempt. It spans one store write after the platform's answer; the
-platforms offer no idempotency key for sending messages that would close it.
+that result again on the next attempt. It spans one store write after the platform's answer (a poster
+awaits nothing after it); the Bot API and Discord's interaction follow-ups offer no idempotency key for
+sending messages that would close it (Discord's channel posts take a nonce, honoured for minutes).
 """
 
 from __future__ import annotations
