@@ -86,6 +86,7 @@ def needs(what: str, how: str) -> str:
 
 def skip_needing(what: str, how: str) -> NoReturn:
     """Skip the running test because `what` is absent (hardware, a system package, weights)."""
+    __tracebackhide__ = True  # the skip is reported at the caller's line
     pytest.skip(needs(what, how))
 
 
