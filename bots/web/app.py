@@ -364,10 +364,16 @@ def _quoted(name: str) -> str:
     return quote(name, safe="")
 
 
-def _file_response(data: bytes, name: str) -> web.Response:
-    """A download that opens in the browser; exported HTML may show its own inline pictures and styles."""
+def _file_response(data: bytes, name: str, *, ascii_stem: str = "download") -> web.Response:
+    """A download that opens in the browser; exported HTML may show its own inline pictures and styles.
+
+    Browsers take the UTF-8 `filename*`; the plain `filename` is for old clients: the name's ASCII
+    letters, or `ascii_stem` when there are none (never a bare `.pdf`)."""
     content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    fallback = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "download"
+    stem, _, suffix = name.rpartition(".") if "." in name else (name, "", "")
+    plain_stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-") or ascii_stem
+    plain_suffix = re.sub(r"[^A-Za-z0-9]+", "", suffix)
+    fallback = f"{plain_stem}.{plain_suffix}" if plain_suffix else plain_stem
     headers = {
         "Content-Disposition": f"inline; filename=\"{fallback}\"; filename*=UTF-8''{_quoted(name)}",
         "X-Content-Type-Options": "nosniff",
@@ -450,7 +456,7 @@ async def get_story(request: web.Request) -> web.Response:
 async def export_story_html(request: web.Request) -> web.Response:
     book = _book(request.app[SERVICE_KEY])
     story = await book.get(request.match_info["story_id"])
-    return _file_response(await export_html(book, story), f"{_file_stem(story)}.html")
+    return _file_response(await export_html(book, story), f"{_file_stem(story)}.html", ascii_stem="storybook")
 
 
 async def export_story_pdf(request: web.Request) -> web.Response:
@@ -462,7 +468,7 @@ async def export_story_pdf(request: web.Request) -> web.Response:
         raise
     except HuahuaError as err:
         return error_response(err.code, err.message, 503)
-    return _file_response(pdf, f"{_file_stem(story)}.pdf")
+    return _file_response(pdf, f"{_file_stem(story)}.pdf", ascii_stem="storybook")
 
 
 def _file_stem(story: Story) -> str:

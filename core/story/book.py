@@ -417,22 +417,22 @@ class StoryBook:
 
     async def _export(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
+        from core.story.export import pdf_problem
 
         story = await self._require_active(chat)
+        files = await self.export_files(story)
+        problem = pdf_problem(files)
+        kinds = "as HTML and PDF." if problem is None else f"as HTML only. {problem}"
         return Reply(
-            texts=(f"📚 The storybook “{story.title}”: {len(story.scenes)} panels, as HTML and PDF.",),
-            attachments=await self.export_files(story),
+            texts=(f"📚 The storybook “{story.title}”: {len(story.scenes)} panels, {kinds}",),
+            attachments=files,
         )
 
     async def export_files(self, story: Story) -> tuple[tuple[str, bytes], ...]:
-        """The storybook as (`<title>.html`, `<title>.pdf`) files."""
-        from core.story.export import export_html, export_pdf
+        """The storybook as `<title>.html` and, when a Chinese font is installed, `<title>.pdf`."""
+        from core.story.export import export_files
 
-        slug = _slug(story.title)
-        return (
-            (f"{slug}.html", await export_html(self, story)),
-            (f"{slug}.pdf", await export_pdf(self, story)),
-        )
+        return await export_files(self, story)
 
     async def for_sharing(self, chat: str, user: str, is_admin: Callable[[], Awaitable[bool]]) -> SharedStory:
         """The chat's storybook, ready for a gallery channel; only its author or an admin may share it.
@@ -512,10 +512,6 @@ def _panel_number(text: str, story: Story) -> int:
             f"Choose a panel from 1 to {len(story.scenes)}." if story.scenes else "No panels yet."
         )
     return int(text)
-
-
-def _slug(title: str) -> str:
-    return re.sub(r"[^\w-]+", "-", title, flags=re.UNICODE).strip("-")[:60] or "storybook"
 
 
 def story_json(story: Story, images: dict[int, list[str]], chosen: dict[int, str | None]) -> dict[str, Any]:
