@@ -122,7 +122,7 @@ def validate_request(request: GenerationRequest, limits: EngineLimits) -> None:
     if request.init_image is not None:
         if not 0.0 < request.strength <= 1.0:
             raise InvalidOption("Strength must be above 0 and at most 1 for image-to-image.")
-        validate_upload(request.init_image)
+        validate_upload(request.init_image, decode=False)  # sizes from the header: no decoding here
     if not 0 <= request.seed < 2**63:
         raise InvalidOption("The seed must be a non-negative whole number.")
 

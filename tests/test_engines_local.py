@@ -237,6 +237,8 @@ async def test_waiting_requests_of_one_size_share_a_batch(tiny: LocalEngine) -> 
         ({"width": 4096, "height": 4096}, "too large"),
         ({"init_image": b"not a png", "strength": 0.5}, "image"),
         ({"init_image": b"\x89PNG", "strength": 0.0}, "Strength"),
+        # a whole header and a cut body: the size passes, decoding (on the engine thread) fails
+        ({"init_image": _flat_png((1, 2, 3))[:-40], "strength": 0.5}, "not an image I can read"),
     ],
 )
 async def test_bad_requests_are_invalid_option(tiny: LocalEngine, values: dict, message: str) -> None:
