@@ -1,0 +1,481 @@
+"""TorchWukongPipeline: the conformance API of `core.diffusion.WukongPipeline`, on PyTorch.
+
+Same methods, same shapes, same semantics and errors: numpy in, numpy out (float32 latents and images,
+int64 token ids). The samplers are the shared numpy ones (`core.diffusion.samplers`) and the initial
+noise is drawn with numpy, so a seed gives the same picture on every engine. The networks are
+diffusers' `UNet2DConditionModel` and `AutoencoderKL` and transformers' `CLIPTextModel`, filled from the
+official checkpoint through `core.torch_engine.layout`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.diffusion.config import WukongConfig
+from core.diffusion.samplers import SAMPLER_NAMES, NoiseSchedule, add_noise, make_timesteps, run_sampler
+from core.errors import CheckpointError, EngineUnavailable, InvalidOption, JobCancelled
+from core.tokenizer import WordPieceTokenizer
+from core.torch_engine import files
+from core.torch_engine.layout import PARTS, Entry, compare, official_layout, official_shapes, torch_shapes
+from core.torch_engine.models import TorchModules, build_modules, fill_modules
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+DTYPES = ("float32", "float16", "bfloat16")
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DECODE_BATCH = {"cpu": 1, "mps": 1, "cuda": 8}
+"""Images the VAE decodes per call: one at a time on the CPU (the peak does not grow with the batch)."""
+
+
+def resolve_device(device: str) -> str:
+    """`auto`: cuda, else mps, else cpu; `cuda:N` picks one GPU. CPU/GPU (MindSpore's names) are accepted."""
+    name = {"CPU": "cpu", "GPU": "cuda"}.get(device, device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    base = name.split(":", 1)[0]
+    if base not in DEVICES or (":" in name and (base != "cuda" or not name.split(":", 1)[1].isdigit())):
+        raise InvalidOption(
+            f"Unknown device {device!r} for the torch engine; choose one of {', '.join(DEVICES)}."
+        )
+    if base == "cuda" and not torch.cuda.is_available():
+        raise EngineUnavailable(
+            "HUAHUA_DEVICE=cuda, but PyTorch sees no CUDA GPU here (or is a CPU-only build)."
+        )
+    if base == "mps" and not torch.backends.mps.is_available():
+        raise EngineUnavailable("HUAHUA_DEVICE=mps, but PyTorch's Apple GPU backend is not available here.")
+    return name
+
+
+def resolve_dtype(device: str, dtype: str) -> str:
+    """`auto`: float16 on a GPU (cuda, mps), float32 on the CPU."""
+    if dtype == "auto":
+        return "float32" if device == "cpu" else "float16"
+    if dtype not in DTYPES:
+        raise InvalidOption(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    return dtype
+
+
+def _float_array(value: object, what: str, ndim: int) -> np.ndarray:
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InvalidOption(f"The {what} must be a numeric array.") from None
+    if array.ndim != ndim:
+        raise InvalidOption(f"The {what} must have {ndim} dimensions, not shape {array.shape}.")
+    if array.shape[0] == 0:
+        raise InvalidOption(f"The {what} must not be empty.")
+    if not np.isfinite(array).all():
+        raise InvalidOption(f"The {what} contain NaN or infinite values.")
+    return array
+
+
+def _moved(array: np.ndarray, entry: Entry) -> tuple[np.ndarray, ...]:
+    """The official array in the shape(s) of its PyTorch target(s)."""
+    if entry.kind == "linear":
+        return (array.reshape(entry.shape[:2]),)
+    if entry.kind == "split3":
+        return tuple(np.split(array, 3, axis=0))
+    return (array,)
+
+
+def random_official(config: WukongConfig, seed: int) -> dict[str, np.ndarray]:
+    """The official arrays that `core.diffusion.checkpoint.randomize` draws for `seed`, in its order:
+    the same seed gives the same weights on both engines.
+
+    Weights ~ N(0, 1/fan_in), embeddings ~ N(0, 0.02), norms scale 1 shift 0, biases 0."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for entry in official_layout(config):
+        name, shape = entry.name, entry.shape
+        if name.endswith(".gamma"):
+            array = np.ones(shape, np.float32)
+        elif name.endswith((".beta", ".bias")):
+            array = np.zeros(shape, np.float32)
+        elif name.endswith(("embedding_table", "positional_embedding")):
+            array = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+        else:
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            array = rng.standard_normal(shape, dtype=np.float32) * np.float32(fan_in**-0.5)
+        out[name] = array
+    return out
+
+
+def _states(
+    take: Callable[[str], np.ndarray], config: WukongConfig, dtype: torch.dtype
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Every PyTorch tensor, filled from official arrays by the layout (each array read once)."""
+    states: dict[str, dict[str, torch.Tensor]] = {part: {} for part in PARTS}
+    for entry in official_layout(config):
+        if entry.part is None:
+            continue
+        for key, array in zip(entry.targets, _moved(take(entry.name), entry), strict=True):
+            states[entry.part][key] = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+    return states
+
+
+def _config_from(data: dict[str, Any]) -> WukongConfig:
+    known = {f.name for f in fields(WukongConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+    try:
+        return WukongConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"The converted model's configuration is not valid: {exc}.") from None
+
+
+class TorchWukongPipeline:
+    """The Wukong-Huahua text-to-image model on PyTorch: weights, tokenizer and noise schedule together."""
+
+    def __init__(
+        self,
+        modules: TorchModules,
+        config: WukongConfig,
+        tokenizer: WordPieceTokenizer | None,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        random_weights: bool = False,
+        compile: bool = False,
+    ) -> None:
+        self.modules = modules
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.random_weights = random_weights
+        self.schedule = NoiseSchedule.official()
+        self._device = torch.device(device)
+        self._dtype = _TORCH_DTYPES[dtype]
+        self._channels_last = self._device.type == "cuda"
+        if self._channels_last:  # cuDNN's fastest convolutions read NHWC
+            modules.unet.to(memory_format=torch.channels_last)
+            modules.vae.to(memory_format=torch.channels_last)
+        self._unet: Callable[..., Any] = modules.unet
+        self.compiled = compile
+        if compile:
+            self._unet = torch.compile(modules.unet)
+        self.decode_batch = DECODE_BATCH.get(self._device.type, 1)
+
+    # construction
+
+    @classmethod
+    def load(
+        cls,
+        ckpt_path: str | Path,
+        vocab_path: str | Path,
+        config: WukongConfig | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        compile: bool = False,
+    ) -> TorchWukongPipeline:
+        """The model with weights from the official `.ckpt` / `.safetensors`, or from a folder that
+        `huahua model convert --to torch` wrote (then the mapping is skipped)."""
+        path = Path(ckpt_path)
+        device = resolve_device(device)
+        dtype = resolve_dtype(device, dtype)
+        tokenizer = WordPieceTokenizer.from_file(vocab_path)
+        if files.is_converted(path):
+            config, states = cls._converted_states(path, config, _TORCH_DTYPES[dtype])
+        else:
+            config = config or WukongConfig()
+            states = cls._official_states(path, config, _TORCH_DTYPES[dtype])
+        modules = cls._place(fill_modules(build_modules(config), states, config), device)
+        logger.info("loaded %s on %s (%s) with PyTorch %s", path.name, device, dtype, torch.__version__)
+        return cls(modules, config, tokenizer, device=device, dtype=dtype, compile=compile)
+
+    @classmethod
+    def random(
+        cls,
+        config: WukongConfig | None = None,
+        vocab_path: str | Path | WordPieceTokenizer | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+        dtype: str = "float32",
+        compile: bool = False,
+    ) -> TorchWukongPipeline:
+        """The same model with random weights drawn from numpy: the same `seed` gives the same weights
+        as `WukongPipeline.random` (so the same pictures)."""
+        config = config or WukongConfig()
+        device = resolve_device(device)
+        dtype = resolve_dtype(device, dtype)
+        if vocab_path is None or isinstance(vocab_path, WordPieceTokenizer):
+            tokenizer = vocab_path
+        else:
+            tokenizer = WordPieceTokenizer.from_file(vocab_path)
+        arrays = random_official(config, seed)
+        states = _states(arrays.__getitem__, config, _TORCH_DTYPES[dtype])
+        modules = cls._place(fill_modules(build_modules(config), states, config), device)
+        return cls(
+            modules, config, tokenizer, device=device, dtype=dtype, random_weights=True, compile=compile
+        )
+
+    @staticmethod
+    def _official_states(
+        path: Path, config: WukongConfig, dtype: torch.dtype
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        source = files.open_official(path)
+        try:
+            report = compare(str(path), official_shapes(config), source.shapes())
+            if not report.ok:
+                raise CheckpointError(report.problem())
+            if report.extra:
+                logger.info(
+                    "ignoring %d unknown checkpoint entries (e.g. %s)",
+                    len(report.extra),
+                    ", ".join(report.extra[:3]),
+                )
+            return _states(lambda name: files.take(source, name), config, dtype)
+        finally:
+            source.close()
+
+    @staticmethod
+    def _converted_states(
+        folder: Path, config: WukongConfig | None, dtype: torch.dtype
+    ) -> tuple[WukongConfig, dict[str, dict[str, torch.Tensor]]]:
+        from safetensors.torch import load_file
+
+        stored = _config_from(files.read_marker(folder)["config"])
+        if config is not None and config != stored:
+            raise CheckpointError(f"The converted model in {folder.name} was made for another configuration.")
+        expected = torch_shapes(stored)
+        found = files.converted_shapes(folder)
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        for part in PARTS:
+            report = compare(str(folder / files.WEIGHT_FILES[part]), expected[part], found[part])
+            if not report.ok:
+                raise CheckpointError(report.problem())
+            state = load_file(str(folder / files.WEIGHT_FILES[part]))
+            bare = {files.bare_key(k): v for k, v in state.items()}
+            states[part] = {k: v.to(dtype) for k, v in bare.items() if k in expected[part]}
+        return stored, states
+
+    @staticmethod
+    def _place(modules: TorchModules, device: str) -> TorchModules:
+        """Move the filled modules (already in their dtype) to the device."""
+        for part in PARTS:
+            modules.part(part).to(device=device)
+        return modules
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Official parameter name -> shape."""
+        return official_shapes(self.config)
+
+    def save_converted(self, folder: str | Path, source: Path | None = None) -> Path:
+        """Write the PyTorch weights (safetensors, float32) and configs: diffusers' folder layout
+        (`unet/`, `vae/`, `text_encoder/`) plus `wukong.json`, which `load` reads to skip the mapping."""
+        if self.dtype != "float32":
+            raise InvalidOption("Convert from a float32 model, so the converted weights are exact.")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for part in PARTS:
+            module = self.modules.part(part)
+            module.save_pretrained(str(folder / part), safe_serialization=True)
+        marker = {
+            "format": 1,
+            "config": asdict(self.config),
+            "source": files.source_state(source) if source is not None else None,
+            "note": "diffusers/transformers folders; the UNet's feed-forward gate is GELU's tanh form",
+        }
+        (folder / files.CONVERTED_MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+        return folder
+
+    # text
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """Token ids (n, context_length) int64: [CLS] pieces [SEP] [PAD]..."""
+        if self.tokenizer is None:
+            raise EngineUnavailable("This model was built without a tokenizer vocabulary.")
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise InvalidOption("The texts to tokenize must be a list of strings.")
+        return self.tokenizer.encode_batch(list(texts), context_length=self.config.context_length)
+
+    @torch.inference_mode()
+    def encode_tokens(self, ids: np.ndarray) -> np.ndarray:
+        """The text condition (n, context_length, text_width) float32."""
+        array = np.asarray(ids)
+        cfg = self.config
+        if array.ndim != 2 or array.shape[1] != cfg.context_length or array.shape[0] == 0:
+            raise InvalidOption(f"Token ids must have shape (n, {cfg.context_length}), not {array.shape}.")
+        if not np.issubdtype(array.dtype, np.integer):
+            raise InvalidOption("Token ids must be whole numbers.")
+        if array.min() < 0 or array.max() >= cfg.vocab_size:
+            raise InvalidOption(f"Token ids must lie in [0, {cfg.vocab_size}).")
+        tokens = torch.from_numpy(array.astype(np.int64)).to(self._device)
+        out = self.modules.text_encoder(input_ids=tokens).last_hidden_state
+        return np.asarray(out.float().cpu().numpy(), dtype=np.float32)
+
+    # noise prediction and sampling
+
+    def _tensor(self, array: np.ndarray, image: bool = False) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self._device, self._dtype)
+        if image and self._channels_last:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
+    @torch.inference_mode()
+    def predict_noise(self, x: np.ndarray, t: np.ndarray, ctx: np.ndarray) -> np.ndarray:
+        """The UNet's noise estimate eps(x_t, t, ctx): (n, 4, h, w) float32."""
+        cfg = self.config
+        x = _float_array(x, "latents", 4)
+        ctx = _float_array(ctx, "text condition", 3)
+        n, c, h, w = x.shape
+        if c != cfg.latent_channels:
+            raise InvalidOption(f"The latents must have {cfg.latent_channels} channels, not {c}.")
+        if h % cfg.unet_multiple or w % cfg.unet_multiple:
+            raise InvalidOption(f"The latent height and width must be multiples of {cfg.unet_multiple}.")
+        if ctx.shape[0] != n or ctx.shape[2] != cfg.context_dim:
+            raise InvalidOption(f"The text condition must have shape ({n}, L, {cfg.context_dim}).")
+        steps = np.asarray(t).reshape(-1)
+        if steps.shape != (n,) or not np.issubdtype(steps.dtype, np.integer):
+            raise InvalidOption(f"The timesteps must be {n} whole numbers.")
+        if steps.min() < 0 or steps.max() >= self.schedule.num_train_steps:
+            raise InvalidOption(f"The timesteps must lie in [0, {self.schedule.num_train_steps}).")
+        timesteps = torch.from_numpy(steps.astype(np.int64)).to(self._device)
+        eps = self._unet(
+            self._tensor(x, image=True), timesteps, encoder_hidden_states=self._tensor(ctx), return_dict=False
+        )[0]
+        return np.asarray(eps.float().cpu().numpy(), dtype=np.float32)
+
+    def guided_noise(
+        self, x: np.ndarray, t: int, ctx: np.ndarray, uncond_ctx: np.ndarray | None, guidance_scale: float
+    ) -> np.ndarray:
+        """eps = u + g * (c - u), with the unconditional and conditional halves in one UNet batch."""
+        n = x.shape[0]
+        if uncond_ctx is None or guidance_scale == 1.0:
+            return self.predict_noise(x, np.full(n, t, np.int64), ctx)
+        batch = self.predict_noise(
+            np.concatenate([x, x]), np.full(2 * n, t, np.int64), np.concatenate([uncond_ctx, ctx])
+        )
+        uncond, cond = batch[:n], batch[n:]
+        return uncond + np.float32(guidance_scale) * (cond - uncond)
+
+    def sample(
+        self,
+        ctx: np.ndarray,
+        uncond_ctx: np.ndarray | None,
+        sampler: str = "dpm++2m",
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        x_T: np.ndarray | None = None,
+        *,
+        seed: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        init_latents: np.ndarray | None = None,
+        strength: float = 1.0,
+        on_step: Callable[[int, int], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> np.ndarray:
+        """Final latents (n, 4, h, w) float32 from noise (or from noised `init_latents`)."""
+        if sampler not in SAMPLER_NAMES:
+            raise InvalidOption(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}.")
+        if not isinstance(guidance_scale, int | float) or not math.isfinite(guidance_scale):
+            raise InvalidOption("The guidance scale must be a finite number.")
+        shape = self._latent_shape(ctx, x_T, init_latents, height, width)
+        ctx = self._batched(ctx, shape[0], "text condition")
+        uncond = None if uncond_ctx is None else self._batched(uncond_ctx, shape[0], "negative condition")
+        if x_T is not None:
+            noise = _float_array(x_T, "initial noise", 4)
+        else:
+            noise = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        if init_latents is None:
+            timesteps = make_timesteps(steps)
+            x = noise
+        else:
+            timesteps = make_timesteps(steps, strength=strength)
+            x0 = _float_array(init_latents, "initial latents", 4)
+            x = add_noise(self.schedule, x0, noise, int(timesteps[0])).astype(np.float32)
+
+        def eps_fn(latents: np.ndarray, t: int) -> np.ndarray:
+            if cancelled is not None and cancelled():
+                raise JobCancelled()
+            return self.guided_noise(latents, int(t), ctx, uncond, float(guidance_scale))
+
+        return run_sampler(sampler, eps_fn, x, timesteps, self.schedule, on_step=on_step, cancelled=cancelled)
+
+    def _latent_shape(
+        self,
+        ctx: np.ndarray,
+        x_T: np.ndarray | None,
+        init_latents: np.ndarray | None,
+        height: int | None,
+        width: int | None,
+    ) -> tuple[int, int, int, int]:
+        cfg = self.config
+        for given in (x_T, init_latents):
+            if given is not None:
+                shape = np.shape(given)
+                if len(shape) != 4:
+                    raise InvalidOption(f"Latents must have shape (n, 4, h, w), not {shape}.")
+                return (int(shape[0]), int(shape[1]), int(shape[2]), int(shape[3]))
+        height = cfg.image_size if height is None else height
+        width = cfg.image_size if width is None else width
+        m = cfg.image_multiple
+        for side in (height, width):
+            if not isinstance(side, int) or side <= 0 or side % m:
+                raise InvalidOption(
+                    f"Image height and width must be positive multiples of {m}, not {side!r}."
+                )
+        n = int(np.shape(ctx)[0]) if np.ndim(ctx) == 3 else 0
+        if n == 0:
+            raise InvalidOption("The text condition must have shape (n, L, width) with n >= 1.")
+        return (n, cfg.latent_channels, height // cfg.latent_scale, width // cfg.latent_scale)
+
+    @staticmethod
+    def _batched(ctx: np.ndarray, n: int, what: str) -> np.ndarray:
+        array = _float_array(ctx, what, 3)
+        if array.shape[0] == n:
+            return array
+        if array.shape[0] == 1:
+            return np.repeat(array, n, axis=0)
+        raise InvalidOption(f"The {what} has {array.shape[0]} rows for {n} latents.")
+
+    # images
+
+    @torch.inference_mode()
+    def decode_latents(self, z: np.ndarray) -> np.ndarray:
+        """Latents (n, 4, h, w) -> images (n, 3, 8h, 8w) in [-1, 1]."""
+        z = _float_array(z, "latents", 4)
+        if z.shape[1] != self.config.latent_channels:
+            raise InvalidOption(f"The latents must have {self.config.latent_channels} channels.")
+        s = self.config.latent_scale
+        images = np.empty((z.shape[0], 3, z.shape[2] * s, z.shape[3] * s), np.float32)
+        for i in range(0, z.shape[0], self.decode_batch):
+            scaled = self._tensor(z[i : i + self.decode_batch] / np.float32(self.config.scale_factor), True)
+            out = self.modules.vae.decode(scaled, return_dict=False)[0]
+            images[i : i + self.decode_batch] = out.float().cpu().numpy()
+        return np.clip(images, -1.0, 1.0, out=images)
+
+    @torch.inference_mode()
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        """Images (n, 3, H, W) in [-1, 1] -> latents (n, 4, H/8, W/8): posterior mean times 0.18215."""
+        images = _float_array(images, "images", 4)
+        s = self.config.latent_scale
+        if images.shape[1] != 3 or images.shape[2] % s or images.shape[3] % s:
+            raise InvalidOption(f"Images must have shape (n, 3, H, W) with H and W multiples of {s}.")
+        posterior = self.modules.vae.encode(self._tensor(images, True), return_dict=False)[0]
+        mean = posterior.mean.float().cpu().numpy()
+        return np.asarray(mean, dtype=np.float32) * np.float32(self.config.scale_factor)
+
+    def warm_up(self, height: int | None = None, width: int | None = None) -> None:
+        """One guided UNet step at this size (compiles it when `compile` is on) and one decode."""
+        cfg = self.config
+        h = (height or cfg.image_size) // cfg.latent_scale
+        w = (width or cfg.image_size) // cfg.latent_scale
+        ctx = np.zeros((2, cfg.context_length, cfg.context_dim), np.float32)
+        x = np.zeros((2, cfg.latent_channels, h, w), np.float32)
+        self.predict_noise(x, np.array([999, 999]), ctx)
+        self.decode_latents(x[:1])

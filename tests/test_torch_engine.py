@@ -1,0 +1,227 @@
+"""The PyTorch engine: the official layout mapped into diffusers / transformers, and fidelity against the
+MindSpore engine (one reduced-width checkpoint in the official layout, loaded into both)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.diffusion.config import WukongConfig
+from core.errors import CheckpointError, InvalidOption
+from core.torch_engine import layout
+from core.torch_engine.layout import official_layout, official_shapes, torch_shapes
+from tests.support import NO_MINDSPORE, shared_dir
+
+torch = pytest.importorskip("torch", reason="needs the torch extra: pip install -e '.[torch]'")
+pytest.importorskip("diffusers", reason="needs the torch extra: pip install -e '.[torch]'")
+pytest.importorskip("transformers", reason="needs the torch extra: pip install -e '.[torch]'")
+
+from core.torch_engine import TorchWukongPipeline  # noqa: E402
+from core.torch_engine.files import open_official  # noqa: E402
+from core.torch_engine.models import build_modules  # noqa: E402
+from core.vocabulary import builtin_tokenizer, builtin_vocabulary_text  # noqa: E402
+
+CFG = WukongConfig.tiny()
+TOLERANCE = 1e-4
+"""Largest difference allowed, relative to the largest magnitude of the MindSpore result."""
+
+
+def _relative(ours: np.ndarray, reference: np.ndarray) -> float:
+    assert ours.shape == reference.shape and ours.dtype == np.float32
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+# the layout (no MindSpore needed)
+
+
+@pytest.mark.parametrize("config", [CFG, WukongConfig()], ids=["tiny", "official"])
+def test_layout_fills_every_torch_parameter_exactly_once(config: WukongConfig) -> None:
+    modules = build_modules(config)  # on the meta device: no memory, no time
+    expected = torch_shapes(config)
+    for part in layout.PARTS:
+        state = {
+            k.removeprefix("text_model."): tuple(v.shape) for k, v in modules.part(part).state_dict().items()
+        }
+        assert expected[part] == state, part
+    targets = [t for e in official_layout(config) for t in e.targets if e.part]
+    assert len(targets) == len(set(targets))
+
+
+def test_layout_matches_the_official_parameter_list() -> None:
+    tsv = shared_dir() / "wukong" / "params-official.tsv"
+    if not tsv.is_file():
+        pytest.skip("params-official.tsv is not on this machine")
+    rows = [line.split("\t") for line in tsv.read_text(encoding="utf-8").splitlines() if line]
+    official = [(name, tuple(int(s) for s in shape.split(","))) for name, shape in rows]
+    assert list(official_shapes(WukongConfig()).items()) == official
+    unused = [e.name for e in official_layout(WukongConfig()) if e.part is None]
+    assert unused == [
+        f"first_stage_model.{p}.conv.{w}"
+        for p in ("encoder.down.3.downsample", "decoder.up.0.upsample")
+        for w in ("weight", "bias")
+    ]
+
+
+def test_device_and_dtype_names_are_checked() -> None:
+    with pytest.raises(InvalidOption, match="Unknown device"):
+        TorchWukongPipeline.random(CFG, None, device="tpu")
+    with pytest.raises(InvalidOption, match="Unknown dtype"):
+        TorchWukongPipeline.random(CFG, None, dtype="int8")
+
+
+# fidelity against the MindSpore engine
+
+
+@pytest.fixture(scope="module")
+def ms_module() -> object:
+    return pytest.importorskip("mindspore", reason=NO_MINDSPORE)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(ms_module: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A reduced-width checkpoint in the official layout, written by the MindSpore engine."""
+    from core.diffusion import WukongPipeline, save_checkpoint
+
+    source = WukongPipeline.random(CFG, None, seed=11)
+    return save_checkpoint(source, tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text(builtin_vocabulary_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def engines(checkpoint: Path, vocab: Path) -> tuple[object, TorchWukongPipeline]:
+    from core.diffusion import WukongPipeline
+
+    return (
+        WukongPipeline.load(checkpoint, vocab, config=CFG),
+        TorchWukongPipeline.load(checkpoint, vocab, config=CFG, device="cpu", dtype="float32"),
+    )
+
+
+def _ids(pipe: TorchWukongPipeline) -> np.ndarray:
+    return pipe.tokenize(["一只在月球上看书的猫", ""])
+
+
+def test_text_unet_vae_and_plms_agree_with_mindspore(engines: tuple[object, TorchWukongPipeline]) -> None:
+    ms_pipe, pipe = engines
+    ids = _ids(pipe)
+    assert np.array_equal(ids, ms_pipe.tokenize(["一只在月球上看书的猫", ""]))  # type: ignore[attr-defined]
+    ctx_ms = ms_pipe.encode_tokens(ids)  # type: ignore[attr-defined]
+    assert _relative(pipe.encode_tokens(ids), ctx_ms) < TOLERANCE
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
+    t = np.array([1, 981])
+    eps = pipe.predict_noise(x, t, ctx_ms)
+    assert _relative(eps, ms_pipe.predict_noise(x, t, ctx_ms)) < TOLERANCE  # type: ignore[attr-defined]
+
+    images = pipe.decode_latents(x)
+    assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    assert _relative(images, ms_pipe.decode_latents(x)) < TOLERANCE  # type: ignore[attr-defined]
+    pixels = np.clip(rng.standard_normal((1, 3, 32, 32)), -1, 1).astype(np.float32)
+    assert _relative(pipe.encode_images(pixels), ms_pipe.encode_images(pixels)) < TOLERANCE  # type: ignore[attr-defined]
+
+    x_T = x[:1]
+    ours = pipe.sample(ctx_ms[:1], ctx_ms[1:], sampler="plms", steps=10, guidance_scale=7.5, x_T=x_T)
+    theirs = ms_pipe.sample(ctx_ms[:1], ctx_ms[1:], sampler="plms", steps=10, guidance_scale=7.5, x_T=x_T)  # type: ignore[attr-defined]
+    assert _relative(ours, theirs) < TOLERANCE
+
+
+def test_a_wrong_mapping_is_caught(
+    engines: tuple[object, TorchWukongPipeline],
+    checkpoint: Path,
+    vocab: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tolerance tells a right mapping from a wrong one: q and k of the fused in_proj swapped."""
+    ms_pipe, _ = engines
+    original = layout._text
+
+    def swapped(cfg: WukongConfig) -> list[layout.Entry]:
+        out = []
+        for e in original(cfg):
+            if e.kind == "split3":
+                e = replace(e, targets=(e.targets[1], e.targets[0], e.targets[2]))
+            out.append(e)
+        return out
+
+    monkeypatch.setattr(layout, "_text", swapped)
+    wrong = TorchWukongPipeline.load(checkpoint, vocab, config=CFG)
+    ids = _ids(wrong)
+    assert _relative(wrong.encode_tokens(ids), ms_pipe.encode_tokens(ids)) > 100 * TOLERANCE  # type: ignore[attr-defined]
+
+
+def test_random_weights_equal_the_mindspore_engines_for_a_seed(ms_module: object) -> None:
+    from core.diffusion import WukongPipeline
+
+    ms_pipe = WukongPipeline.random(CFG, builtin_tokenizer(), seed=5)
+    pipe = TorchWukongPipeline.random(CFG, builtin_tokenizer(), seed=5)
+    ctx = ms_pipe.encode_tokens(_ids(pipe))
+    x = np.random.default_rng(1).standard_normal((2, 4, 4, 4)).astype(np.float32)
+    t = np.array([10, 500])
+    assert _relative(pipe.predict_noise(x, t, ctx), ms_pipe.predict_noise(x, t, ctx)) < TOLERANCE
+    assert pipe.random_weights and pipe.parameter_shapes() == ms_pipe.parameter_shapes()
+
+
+def test_ckpt_reader_equals_mindspores(checkpoint: Path, ms_module: object) -> None:
+    import mindspore as ms
+
+    reference = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(checkpoint)).items()}
+    source = open_official(checkpoint)
+    assert source.shapes() == {k: v.shape for k, v in reference.items()}
+    for name in ("model.diffusion_model.out.2.conv.weight", "cond_stage_model.transformer.embedding_table"):
+        assert np.array_equal(source.take(name), reference[name])
+
+
+def test_official_safetensors_and_converted_folder_give_identical_outputs(
+    engines: tuple[object, TorchWukongPipeline], checkpoint: Path, vocab: Path, tmp_path: Path
+) -> None:
+    from safetensors.numpy import save_file
+
+    _, pipe = engines
+    source = open_official(checkpoint)
+    safetensors = tmp_path / "tiny.safetensors"
+    save_file({name: source.take(name) for name in source.shapes()}, str(safetensors))
+    folder = pipe.save_converted(tmp_path / "converted", source=checkpoint)
+    ids = _ids(pipe)
+    ctx = pipe.encode_tokens(ids)
+    x = np.random.default_rng(2).standard_normal((1, 4, 4, 4)).astype(np.float32)
+    want = pipe.predict_noise(x, np.array([300]), ctx[:1])
+    for path in (safetensors, folder):
+        other = TorchWukongPipeline.load(path, vocab, config=CFG)
+        # the same weights; only where oneDNN's kernels meet differently aligned buffers, the last bits
+        assert _relative(other.encode_tokens(ids), ctx) < 1e-6
+        assert _relative(other.predict_noise(x, np.array([300]), ctx[:1]), want) < 1e-6
+    with pytest.raises(CheckpointError, match="another configuration"):
+        TorchWukongPipeline.load(folder, vocab, config=replace(CFG, text_layers=1))
+
+
+def test_bad_checkpoints_are_named(checkpoint: Path, vocab: Path, tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    source = open_official(checkpoint)
+    arrays = {name: source.take(name) for name in source.shapes()}
+    probe = "model.diffusion_model.out.2.conv.weight"
+    missing = dict(arrays)
+    del missing[probe]
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(CheckpointError, match=f"1 missing \\(first: {probe}\\)"):
+        TorchWukongPipeline.load(tmp_path / "missing.safetensors", vocab, config=CFG)
+    wrong = dict(arrays, **{probe: np.zeros((4, 32, 1, 1), np.float32)})
+    save_file(wrong, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(CheckpointError, match=f"{probe} is \\(4, 32, 1, 1\\), expected \\(4, 32, 3, 3\\)"):
+        TorchWukongPipeline.load(tmp_path / "wrong.safetensors", vocab, config=CFG)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(checkpoint.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated, corrupt or not a checkpoint"):
+        TorchWukongPipeline.load(truncated, vocab, config=CFG)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        TorchWukongPipeline.load(tmp_path / "absent.ckpt", vocab, config=CFG)
