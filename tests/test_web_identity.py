@@ -209,6 +209,12 @@ async def test_with_a_token_nothing_but_the_page_and_health_answers_before_login
     response = await browser.post("/api/login", json={"token": TOKEN})
     assert response.status == 200
     assert (await browser.say("/help"))["replies"]
+    # pictures stay reachable by their (unguessable) links, which other platforms post
+    job = await browser.imagine()
+    done = (await browser.events(job["id"]))[-1][1]
+    stranger = server.browser("stranger")
+    assert (await stranger.get(done["images"][0])).status == 200
+    assert (await stranger.get(f"/api/jobs/{job['id']}")).status == 401
 
 
 async def test_wrong_tokens_are_limited_per_client(web):

@@ -34,7 +34,8 @@ LOGIN_FAILURES_PER_MINUTE = 10
 _USER_ID = re.compile(r"[A-Za-z0-9_-]{16}")
 _OPEN_PATHS = frozenset({"/", "/healthz", "/api/login", "/favicon.ico"})
 """Served without an identity, also when the chat asks for a token (the page shows its login form)."""
-_OPEN_PREFIXES = ("/static/",)
+_OPEN_PREFIXES = ("/static/", "/images/")
+"""Pictures are named by their sha256 (unguessable) and linked from other platforms (HUAHUA_PUBLIC_URL)."""
 
 
 def is_loopback(host: str) -> bool:
