@@ -14,13 +14,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HUAHUA_", env_file=".env", extra="ignore")
 
     # engine
-    engine: Literal["wukong", "tiny", "http"] = "wukong"
+    engine: Literal["wukong", "tiny", "http", "torch"] = "wukong"
+    """wukong/tiny: MindSpore in process; torch: PyTorch (diffusers) in process; http: a remote worker."""
     model_dir: Path = Path("./models")
     checkpoint: str = "wukong-huahua-ms.ckpt"
     vocab_path: Path | None = None
-    device: Literal["CPU", "GPU", "Ascend"] = "CPU"
-    dtype: Literal["auto", "float32", "float16"] = "auto"
+    device: Literal["CPU", "GPU", "Ascend", "cuda", "mps", "cpu", "auto"] = "CPU"
+    """MindSpore (wukong, tiny): CPU, GPU or Ascend; torch: cuda, mps, cpu or auto (the best present)."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     graph_mode: bool = True
+    torch_compile: bool = False
+    """torch engine: compile the UNet with torch.compile, warmed up at the default size at start."""
     sampler: Literal["dpm++2m", "ddim", "plms"] = "dpm++2m"
     default_steps: int = Field(20, ge=1, le=200)
     max_steps: int = Field(50, ge=1, le=200)

@@ -82,11 +82,25 @@ def ms_module() -> object:
 
 @pytest.fixture(scope="module")
 def checkpoint(ms_module: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A reduced-width checkpoint in the official layout, written by the MindSpore engine."""
-    from core.diffusion import WukongPipeline, save_checkpoint
+    """A reduced-width checkpoint in the official layout, written by MindSpore. Random weights have
+    norms of scale 1 and shift 0 and biases 0, where a misplaced norm or bias would go unnoticed, so
+    every one of those gets its own random values too."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from core.diffusion import WukongPipeline
 
     source = WukongPipeline.random(CFG, None, seed=11)
-    return save_checkpoint(source, tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
+    rng = np.random.default_rng(12)
+    arrays = []
+    for name, param in source.model.named_parameters().items():
+        array = param.asnumpy()
+        if name.endswith((".gamma", ".beta", ".bias")):
+            array = array + rng.standard_normal(array.shape, dtype=np.float32) * np.float32(0.1)
+        arrays.append({"name": name, "data": Tensor(array)})
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    ms.save_checkpoint(arrays, str(path))
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -100,6 +100,8 @@ def timestep_table(dim: int, max_period: float = 10000.0) -> np.ndarray:
 class TimestepTable(nn.Module):
     """Replaces diffusers' `Timesteps`: integer timesteps (n,) -> their rows of `timestep_table`."""
 
+    table: torch.Tensor
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.register_buffer("table", torch.from_numpy(timestep_table(dim)), persistent=False)
@@ -124,19 +126,18 @@ class TanhGEGLU(nn.Module):
 class TorchModules:
     """The three networks, on one device in one dtype."""
 
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
+    unet: Any  # UNet2DConditionModel (diffusers' stubs are partial: typed loosely)
+    vae: Any  # AutoencoderKL
+    text_encoder: Any  # CLIPTextModel
 
-    def part(self, name: str) -> nn.Module:
-        module: nn.Module = getattr(self, name)
-        return module
+    def part(self, name: str) -> Any:
+        return getattr(self, name)
 
 
 def build_modules(cfg: WukongConfig) -> TorchModules:
     """The networks with no weights yet (on the meta device): fill them with `fill_modules`."""
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config(cfg))
+        unet: Any = UNet2DConditionModel(**unet_config(cfg))
         vae = AutoencoderKL(**vae_config(cfg))
         text = CLIPTextModel(CLIPTextConfig(**text_config(cfg)))
     for block in unet.modules():

@@ -129,7 +129,9 @@ def _states(
 
 def _config_from(data: dict[str, Any]) -> WukongConfig:
     known = {f.name for f in fields(WukongConfig)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+    values: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known
+    }
     try:
         return WukongConfig(**values)
     except (TypeError, ValueError) as exc:

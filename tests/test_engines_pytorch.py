@@ -1,0 +1,71 @@
+"""HUAHUA_ENGINE=torch: the PyTorch pipeline behind LocalEngine (weights from a converted folder)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.diffusion.config import WukongConfig
+from core.engine import CancelToken
+from core.engines.factory import build_engine
+from core.engines.pytorch import weights_path
+from core.errors import JobCancelled
+from core.images import png_to_array
+from core.settings import Settings
+from core.types import GenerationRequest
+from core.vocabulary import builtin_tokenizer, builtin_vocabulary_text
+
+pytest.importorskip("torch", reason="needs the torch extra: pip install -e '.[torch]'")
+pytest.importorskip("diffusers", reason="needs the torch extra: pip install -e '.[torch]'")
+
+from core.torch_engine import TorchWukongPipeline
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """A tiny model converted into `<model dir>/wukong-huahua-torch`, and a vocabulary file."""
+    models = tmp_path_factory.mktemp("models")
+    pipe = TorchWukongPipeline.random(WukongConfig.tiny(), builtin_tokenizer(), seed=3)
+    pipe.save_converted(models / "wukong-huahua-torch")
+    (models / "vocab_zh.txt").write_text(builtin_vocabulary_text(), encoding="utf-8")
+    return Settings(engine="torch", device="auto", model_dir=models, _env_file=None)  # type: ignore[call-arg]
+
+
+def _request(**values: object) -> GenerationRequest:
+    base: dict[str, object] = {"prompt": "一只猫", "width": 64, "height": 64, "steps": 3, "seed": 7}
+    return GenerationRequest(**{**base, **values})  # type: ignore[arg-type]
+
+
+async def test_torch_engine_draws_with_progress_and_batches(settings: Settings) -> None:
+    assert weights_path(settings) == settings.model_dir / "wukong-huahua-torch"  # no checkpoint file
+    engine = build_engine(settings)
+    await engine.start()
+    health = await engine.health()
+    assert health["ready"], health["error"]
+    assert health["engine"] == "torch" and health["device"] == "cpu" and health["dtype"] == "float32"
+    steps: list[tuple[int, int]] = []
+    one, two = await asyncio.gather(
+        engine.generate(_request(n=2), lambda s, t: steps.append((s, t)), CancelToken()),
+        engine.generate(_request(seed=8), lambda s, t: None, CancelToken()),
+    )
+    assert [image.seed for image in one] == [7, 8] and steps[-1] == (3, 3)
+    assert (await engine.health())["stats"]["batches"] == 1  # the two requests ran as one batch
+    # image 1 of seed 7 is image 0 of seed 8, whichever request it came in
+    assert np.array_equal(png_to_array(one[1].png), png_to_array(two[0].png))
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(JobCancelled):
+        await engine.generate(_request(), lambda s, t: None, token)
+    await engine.close()
+
+
+async def test_missing_torch_weights_say_how_to_fetch(tmp_path: Path) -> None:
+    settings = Settings(engine="torch", device="cpu", model_dir=tmp_path, _env_file=None)  # type: ignore[call-arg]
+    engine = build_engine(settings)
+    await engine.start()
+    health = await engine.health()
+    assert not health["ready"] and "huahua model fetch" in health["error"]
+    await engine.close()
