@@ -160,6 +160,8 @@ async def test_cancel_button_stops_a_running_job(tmp_path: Path, fake: FakeTeleg
         await asyncio.sleep(1.2)
         assert fake.calls_of("editMessageText", chat_id=USER)[-1].params["text"] == "❌ Cancelled."
         assert not fake.calls_of("sendPhoto")
+        [delivery] = await service.store.deliveries(job_id)  # the edited status message shows the end
+        assert delivery.message_id == str(sent_message(fake, status_call)["message_id"])
 
 
 @pytest.mark.parametrize(

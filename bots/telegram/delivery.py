@@ -286,7 +286,7 @@ class Delivery:
 
     # the end of a job: posted by the outbox ----------------------------------------------------
 
-    async def post(self, job: Job) -> str | None:
+    async def post(self, job: Job) -> str:
         """Show a finished job in its chat: the final status edit, then the picture with its buttons
         (or the failure, when there is no status message to carry it). Returns the id of the message
         that shows the result. Telegram's errors become the outbox's: `RetryAfter` waits, a chat that
@@ -300,7 +300,7 @@ class Delivery:
         async with self._locks[ref.chat_id]:
             self._end(job.id)
             try:
-                sent = await self._show_end(bot, job, ref)
+                shown = await self._show_end(bot, job, ref)
             except RetryAfter as err:
                 raise DeliveryRetry(_wait_of(err), "Telegram flood control") from err
             except (Forbidden, ChatMigrated) as err:
@@ -310,11 +310,9 @@ class Delivery:
                     raise DeliveryRefused(err.message) from err
                 raise
         self._refs.pop(job.id, None)
-        if sent is None:
-            return None
         if job.status == JobStatus.DONE:
-            self._in_background(self._keep_result_id(job.id, sent.message_id))
-        return str(sent.message_id)
+            self._in_background(self._keep_result_id(job.id, shown))
+        return str(shown)
 
     def _end(self, job_id: str) -> None:
         """No more progress edits for this job: its end is being posted."""
@@ -326,9 +324,10 @@ class Delivery:
         if pending is not None:
             pending.cancel()
 
-    async def _show_end(self, bot: ExtBot[Any], job: Job, ref: StatusRef) -> Message | None:
+    async def _show_end(self, bot: ExtBot[Any], job: Job, ref: StatusRef) -> int:
         """The final status edit (repeating it is harmless), then the one message Telegram cannot
-        take back: the picture, or the failure when there is no status message to show it."""
+        take back: the picture, or the failure when there is no status message to show it. Returns
+        the id of the message that shows the end."""
         text = messages.truncate(presenter.status_line(job), messages.MESSAGE_LIMIT)
         if ref.status_id is not None:
             await asyncio.sleep(self._edit_wait(ref.chat_id))
@@ -336,12 +335,12 @@ class Delivery:
             ref = self._refs.get(job.id, ref)
         if job.status != JobStatus.DONE:
             if ref.status_id is not None:
-                return None
-            return await self._send_text(bot, ref, text)
+                return ref.status_id
+            return (await self._send_text(bot, ref, text)).message_id
         try:
-            return await self._send_result(bot, job, ref)
+            return (await self._send_result(bot, job, ref)).message_id
         except NotFound as err:  # the pictures are gone from the image store
-            return await self._send_text(bot, ref, err.message)
+            return (await self._send_text(bot, ref, err.message)).message_id
 
     async def _send_text(self, bot: ExtBot[Any], ref: StatusRef, text: str) -> Message:
         return await bot.send_message(
