@@ -123,6 +123,15 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="a .ckpt or .safetensors file (default: HUAHUA_MODEL_DIR/HUAHUA_CHECKPOINT)",
     )
+    convert = model_sub.add_parser(
+        "convert",
+        help="write the checkpoint as PyTorch weights for HUAHUA_ENGINE=torch",
+        parents=[common],
+        allow_abbrev=False,
+    )
+    convert.add_argument("path", nargs="?", type=Path, help="the checkpoint (default: HUAHUA_CHECKPOINT)")
+    convert.add_argument("--to", choices=["torch"], required=True)
+    convert.add_argument("--out", type=Path, help="folder (default: HUAHUA_MODEL_DIR/wukong-huahua-torch)")
     db = command("db", "database tools")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     migrate_to = db_sub.add_parser(
@@ -329,6 +338,12 @@ async def _model(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.model_command == "fetch":
         await fetch_model(settings, vocab_only=args.vocab_only)
+        return 0
+    if args.model_command == "convert":
+        from core.engines.pytorch import convert_to_torch
+
+        out = await asyncio.to_thread(convert_to_torch, settings, args.path, args.out)
+        print(f"wrote {out}; HUAHUA_ENGINE=torch loads it from there")
         return 0
     report = await asyncio.to_thread(check_model, args.path or settings.checkpoint_path, settings)
     print(report.text if hasattr(report, "text") else report)

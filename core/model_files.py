@@ -62,18 +62,23 @@ class DownloadInterrupted(CheckpointError):
 def check_model(path: Path | str, settings: Settings | None = None, *, config: Any = None) -> ModelReport:
     """Report whether `path` is a checkpoint with every parameter of the model, in the right shape."""
     path = Path(path)
+    from core.diffusion.config import WukongConfig
+    from core.torch_engine.files import is_converted
+
+    if is_converted(path):
+        return _check_converted(path)
     if path.is_dir():
         return ModelReport(path, False, _directory_lines(path, settings))
     if not path.is_file():
         return ModelReport(path, False, (f"{path}: no such file.",))
+    check: Any = _check_official_without_mindspore  # no MindSpore: read it as the torch engine does
     try:
-        from core.diffusion import WukongConfig
-        from core.diffusion.checkpoint import check_checkpoint
+        from core.diffusion.checkpoint import check_checkpoint as check
     except ImportError:
-        return ModelReport(path, False, ("MindSpore is not installed, so the checkpoint cannot be read.",))
+        pass
     cfg = config if config is not None else WukongConfig()
     try:
-        report = check_checkpoint(path, cfg)
+        report = check(path, cfg)
     except CheckpointError as exc:
         return ModelReport(path, False, (f"{path}: {exc.message}",))
     missing, mismatched, extra = list(report.missing), list(report.mismatched), list(report.extra)
@@ -86,6 +91,41 @@ def check_model(path: Path | str, settings: Settings | None = None, *, config: A
     ok = bool(report.ok)
     lines.append("OK: every parameter is present with the expected shape." if ok else "NOT usable.")
     return ModelReport(path, ok, tuple(lines))
+
+
+def _check_official_without_mindspore(path: Path, config: Any) -> Any:
+    """The official layout's names and shapes, read without MindSpore (`core.torch_engine.files`)."""
+    from core.torch_engine.files import open_official
+    from core.torch_engine.layout import compare, official_shapes
+
+    source = open_official(path)
+    try:
+        return compare(str(path), official_shapes(config), source.shapes())
+    finally:
+        source.close()
+
+
+def _check_converted(folder: Path) -> ModelReport:
+    """A folder written by `huahua model convert --to torch`: each part's keys and shapes."""
+    from core.torch_engine.files import converted_shapes, read_marker
+    from core.torch_engine.layout import PARTS, compare, torch_shapes
+    from core.torch_engine.pipeline_config import config_from
+
+    lines = [f"{folder} (converted for the torch engine)"]
+    try:
+        config = config_from(read_marker(folder)["config"])
+        found = converted_shapes(folder)
+    except CheckpointError as exc:
+        return ModelReport(folder, False, (*lines, exc.message, "NOT usable."))
+    expected = torch_shapes(config)
+    ok = True
+    for part in PARTS:
+        report = compare(f"{folder}/{part}", expected[part], found[part])
+        ok = ok and report.ok
+        lines += _section(f"missing {part} parameter", list(report.missing))
+        lines += _section(f"{part} parameter with the wrong shape", [_shapes(i) for i in report.mismatched])
+    lines.append("OK: every parameter is present with the expected shape." if ok else "NOT usable.")
+    return ModelReport(folder, ok, tuple(lines))
 
 
 def _directory_lines(path: Path, settings: Settings | None) -> tuple[str, ...]:

@@ -107,3 +107,18 @@ def torch_engine(settings: Settings) -> LocalEngine:
     )
     holder.append(engine)
     return engine
+
+
+def convert_to_torch(settings: Settings, source: Path | None = None, out: Path | None = None) -> Path:
+    """`huahua model convert --to torch`: map the official checkpoint once and write the PyTorch
+    weights and configs (diffusers' folder layout plus `wukong.json`), so later starts skip the mapping."""
+    try:
+        from core.torch_engine.pipeline import TorchWukongPipeline
+    except ImportError as exc:
+        raise EngineUnavailable(INSTALL) from exc
+    source = source or settings.checkpoint_path
+    out = out or converted_dir(settings)
+    pipe = TorchWukongPipeline.load(source, None, device="cpu", dtype="float32")
+    pipe.save_converted(out, source=source if source.is_file() else None)
+    logger.info("converted %s into %s", source, out)
+    return out

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from core.tokenizer import WordPieceTokenizer
 from core.torch_engine import files
 from core.torch_engine.layout import PARTS, Entry, compare, official_layout, official_shapes, torch_shapes
 from core.torch_engine.models import TorchModules, build_modules, fill_modules
+from core.torch_engine.pipeline_config import config_from
 
 logger = logging.getLogger(__name__)
 
@@ -127,17 +128,6 @@ def _states(
     return states
 
 
-def _config_from(data: dict[str, Any]) -> WukongConfig:
-    known = {f.name for f in fields(WukongConfig)}
-    values: dict[str, Any] = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known
-    }
-    try:
-        return WukongConfig(**values)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"The converted model's configuration is not valid: {exc}.") from None
-
-
 class TorchWukongPipeline:
     """The Wukong-Huahua text-to-image model on PyTorch: weights, tokenizer and noise schedule together."""
 
@@ -177,7 +167,7 @@ class TorchWukongPipeline:
     def load(
         cls,
         ckpt_path: str | Path,
-        vocab_path: str | Path,
+        vocab_path: str | Path | None,
         config: WukongConfig | None = None,
         device: str = "cpu",
         dtype: str = "float32",
@@ -188,7 +178,7 @@ class TorchWukongPipeline:
         path = Path(ckpt_path)
         device = resolve_device(device)
         dtype = resolve_dtype(device, dtype)
-        tokenizer = WordPieceTokenizer.from_file(vocab_path)
+        tokenizer = None if vocab_path is None else WordPieceTokenizer.from_file(vocab_path)
         if files.is_converted(path):
             config, states = cls._converted_states(path, config, _TORCH_DTYPES[dtype])
         else:
@@ -249,7 +239,7 @@ class TorchWukongPipeline:
     ) -> tuple[WukongConfig, dict[str, dict[str, torch.Tensor]]]:
         from safetensors.torch import load_file
 
-        stored = _config_from(files.read_marker(folder)["config"])
+        stored = config_from(files.read_marker(folder)["config"])
         if config is not None and config != stored:
             raise CheckpointError(f"The converted model in {folder.name} was made for another configuration.")
         expected = torch_shapes(stored)
