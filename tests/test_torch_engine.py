@@ -212,8 +212,8 @@ def test_official_safetensors_and_converted_folder_give_identical_outputs(
     for path in (safetensors, folder):
         other = TorchWukongPipeline.load(path, vocab, config=CFG)
         # the same weights; only where oneDNN's kernels meet differently aligned buffers, the last bits
-        assert _relative(other.encode_tokens(ids), ctx) < 1e-6
-        assert _relative(other.predict_noise(x, np.array([300]), ctx[:1]), want) < 1e-6
+        assert _relative(other.encode_tokens(ids), ctx) < 1e-5
+        assert _relative(other.predict_noise(x, np.array([300]), ctx[:1]), want) < 1e-5
     with pytest.raises(CheckpointError, match="another configuration"):
         TorchWukongPipeline.load(folder, vocab, config=replace(CFG, text_layers=1))
 
