@@ -18,6 +18,7 @@ from mindspore import Tensor
 
 from core.diffusion.checkpoint import WukongModel, build_model, load_weights, randomize
 from core.diffusion.config import WukongConfig
+from core.diffusion.consistency import Consistency, reference_noise, share_indices
 from core.diffusion.layers import prepare_for_graph
 from core.diffusion.samplers import SAMPLER_NAMES, NoiseSchedule, add_noise, make_timesteps, run_sampler
 from core.errors import EngineUnavailable, InvalidOption, JobCancelled
@@ -173,8 +174,18 @@ class WukongPipeline:
 
     # noise prediction and sampling
 
-    def predict_noise(self, x: np.ndarray, t: np.ndarray, ctx: np.ndarray) -> np.ndarray:
-        """The UNet's noise estimate eps(x_t, t, ctx): (n, 4, h, w) float32."""
+    def predict_noise(
+        self,
+        x: np.ndarray,
+        t: np.ndarray,
+        ctx: np.ndarray,
+        *,
+        share: tuple[np.ndarray, Sequence[np.ndarray]] | None = None,
+    ) -> np.ndarray:
+        """The UNet's noise estimate eps(x_t, t, ctx): (n, 4, h, w) float32.
+
+        `share` = (weights (k,), one int32 index array per rate of `unet.share_rates`): the first k
+        rows' self-attention also reads those tokens of the batch (see `core.diffusion.consistency`)."""
         cfg = self.config
         x = _float_array(x, "latents", 4)
         ctx = _float_array(ctx, "text condition", 3)
@@ -191,11 +202,40 @@ class WukongPipeline:
         if steps.min() < 0 or steps.max() >= self.schedule.num_train_steps:
             raise InvalidOption(f"The timesteps must lie in [0, {self.schedule.num_train_steps}).")
         t_emb = self.model.unet.embed_timesteps(steps, self._ms_dtype)
-        unet = self._unet_for((*x.shape, *ctx.shape))
-        eps = unet(Tensor(x, dtype=self._ms_dtype), t_emb, Tensor(ctx, dtype=self._ms_dtype))
+        if share is None:
+            unet = self._unet_for((*x.shape, *ctx.shape))
+            eps = unet(Tensor(x, dtype=self._ms_dtype), t_emb, Tensor(ctx, dtype=self._ms_dtype))
+        else:
+            tensors = self._share_tensors(share, x.shape)
+            unet = self._unet_for((*x.shape, *ctx.shape, *(int(i.shape[0]) for i in tensors[1:])))
+            eps = unet(Tensor(x, dtype=self._ms_dtype), t_emb, Tensor(ctx, dtype=self._ms_dtype), tensors)
         return eps.astype(ms.float32).asnumpy()
 
-    def _unet_for(self, shape: tuple[int, ...]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    def _share_tensors(
+        self, share: tuple[np.ndarray, Sequence[np.ndarray]], shape: tuple[int, ...]
+    ) -> tuple[Tensor, ...]:
+        """Checked `share` tensors: weights (k, 1, 1) in the model's dtype, then the index per rate."""
+        weights, indices = share
+        w = np.asarray(weights, np.float32).reshape(-1)
+        n, _, h, width = shape
+        rates = self.model.unet.share_rates
+        if not 1 <= w.size <= n or not np.isfinite(w).all():
+            raise InvalidOption(f"Sharing needs 1 to {n} finite reader weights, not {w.size}.")
+        if len(indices) != len(rates):
+            raise InvalidOption(f"Sharing needs one token index per UNet resolution ({len(rates)}).")
+        out = [Tensor(w.reshape(-1, 1, 1), dtype=self._ms_dtype)]
+        for rate, index in zip(rates, indices, strict=True):
+            flat = np.asarray(index).reshape(-1)
+            tokens = n * (h // rate) * (width // rate)
+            if flat.size == 0 or flat.size % w.size or not np.issubdtype(flat.dtype, np.integer):
+                raise InvalidOption("Each shared token index must hold whole numbers, as many per reader.")
+            if flat.min() < 0 or flat.max() >= tokens:
+                raise InvalidOption(f"Shared token indices must lie in [0, {tokens}).")
+            out.append(Tensor(flat.astype(np.int32)))
+        # mutable: the index values change every step; as constants each call would compile again
+        return ms.mutable(tuple(out))  # type: ignore[no-any-return]
+
+    def _unet_for(self, shape: tuple[int, ...]) -> Callable[..., Tensor]:
         """The compiled UNet for a shape it is (or may still be) compiled for, else the eager one."""
         if self._compiled is None:
             return self.model.unet
@@ -233,8 +273,13 @@ class WukongPipeline:
         strength: float = 1.0,
         on_step: Callable[[int, int], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
+        consistency: Consistency | None = None,
     ) -> np.ndarray:
-        """Final latents (n, 4, h, w) float32 from noise (or from noised `init_latents`)."""
+        """Final latents (n, 4, h, w) float32 from noise (or from noised `init_latents`).
+
+        `consistency`, when active, shares reference latents and the n panels' tokens into every
+        self-attention during its first steps (see `core.diffusion.consistency`); otherwise, and at
+        the other steps, each step is exactly the plain guided step."""
         if sampler not in SAMPLER_NAMES:
             raise InvalidOption(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}.")
         if not isinstance(guidance_scale, int | float) or not math.isfinite(guidance_scale):
@@ -254,12 +299,78 @@ class WukongPipeline:
             x0 = _float_array(init_latents, "initial latents", 4)
             x = add_noise(self.schedule, x0, noise, int(timesteps[0])).astype(np.float32)
 
+        shared = self._consistency_step(
+            consistency, shape, timesteps, ctx, uncond, float(guidance_scale), seed
+        )
+
         def eps_fn(latents: np.ndarray, t: int) -> np.ndarray:
             if cancelled is not None and cancelled():
                 raise JobCancelled()
+            if shared is not None and int(t) in shared[0]:
+                return shared[1](latents, int(t))
             return self.guided_noise(latents, int(t), ctx, uncond, float(guidance_scale))
 
         return run_sampler(sampler, eps_fn, x, timesteps, self.schedule, on_step=on_step, cancelled=cancelled)
+
+    def _consistency_step(
+        self,
+        consistency: Consistency | None,
+        shape: tuple[int, int, int, int],
+        timesteps: np.ndarray,
+        ctx: np.ndarray,
+        uncond: np.ndarray | None,
+        guidance_scale: float,
+        seed: int | None,
+    ) -> tuple[frozenset[int], Callable[[np.ndarray, int], np.ndarray]] | None:
+        """(the timesteps that share, the guided noise estimate with sharing), or None when inactive."""
+        n = shape[0]
+        if consistency is None or not consistency.active(n):
+            return None
+        refs = np.zeros((0, *shape[1:]), np.float32)
+        if consistency.references is not None:
+            refs = _float_array(consistency.references, "reference latents", 4)
+            if refs.shape[1:] != shape[1:]:
+                raise InvalidOption(
+                    f"Reference latents must have shape (r, {', '.join(map(str, shape[1:]))})."
+                )
+        ref_noise = reference_noise(refs, seed)
+        guided = uncond is not None and guidance_scale != 1.0
+        halves = 2 if guided else 1
+        readers = halves * n
+        # references are read as pictures, not as any text: they run with the unconditional prompt
+        ref_ctx = np.repeat((uncond if uncond is not None else ctx)[:1], refs.shape[0], axis=0)
+        panel_ctx = np.concatenate([uncond, ctx]) if guided and uncond is not None else ctx
+        rng = np.random.default_rng(None if seed is None else [int(seed), 13])
+        weights = np.full(readers, consistency.strength, np.float32)
+        rates = self.model.unet.share_rates
+        _, _, h, w = shape
+
+        def step(latents: np.ndarray, t: int) -> np.ndarray:
+            noised = add_noise(self.schedule, refs, ref_noise, t) if refs.shape[0] else refs
+            rows = np.concatenate([*([latents] * halves), noised])
+            indices = [
+                share_indices(
+                    panels=n,
+                    halves=halves,
+                    references=refs.shape[0],
+                    tokens=(h // rate) * (w // rate),
+                    panel_rate=consistency.panel_rate,
+                    rng=rng,
+                )
+                for rate in rates
+            ]
+            eps = self.predict_noise(
+                rows,
+                np.full(rows.shape[0], t, np.int64),
+                np.concatenate([panel_ctx, ref_ctx]),
+                share=(weights, indices),
+            )[:readers]
+            if not guided:
+                return eps
+            plain, cond = eps[:n], eps[n:]
+            return plain + np.float32(guidance_scale) * (cond - plain)
+
+        return consistency.shared_timesteps([int(t) for t in timesteps]), step
 
     def _latent_shape(
         self,

@@ -19,6 +19,7 @@ from core.diffusion.layers import (
     attention,
     attention_keys_first,
     conv2d,
+    expand,
     gelu_tanh,
     kernels_available,
     merge_heads,
@@ -46,7 +47,9 @@ class ResBlock(nn.Cell):
         self.out_layers_conv = WrappedConv(c_out, c_out, 3)
         self.skip_connection = WrappedConv(c_in, c_out, 1) if c_in != c_out else Identity()
 
-    def construct(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+    def construct(
+        self, x: Tensor, emb: Tensor, context: Tensor, share: tuple[Tensor, ...] | None = None
+    ) -> Tensor:
         # conv(x) + emb is only read by the next GroupNorm + SiLU, which adds the embedding itself
         h = self.in_layers_conv(self.in_layers_norm.silu_of(x))
         h = self.out_layers_conv(self.out_layers_norm.silu_of(h, self.emb_layers(emb)))
@@ -75,16 +78,46 @@ class CrossAttention(nn.Cell):
         self.kernels = kernels_available()
 
     def construct(self, x: Tensor, context: Tensor) -> Tensor:
+        return self.to_out(self._attend(self.to_q(x), self.to_k(context), self.to_v(context)))
+
+    def shared(self, x: Tensor, weight: Tensor, index: Tensor) -> Tensor:
+        """Self-attention in which the first `k` rows (the readers) also attend to tokens of the batch.
+
+        `x` (b, n, c) image tokens; `index` (k * m,) int32: for reader i, positions i*m..(i+1)*m-1 name
+        the m extra tokens it reads, as rows of the batch flattened to (b * n) tokens (a reference
+        picture's tokens, a sample of the other panels'); `weight` (k, 1, 1): the strength per reader.
+        Keys and values of the extra tokens come from the same projections and are appended to the
+        reader's own; its output is blended with its plain self-attention output:
+        plain + weight * (with_extra - plain), so 0 is plain attention and 1 plain appended keys.
+        Rows from k on (the references) attend only to themselves.
+        """
+        b, n, c = x.shape
+        readers = weight.shape[0]
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        plain = self._attend(q, k, v)
+        extra = index.shape[0] // readers
+        k_more = ops.gather(k.reshape(b * n, c), index, 0).reshape(readers, extra, c)
+        v_more = ops.gather(v.reshape(b * n, c), index, 0).reshape(readers, extra, c)
+        k_all = ops.concat((k[:readers], k_more), 1)
+        v_all = ops.concat((v[:readers], v_more), 1)
+        own = plain[:readers]
+        wide = self._attend(q[:readers], k_all, v_all)
+        mixed = own + expand(weight, own.shape) * (wide - own)
+        if readers < b:
+            mixed = ops.concat((mixed, plain[readers:]), 0)
+        return self.to_out(mixed)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Multi-head attention of projected q (b, n, c) over k, v (b, m, c), heads merged, before to_out."""
         h = self.heads
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         if self.kernels and q.dtype == ms.float32 and cpu_kernels.attention_available():
-            return self.to_out(cpu_kernels.attention_tokens(q, k, v, h, self.scale))
+            return cpu_kernels.attention_tokens(q, k, v, h, self.scale)
         if self.host:
             k_t = split_heads_transposed(k, h, host=True)
             q, v = split_heads(q, h, host=True), split_heads(v, h, host=True)
-            return self.to_out(merge_heads(attention_keys_first(q, k_t, v, None, self.kernels), h, host=True))
+            return merge_heads(attention_keys_first(q, k_t, v, None, self.kernels), h, host=True)
         q, k, v = split_heads(q, h), split_heads(k, h), split_heads(v, h)
-        return self.to_out(merge_heads(attention(q, k, v, None, self.kernels), h))
+        return merge_heads(attention(q, k, v, None, self.kernels), h)
 
 
 class GEGLU(nn.Cell):
@@ -135,9 +168,15 @@ class BasicTransformerBlock(nn.Cell):
         self.norm2 = LayerNorm(width, 1e-5)
         self.norm3 = LayerNorm(width, 1e-5)
 
-    def construct(self, x: Tensor, context: Tensor) -> Tensor:
+    def construct(
+        self, x: Tensor, context: Tensor, weight: Tensor | None = None, index: Tensor | None = None
+    ) -> Tensor:
+        """`weight`, `index`: tokens shared into the self-attention (see `CrossAttention.shared`)."""
         h = self.norm1(x)
-        x = x + self.attn1(h, h)
+        if weight is None:
+            x = x + self.attn1(h, h)
+        else:
+            x = x + self.attn1.shared(h, weight, index)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -154,17 +193,26 @@ class SpatialTransformer(nn.Cell):
         )
         self.proj_out = conv2d(width, width, 1)
         self.fused_proj = runtime.on_cpu()
+        self.share_slot = 0
+        """Which index of a `share` tuple (after its weight) holds this resolution's token indices."""
 
-    def construct(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+    def construct(
+        self, x: Tensor, emb: Tensor, context: Tensor, share: tuple[Tensor, ...] | None = None
+    ) -> Tensor:
         b, c, h, w = x.shape
         if self.fused_proj:
-            return x + self._out_fused(self._blocks(self._in_fused(self.norm(x)), context), h, w)
+            return x + self._out_fused(self._blocks(self._in_fused(self.norm(x)), context, share), h, w)
         tokens = self.proj_in(self.norm(x)).reshape(b, c, h * w).transpose(0, 2, 1)
-        return x + self.proj_out(self._blocks(tokens, context).transpose(0, 2, 1).reshape(b, c, h, w))
+        return x + self.proj_out(self._blocks(tokens, context, share).transpose(0, 2, 1).reshape(b, c, h, w))
 
-    def _blocks(self, tokens: Tensor, context: Tensor) -> Tensor:
+    def _blocks(self, tokens: Tensor, context: Tensor, share: tuple[Tensor, ...] | None) -> Tensor:
+        if share is None:
+            for block in self.transformer_blocks:
+                tokens = block(tokens, context)
+            return tokens
+        weight, index = share[0], share[1 + self.share_slot]
         for block in self.transformer_blocks:
-            tokens = block(tokens, context)
+            tokens = block(tokens, context, weight, index)
         return tokens
 
     # On the CPU the 1x1 projections in and out are products whose transposed operand is read in
@@ -190,7 +238,9 @@ class Downsample(nn.Cell):
         super().__init__()
         self.op = WrappedConv(channels, channels, 3, stride=2)
 
-    def construct(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+    def construct(
+        self, x: Tensor, emb: Tensor, context: Tensor, share: tuple[Tensor, ...] | None = None
+    ) -> Tensor:
         return self.op(x)
 
 
@@ -199,12 +249,16 @@ class Upsample(nn.Cell):
         super().__init__()
         self.conv = WrappedConv(channels, channels, 3)
 
-    def construct(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+    def construct(
+        self, x: Tensor, emb: Tensor, context: Tensor, share: tuple[Tensor, ...] | None = None
+    ) -> Tensor:
         return self.conv(upsample_nearest(x))
 
 
 class InputConv(WrappedConv):
-    def construct(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:  # type: ignore[override]
+    def construct(  # type: ignore[override]
+        self, x: Tensor, emb: Tensor, context: Tensor, share: tuple[Tensor, ...] | None = None
+    ) -> Tensor:
         return self.conv(x)
 
 
@@ -221,8 +275,12 @@ class UNetModel(nn.Cell):
             [nn.Dense(ch0, emb_width), SiLU(), nn.Dense(emb_width, emb_width)]
         )
 
+        transformers: list[tuple[int, SpatialTransformer]] = []
+
         def transformer(width: int) -> SpatialTransformer:
-            return SpatialTransformer(width, ctx, heads, depth, groups)
+            cell = SpatialTransformer(width, ctx, heads, depth, groups)
+            transformers.append((rate, cell))
+            return cell
 
         self.input_blocks = nn.CellList([nn.CellList([InputConv(config.latent_channels, ch0, 3)])])
         skip_widths = [ch0]
@@ -260,24 +318,34 @@ class UNetModel(nn.Cell):
         self.out = nn.SequentialCell(
             [GroupNorm(groups, ch, RESBLOCK_NORM_EPS), SiLU(), WrappedConv(ch, config.latent_channels, 3)]
         )
+        self.share_rates: tuple[int, ...] = tuple(sorted({r for r, _ in transformers}))
+        """Downsampling rates that have transformers, in the order of a `share` tuple's index tensors."""
+        for r, cell in transformers:
+            cell.share_slot = self.share_rates.index(r)
 
-    def construct(self, x: Tensor, t_emb: Tensor, context: Tensor) -> Tensor:
-        """`t_emb` is the sinusoidal timestep embedding (n, model_channels), see `embed_timesteps`."""
+    def construct(
+        self, x: Tensor, t_emb: Tensor, context: Tensor, share: tuple[Tensor, ...] | None = None
+    ) -> Tensor:
+        """`t_emb` is the sinusoidal timestep embedding (n, model_channels), see `embed_timesteps`.
+
+        `share`, when given, is (weight (k, 1, 1), then one int32 index (k * m_r,) per rate of
+        `share_rates`): the first k rows' self-attention also reads those tokens of the batch (see
+        `CrossAttention.shared`). None runs exactly the plain UNet."""
         emb = self.time_embed(t_emb)
         skips = []
         h = x
         for block in self.input_blocks:
             for layer in block:
-                h = layer(h, emb, context)
+                h = layer(h, emb, context, share)
             skips.append(h)
         for layer in self.middle_block:
-            h = layer(h, emb, context)
+            h = layer(h, emb, context, share)
         i = len(skips)
         for block in self.output_blocks:
             i = i - 1  # skips are consumed last first (indexing, not pop: graph mode has no list.pop)
             h = ops.concat((h, skips[i]), 1)
             for layer in block:
-                h = layer(h, emb, context)
+                h = layer(h, emb, context, share)
         norm, conv = self.out[0], self.out[2]  # out[1] is the SiLU, fused into the norm
         return conv(norm.silu_of(h))
 
