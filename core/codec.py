@@ -1,8 +1,9 @@
 """Job <-> JSON-ready dict, shared by the SQLite store and the Redis queue.
 
-`GenerationRequest.init_image` bytes are never encoded: the job's `init_image` field holds the image
-hash, and the service loads the bytes from the store when the job runs. Everything else round-trips
-exactly. Decoding checks every field's type and raises `StorageError` for a malformed record.
+`GenerationRequest.init_image` and `reference_images` bytes are never encoded: the job's `init_image`
+field and the request's `references` hold the image hashes, and the bytes are loaded from the image
+store when the job runs. Everything else round-trips exactly. Decoding checks every field's type and
+raises `StorageError` for a malformed record.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from core.types import GenerationRequest, Job, JobKind, JobStatus
 
 logger = logging.getLogger(__name__)
 
-_REQUEST_FIELDS = tuple(f.name for f in fields(GenerationRequest) if f.name != "init_image")
+_REQUEST_FIELDS = tuple(
+    f.name for f in fields(GenerationRequest) if f.name not in ("init_image", "reference_images")
+)
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:
@@ -28,7 +31,10 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "chat": job.chat,
         "kind": job.kind.value,
         "source_text": job.source_text,
-        "request": {name: getattr(job.request, name) for name in _REQUEST_FIELDS},
+        "request": {
+            name: list(value) if isinstance(value := getattr(job.request, name), tuple) else value
+            for name in _REQUEST_FIELDS
+        },
         "status": job.status.value,
         "progress": job.progress,
         "error": job.error,
@@ -67,6 +73,9 @@ def job_from_dict(data: Any) -> Job:
             n=request.integer("n"),
             sampler=request.text("sampler"),
             strength=request.number("strength"),
+            # records from before consistency have neither field
+            references=request.texts("references") if "references" in request else (),
+            consistency=request.number("consistency") if "consistency" in request else 0.0,
         ),
         status=record.enum("status", JobStatus),
         progress=record.number("progress"),
@@ -105,6 +114,9 @@ class _Record:
             raise StorageError(f"A stored {what} is not a JSON object.")
         self._data = data
         self._what = what
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
 
     def raw(self, key: str) -> Any:
         if key not in self._data:

@@ -33,6 +33,8 @@ MAX_NEW_SIDE = 1024
 """The longest side of a new picture; an upscale may double it."""
 UPSCALE_FACTOR = 2
 MAX_IMAGES_PER_REQUEST = 8
+MAX_REFERENCES = 4
+"""Reference pictures one request may follow (each costs one more UNet pass per shared step)."""
 
 
 def area_band(image_area: int) -> tuple[int, int]:
@@ -123,6 +125,12 @@ def validate_request(request: GenerationRequest, limits: EngineLimits) -> None:
         if not 0.0 < request.strength <= 1.0:
             raise InvalidOption("Strength must be above 0 and at most 1 for image-to-image.")
         validate_upload(request.init_image, decode=False)  # sizes from the header: no decoding here
+    if not isinstance(request.consistency, int | float) or not 0.0 <= request.consistency <= 2.0:
+        raise InvalidOption("Consistency strength must be between 0 and 2.")
+    if len(request.references) > MAX_REFERENCES or len(request.reference_images) > MAX_REFERENCES:
+        raise InvalidOption(f"A picture can follow at most {MAX_REFERENCES} reference pictures.")
+    for reference in request.reference_images:
+        validate_upload(reference)
     if not 0 <= request.seed < 2**63:
         raise InvalidOption("The seed must be a non-negative whole number.")
 

@@ -85,6 +85,12 @@ class GenerationRequest:
     sampler: str = "dpm++2m"
     init_image: bytes | None = field(default=None, repr=False)
     strength: float = 0.0
+    references: tuple[str, ...] = ()
+    """Digests of reference pictures (a story's cast) the drawing keeps its characters consistent with."""
+    consistency: float = 0.0
+    """How strongly the references are followed (0 off, 1 full, up to 2); see core.diffusion.consistency."""
+    reference_images: tuple[bytes, ...] = field(default=(), repr=False)
+    """The references' image bytes, loaded where the job runs (never stored: the digests are)."""
 
 
 @dataclass(frozen=True)

@@ -233,7 +233,7 @@ class WukongPipeline:
                 raise InvalidOption(f"Shared token indices must lie in [0, {tokens}).")
             out.append(Tensor(flat.astype(np.int32)))
         # mutable: the index values change every step; as constants each call would compile again
-        return ms.mutable(tuple(out))  # type: ignore[no-any-return]
+        return ms.mutable(tuple(out))
 
     def _unet_for(self, shape: tuple[int, ...]) -> Callable[..., Tensor]:
         """The compiled UNet for a shape it is (or may still be) compiled for, else the eager one."""

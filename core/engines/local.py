@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageOps
 
 from core.engine import (
     MAX_IMAGES_PER_REQUEST,
@@ -28,7 +29,7 @@ from core.engine import (
     validate_request,
 )
 from core.errors import CheckpointError, EngineUnavailable, HuahuaError, JobCancelled
-from core.images import array_to_pngs, png_to_array, resize_png
+from core.images import array_to_pngs, open_image, png_to_array, resize_png
 from core.settings import Settings
 from core.types import GeneratedImage, GenerationRequest
 from core.vocabulary import tiny_vocabulary
@@ -53,8 +54,9 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarr
 
 
 def _batch_key(request: GenerationRequest) -> tuple[Any, ...] | None:
-    """Requests with equal keys can share one batch; image-to-image requests never do."""
-    if request.init_image is not None:
+    """Requests with equal keys can share one batch; image-to-image requests and requests that follow
+    reference pictures never do."""
+    if request.init_image is not None or request.reference_images:
         return None
     return (request.width, request.height, request.steps, request.guidance_scale, request.sampler)
 
@@ -313,6 +315,7 @@ class LocalEngine(Engine):
             strength=strength,
             on_step=on_step,
             cancelled=cancelled,
+            **self._consistency(first, width, height),
         )
         if cancelled():
             raise JobCancelled()
@@ -328,6 +331,29 @@ class LocalEngine(Engine):
             )
             index += request.n
         return out
+
+    def _consistency(self, request: GenerationRequest, width: int, height: int) -> dict[str, Any]:
+        """`sample`'s consistency argument: the reference pictures at the panel's size, encoded to latents
+        (none when the request follows none or its strength is 0)."""
+        if request.consistency == 0.0:
+            return {}
+        if request.references and len(request.reference_images) != len(request.references):
+            raise EngineUnavailable("The reference pictures of this drawing could not be loaded.")
+        if not request.reference_images:
+            return {}
+        from core.diffusion.consistency import Consistency
+
+        pixels = np.concatenate([_cover(png, width, height) for png in request.reference_images])
+        latents = self._pipe.encode_images(pixels)
+        return {"consistency": Consistency(references=latents, strength=float(request.consistency))}
+
+
+def _cover(data: bytes, width: int, height: int) -> np.ndarray:
+    """The picture scaled to cover (width, height) and centre-cropped (no stretching), as (1, 3, h, w)
+    in [-1, 1]: a reference of another shape keeps its proportions."""
+    image = ImageOps.fit(open_image(data).convert("RGB"), (width, height), Image.Resampling.LANCZOS)
+    pixels = np.asarray(image, dtype=np.float32)
+    return (pixels.transpose(2, 0, 1)[None] / 127.5 - 1.0).astype(np.float32)
 
 
 def _safe_progress(callback: ProgressCallback, step: int, total: int) -> None:

@@ -315,9 +315,14 @@ class JobRunner:
                 return
 
     async def _engine_request(self, job: Job) -> GenerationRequest:
+        request = job.request
+        if request.references:  # a story's cast pictures, loaded like the init image
+            request = replace(
+                request, reference_images=tuple([await self.images.get(d) for d in request.references])
+            )
         if job.init_image is None:
-            return job.request
-        return replace(job.request, init_image=await self.images.get(job.init_image))
+            return request
+        return replace(request, init_image=await self.images.get(job.init_image))
 
     def _progress_callback(self, job: Job) -> Callable[[int, int], None]:
         def on_progress(step: int, total: int) -> None:
