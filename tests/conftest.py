@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import shutil
 import socket
 import subprocess
@@ -23,6 +24,23 @@ pytest_plugins = ["tests.fake_llm", "tests.fake_discord", "tests.s3_server"]
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 _job_ids = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_rate_limits() -> Iterator[None]:
+    """Rate-limited loggers (core.logs.RateLimit) keep their windows per process: each test starts and
+    leaves them empty, so one test's refusals never hide the next one's log lines."""
+    from core.logs import RateLimit
+
+    def reset() -> None:
+        for logger in logging.Logger.manager.loggerDict.values():
+            for found in getattr(logger, "filters", ()):
+                if isinstance(found, RateLimit):
+                    found.reset()
+
+    reset()
+    yield
+    reset()
 
 
 @pytest.fixture

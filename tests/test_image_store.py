@@ -480,7 +480,7 @@ async def test_an_imagine_job_is_stored_in_the_bucket_and_served_by_the_web_chat
     await client.start_server()
     try:
         response = await client.post(
-            "/api/messages", json={"chat": "main", "user": "alice", "text": "/imagine 一只猫 --seed 5"}
+            "/api/messages", json={"chat": "main", "text": "/imagine 一只猫 --seed 5"}
         )
         assert response.status == 200
         job_id = (await response.json())["job"]["id"]

@@ -73,7 +73,7 @@ async def _pair(tmp_path: Path, url: str, gate: asyncio.Event) -> tuple[Huahua, 
 
 
 async def _submit(service: Huahua) -> Job:
-    request = replace(service.default_request(), prompt="一只猫", seed=3)
+    request = replace(service.default_request(), prompt="一只猫", seed=3, width=128, height=128)
     return await service.submit_request("web:alice", "web:room1", JobKind.IMAGINE, "a cat", request)
 
 
@@ -148,13 +148,13 @@ async def test_a_cancel_that_arrives_before_the_job_starts_still_applies(
     heard = Recorder()
     submitter.listen("web:", heard)
     try:
-        request = replace(submitter.default_request(), prompt="一只猫")
+        request = replace(submitter.default_request(), prompt="一只猫", width=128, height=128)
         job = submitter._new_job("web:alice", "web:room1", JobKind.IMAGINE, "a cat", request)
         assert submitter.relay is not None
         submitter.relay.request_cancel(job.id)  # e.g. sent while the runner was between get() and start
 
         for _ in range(int(WAIT_S / 0.01)):
-            if job.id in runner._early_cancels:
+            if job.id in runner.runner.early_cancels:
                 break
             await asyncio.sleep(0.01)
         else:

@@ -7,7 +7,7 @@ import logging
 import re
 import struct
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -15,9 +15,8 @@ import pytest
 from aiohttp import web
 
 from core.engines.local import LocalEngine, tiny_engine
-from core.logs import RateLimit
 from core.settings import Settings
-from core.worker_server import SERVER_OPTIONS, create_app, http_errors, refusals
+from core.worker_server import SERVER_OPTIONS, create_app
 
 SECRET = "worker-s3cret-value"
 BODY = {"prompt": "一只猫", "width": 64, "height": 64, "steps": 3, "seed": 5, "n": 1, "strength": 0.5}
@@ -44,18 +43,6 @@ def _blank_png(width: int, height: int) -> bytes:
 @pytest.fixture(scope="module")
 def bomb() -> bytes:
     return _blank_png(BOMB_SIDE, BOMB_SIDE)
-
-
-@pytest.fixture(autouse=True)
-def fresh_rate_limits() -> Iterator[None]:
-    """Rate-limit windows live in the module's loggers: start and leave them empty."""
-    limits = [f for lg in (refusals, http_errors) for f in lg.filters if isinstance(f, RateLimit)]
-    assert len(limits) == 2
-    for limit in limits:
-        limit.reset()
-    yield
-    for limit in limits:
-        limit.reset()
 
 
 @pytest.fixture
