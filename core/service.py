@@ -23,6 +23,7 @@ from core.errors import (
     NotAllowed,
     NotFound,
     QuotaExceeded,
+    ServiceUnavailable,
 )
 from core.events import ALL_EVENTS, EventBus, EventRelay, Listener
 from core.jobs.queue import too_many_jobs
@@ -362,8 +363,14 @@ class Huahua:
         try:
             position = await self.queue.put(job)
         except HuahuaError:
-            await self.store.discard_job(job.id)  # refused: no record, no quota used
-            raise
+            if await self.store.discard_job(job.id):  # refused: no record, no quota used
+                raise
+            # Not refused after all: while the queue failed here, a recovery sweep sharing the store
+            # queued the job and a worker took it up. It is the user's job; its events come relayed.
+            logger.warning("job %s: the queue failed here but the job was already taken up", job.id)
+            if self.relay is not None:
+                self._watching[job.id] = job
+            return job
         self._waiting[job.id] = job
         if self.relay is not None:
             self._watching[job.id] = job
@@ -481,7 +488,12 @@ class Huahua:
         raise NotFound("There is nothing to share yet: draw something with /imagine first.")
 
     async def position(self, job_id: str) -> int | None:
-        return await self.queue.position(job_id)
+        """The job's place in the queue; None when it is not waiting, or the queue cannot say right now (an
+        accepted job stays accepted while Redis is away)."""
+        try:
+            return await self.queue.position(job_id)
+        except ServiceUnavailable:
+            return None
 
     async def image(self, digest: str) -> bytes:
         """A stored picture's PNG bytes; NotFound for an unknown or malformed digest."""

@@ -254,3 +254,88 @@ async def test_quota_holds_exactly_between_processes(tmp_path: Path, processes: 
     finally:
         for service in services:
             await service.stop()
+
+
+class StallingProxy:
+    """A TCP proxy to Redis on loopback whose traffic this test can stall, then cut (refusing reconnects)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.writers += [writer, up_writer]
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, held: bool) -> None:
+            while data := await source.read(65536):
+                if held:
+                    await self.flowing.wait()
+                if sink.is_closing():
+                    break
+                sink.write(data)
+                await sink.drain()
+            sink.close()
+
+        await asyncio.gather(
+            pump(reader, up_writer, True), pump(up_reader, writer, False), return_exceptions=True
+        )
+
+    def stall(self) -> None:
+        """Requests from now on reach Redis only after `cut` (that is, never)."""
+        self.flowing.clear()
+
+    def cut(self) -> None:
+        """Drop every connection and refuse new ones, as a network that went away."""
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        self.flowing.set()  # held data meets closed connections and is dropped
+
+    async def close(self) -> None:
+        self.cut()
+        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 5.0)
+
+
+async def test_a_request_whose_queue_failed_after_a_sweep_queued_it_is_accepted(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The front's put fails (its link to Redis stalls, then breaks) after another process's recovery sweep
+    found the admitted job in the shared store and ran it: the user must get the job, not a refusal."""
+    proxy = StallingProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    front = await make_service(
+        tmp_path, PatternEngine(), queue="redis", redis_url=await proxy.start(), workers=0
+    )
+    worker = await make_service(
+        tmp_path, PatternEngine(), queue="redis", redis_url=redis_url, job_lease_s=1.0
+    )
+    try:
+        proxy.stall()
+        asked = asyncio.create_task(front.handle_message("web:room1", "web:carol", IMAGINE))
+
+        async def swept_and_done() -> bool:
+            jobs = await worker.store.recent_jobs("web:room1")
+            return bool(jobs) and jobs[0].status == JobStatus.DONE
+
+        await until(swept_and_done, timeout=15.0)
+        proxy.cut()
+        reply = await asyncio.wait_for(asked, 30.0)
+        [job] = await worker.store.recent_jobs("web:room1")
+        assert reply.job is not None and reply.job.id == job.id, reply.texts
+        assert job.attempt == 1 and len(job.images) == 1
+    finally:
+        await worker.stop()
+        await front.stop()
+        await proxy.close()
