@@ -456,14 +456,18 @@ async def get_story(request: web.Request) -> web.Response:
 async def export_story_html(request: web.Request) -> web.Response:
     book = _book(request.app[SERVICE_KEY])
     story = await book.get(request.match_info["story_id"])
-    return _file_response(await export_html(book, story), f"{_file_stem(story)}.html", ascii_stem="storybook")
+    return _file_response(
+        await export_html(story, await book.panel_pictures(story)),
+        f"{_file_stem(story)}.html",
+        ascii_stem="storybook",
+    )
 
 
 async def export_story_pdf(request: web.Request) -> web.Response:
     book = _book(request.app[SERVICE_KEY])
     story = await book.get(request.match_info["story_id"])
     try:
-        pdf = await export_pdf(book, story)
+        pdf = await export_pdf(story, await book.panel_pictures(story))
     except NotFound:
         raise
     except HuahuaError as err:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
 import logging
+import math
 import re
 import secrets
 import time
@@ -12,9 +15,21 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
+
+from core.engine import MAX_REFERENCES
 from core.errors import InvalidOption, NotAllowed, NotFound
+from core.images import open_image, validate_upload
 from core.options import resolve
-from core.story.model import CastMember, Scene, Story, story_from_dict, story_to_dict
+from core.story.export import Panels, export_files, pdf_problem
+from core.story.model import (
+    DEFAULT_CONSISTENCY,
+    CastMember,
+    Scene,
+    Story,
+    story_from_dict,
+    story_to_dict,
+)
 from core.story.planner import ScenePlanner, next_continuity
 from core.types import EventType, ImagineOptions, Job, JobEvent, JobKind, JobStatus
 
@@ -27,11 +42,16 @@ MAX_CAST = 12
 MAX_ILLUSTRATE = 4
 MAX_EXCERPTS = 500
 SEED_STRIDE = 7919
+MAX_CONSISTENCY = 2.0
+REFERENCE_SIDE = 1024
+"""Cast reference pictures are kept at most this many pixels a side (panels are drawn at 512-1024)."""
 STORY_HELP = """Story commands:
 /story new <title> [--style <preset>] — start this chat's story
 /story add <excerpt> — add a passage
 /illustrate — draw the latest passage (or the message you reply to); /illustrate 3 — the last three
-/cast add <name>: <description> · /cast list · /cast remove <name>
+/cast add <name>: <description> (send a picture with it: their reference) · /cast show <name>
+/cast list · /cast remove <name>
+/story consistency on|off|strength <0-2> — panels follow the cast's reference pictures (default on)
 /story show · /story style <preset> · /story auto on|off · /story choose <panel> <picture>
 /story rerender <panel> · /story export · /story end"""
 
@@ -89,7 +109,12 @@ class StoryBook:
         sub, _, rest = args.partition(" ")
         sub, rest = sub.lower(), rest.strip()
         if command == "cast":
-            handlers = {"add": self._cast_add, "list": self._cast_list, "remove": self._cast_remove}
+            handlers = {
+                "add": self._cast_add,
+                "list": self._cast_list,
+                "remove": self._cast_remove,
+                "show": self._cast_show,
+            }
         else:
             handlers = {
                 "new": self._new,
@@ -101,6 +126,7 @@ class StoryBook:
                 "export": self._export,
                 "end": self._end,
                 "rerender": self._rerender_command,
+                "consistency": self._consistency,
             }
         handler = handlers.get(sub)
         if handler is None:
@@ -194,7 +220,40 @@ class StoryBook:
         await self.save(replace(story, style=preset))
         return Reply(texts=(f"Story style: {preset or 'none'}.",))
 
-    async def _cast_add(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
+    async def cast_add_with_picture(self, chat: str, user: str, args: str, picture: bytes) -> Reply:
+        """`/cast add <name>: <description>` sent with a picture (an adapter's photo, attachment or
+        upload): the picture becomes the member's reference. For a member already in the cast the
+        picture replaces their reference (the description may then be left out)."""
+        async with self._lock(chat):
+            return await self._cast_add_picture(chat, user, args, picture)
+
+    async def _cast_add_picture(self, chat: str, user: str, args: str, picture: bytes) -> Reply:
+        from core.service import Reply
+
+        story = await self._require_active(chat)
+        digest = await self._store_reference(picture)  # a picture that is refused adds nobody
+        name = re.split("[:：]", args, maxsplit=1)[0].strip()
+        existing = story.member(name) if name else None
+        if existing is None:
+            reply = await self._cast_add(chat, user, args, None)
+            story = await self._require_active(chat)
+            existing = story.member(name)
+            assert existing is not None
+        else:
+            reply = Reply()
+        member = replace(existing, reference=digest, reference_from="picture")
+        await self.save(replace(story, cast=tuple(member if m is existing else m for m in story.cast)))
+        return Reply(
+            texts=(*reply.texts, f"📌 {member.name}'s reference picture is set: panels with them follow it."),
+        )
+
+    async def _store_reference(self, picture: bytes) -> str:
+        """Check an uploaded picture (byte count and header sizes before any pixel is decoded), shrink
+        it to at most REFERENCE_SIDE a side and keep it as PNG in the image store."""
+        png = await asyncio.to_thread(reference_png, picture)
+        return await self.service.images.put(png)
+
+    async def _cast_add(self, chat: str, user: str, args: str, context: MessageContext | None) -> Reply:
         from core.service import Reply
 
         story = await self._require_active(chat)
@@ -237,6 +296,48 @@ class StoryBook:
             raise NotFound(f"There is no {args or 'such character'} in the cast.")
         await self.save(replace(story, cast=tuple(m for m in story.cast if m is not member)))
         return Reply(texts=(f"Removed {member.name} from the cast.",))
+
+    async def _cast_show(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
+        from core.service import Reply
+
+        story = await self._require_active(chat)
+        member = story.member(args)
+        if member is None:
+            raise NotFound(f"There is no {args or 'such character'} in the cast: /cast show <name>.")
+        lines = [f"• {member.name}: {member.description}"]
+        if member.reference is None:
+            lines.append(
+                "No reference picture yet: send one with /cast add, or ⭐ a panel where they appear alone."
+            )
+            return Reply(texts=("\n".join(lines),))
+        source = "the picture you gave" if member.reference_from == "picture" else member.reference_from
+        lines.append(f"Reference: {source}.")
+        picture = await self.service.image(member.reference)
+        return Reply(texts=("\n".join(lines),), attachments=((f"{member.name}-reference.png", picture),))
+
+    async def _consistency(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
+        from core.service import Reply
+
+        story = await self._require_active(chat)
+        words = args.lower().split()
+        if words == ["on"]:
+            strength = DEFAULT_CONSISTENCY
+        elif words == ["off"]:
+            strength = 0.0
+        elif len(words) == 2 and words[0] == "strength" and _is_number(words[1]):
+            strength = float(words[1])
+            if not 0.0 <= strength <= MAX_CONSISTENCY:
+                raise InvalidOption(f"Consistency strength runs from 0 (off) to {MAX_CONSISTENCY:g}.")
+        else:
+            raise InvalidOption(
+                "Use /story consistency on, /story consistency off or /story consistency strength 0.8."
+            )
+        await self.save(replace(story, consistency=strength))
+        if strength == 0.0:
+            return Reply(texts=("Consistency off: panels are drawn from their text alone.",))
+        return Reply(
+            texts=(f"Consistency on (strength {strength:g}): panels follow the cast's reference pictures.",)
+        )
 
     async def _illustrate_command(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
@@ -281,6 +382,7 @@ class StoryBook:
         )
         negative = service.builder.negative_prompt(story.style)
         lead = story.member(plan.characters[0]) if plan.characters else None
+        references = scene_references(story, plan.characters)
         request = replace(
             service.default_request(),
             prompt=prompt,
@@ -290,6 +392,8 @@ class StoryBook:
             steps=resolved.steps,
             guidance_scale=resolved.guidance_scale,
             seed=(story.base_seed + (lead.seed_offset if lead else 0)) % 2**32,
+            references=references,
+            consistency=story.consistency if references else 0.0,
         )
         index = len(story.scenes) + 1
         notes = plan.notes + ((f"Left out to fit the model's limit: {'、'.join(cut)}.",) if cut else ())
@@ -358,6 +462,7 @@ class StoryBook:
         job_ids = scene.job_ids if job.id in scene.job_ids else (*scene.job_ids, job.id)
         chosen = replace(scene, job_ids=job_ids, chosen=(job.id, image_index))
         story = replace(story, scenes=tuple(chosen if s.index == scene.index else s for s in story.scenes))
+        story = _first_panel_as_reference(story, chosen, job.images[image_index])
         await self.save(story)
         return story
 
@@ -417,7 +522,6 @@ class StoryBook:
 
     async def _export(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
         from core.service import Reply
-        from core.story.export import pdf_problem
 
         story = await self._require_active(chat)
         files = await self.export_files(story)
@@ -428,11 +532,18 @@ class StoryBook:
             attachments=files,
         )
 
+    async def panel_pictures(self, story: Story) -> Panels:
+        """The chosen (or latest) picture of every panel that has one, in order, as PNG bytes."""
+        panels = []
+        for scene in story.scenes:
+            digest = await self.panel_image(scene)
+            if digest is not None:
+                panels.append((scene, await self.service.image(digest)))
+        return panels
+
     async def export_files(self, story: Story) -> tuple[tuple[str, bytes], ...]:
         """The storybook as `<title>.html` and, when a Chinese font is installed, `<title>.pdf`."""
-        from core.story.export import export_files
-
-        return await export_files(self, story)
+        return await export_files(story, await self.panel_pictures(story))
 
     async def for_sharing(self, chat: str, user: str, is_admin: Callable[[], Awaitable[bool]]) -> SharedStory:
         """The chat's storybook, ready for a gallery channel; only its author or an admin may share it.
@@ -496,6 +607,49 @@ class SharedStory:
     story: Story
     panels: tuple[tuple[str, bytes], ...]
     files: tuple[tuple[str, bytes], ...]
+
+
+def scene_references(story: Story, characters: tuple[str, ...]) -> tuple[str, ...]:
+    """The reference pictures of the characters present, in their order, each once, at most
+    MAX_REFERENCES (every one is an extra UNet pass per shared step); none when consistency is off."""
+    if story.consistency == 0.0:
+        return ()
+    digests: list[str] = []
+    for name in characters:
+        member = story.member(name)
+        if member is not None and member.reference and member.reference not in digests:
+            digests.append(member.reference)
+    return tuple(digests[:MAX_REFERENCES])
+
+
+def _first_panel_as_reference(story: Story, scene: Scene, digest: str) -> Story:
+    """A member without a reference takes the first ⭐-chosen panel they appear in alone (a panel
+    with two characters would carry the other one's looks into every later panel)."""
+    if len(scene.plan.characters) != 1:
+        return story
+    member = story.member(scene.plan.characters[0])
+    if member is None or member.reference is not None:
+        return story
+    updated = replace(member, reference=digest, reference_from=f"panel {scene.index}")
+    return replace(story, cast=tuple(updated if m is member else m for m in story.cast))
+
+
+def reference_png(picture: bytes) -> bytes:
+    """A cast member's uploaded picture as a PNG of at most REFERENCE_SIDE a side; InvalidOption for
+    what is no usable picture (sizes checked from the header before decoding: no decompression bomb)."""
+    validate_upload(picture, decode=False)
+    image = open_image(picture).convert("RGB")
+    image.thumbnail((REFERENCE_SIDE, REFERENCE_SIDE), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _split_style(args: str) -> tuple[str, str | None]:

@@ -26,7 +26,6 @@ from fpdf.enums import Align, XPos, YPos
 from core.errors import HuahuaError
 
 if TYPE_CHECKING:
-    from core.story.book import StoryBook
     from core.story.model import Scene, Story
 
 logger = logging.getLogger(__name__)
@@ -97,8 +96,11 @@ figcaption{margin-top:.8rem;font-size:1.1rem}
 """
 
 
-async def export_html(book: StoryBook, story: Story) -> bytes:
-    panels = await _panels(book, story)
+Panels = list[tuple["Scene", bytes]]
+"""The book's chosen panels with their PNG bytes, in order (`StoryBook.panel_pictures`)."""
+
+
+async def export_html(story: Story, panels: Panels) -> bytes:
     parts = [
         "<!doctype html><html lang='zh'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width,initial-scale=1'>",
@@ -124,12 +126,11 @@ async def export_html(book: StoryBook, story: Story) -> bytes:
     return "".join(parts).encode("utf-8")
 
 
-async def export_pdf(book: StoryBook, story: Story) -> bytes:
+async def export_pdf(story: Story, panels: Panels) -> bytes:
     """Cover, one page per panel (picture and excerpt), and a cast page; HuahuaError without a font."""
     font = await asyncio.to_thread(find_cjk_font)
     if font is None:
         raise HuahuaError(PDF_NEEDS_A_FONT)
-    panels = await _panels(book, story)
     try:
         return await asyncio.to_thread(_render_pdf, story, panels, font)
     except (OSError, ValueError, RuntimeError, KeyError, AssertionError) as exc:  # fpdf2 and fontTools
@@ -137,13 +138,13 @@ async def export_pdf(book: StoryBook, story: Story) -> bytes:
         raise HuahuaError(f"The PDF could not be made with the font {font.path.name}.") from exc
 
 
-async def export_files(book: StoryBook, story: Story) -> tuple[tuple[str, bytes], ...]:
+async def export_files(story: Story, panels: Panels) -> tuple[tuple[str, bytes], ...]:
     """The storybook as `<title>.html` and, when a Chinese font is there, `<title>.pdf`.
 
     The HTML never depends on the PDF: a missing font costs the PDF only (see `pdf_problem`)."""
-    files = [(file_name(story, "html"), await export_html(book, story))]
+    files = [(file_name(story, "html"), await export_html(story, panels))]
     try:
-        files.append((file_name(story, "pdf"), await export_pdf(book, story)))
+        files.append((file_name(story, "pdf"), await export_pdf(story, panels)))
     except HuahuaError as exc:
         logger.info("storybook %s without a PDF: %s", story.id, exc.message)
     return tuple(files)
@@ -193,15 +194,6 @@ def _render_pdf(story: Story, panels: list[tuple[Scene, bytes]], font: CjkFont) 
 def _paragraph(pdf: FPDF, line_height: float, text: str, align: str = "L") -> None:
     """Text over the page's width, then the cursor at the start of the next line."""
     pdf.multi_cell(0, line_height, text, align=Align.coerce(align), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-
-
-async def _panels(book: StoryBook, story: Story) -> list[tuple[Scene, bytes]]:
-    panels = []
-    for scene in story.scenes:
-        digest = await book.panel_image(scene)
-        if digest is not None:
-            panels.append((scene, await book.service.image(digest)))
-    return panels
 
 
 def _style_text(story: Story) -> str:
