@@ -8,16 +8,25 @@ from typing import Any
 
 from core.types import GenerationRequest
 
-_REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name != "init_image")
+_REQUEST_FIELDS = tuple(
+    f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("init_image", "reference_images")
+)
+DEFAULT_CONSISTENCY = 1.0
+"""A new story keeps its characters consistent at full strength (/story consistency changes it)."""
 
 
 @dataclass(frozen=True)
 class CastMember:
-    """A character: a fixed description injected into every prompt and a fixed seed offset."""
+    """A character: a fixed description injected into every prompt, a fixed seed offset and, once there
+    is one, a reference picture every panel they appear in follows."""
 
     name: str
     description: str
     seed_offset: int
+    reference: str | None = None
+    """Digest of the reference picture: one given with /cast add, else their first ⭐-chosen solo panel."""
+    reference_from: str = ""
+    """Where the reference came from: "picture" or "panel <n>"."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,8 @@ class Story:
     scenes: tuple[Scene, ...] = ()
     continuity: Continuity = field(default_factory=Continuity)
     active: bool = True
+    consistency: float = DEFAULT_CONSISTENCY
+    """Strength with which panels follow their characters' reference pictures; 0 is off."""
 
     def member(self, name: str) -> CastMember | None:
         folded = name.strip().casefold()
@@ -81,11 +92,18 @@ class Story:
 
 
 def request_to_dict(request: GenerationRequest) -> dict[str, Any]:
-    return {name: getattr(request, name) for name in _REQUEST_FIELDS}
+    return {
+        name: list(value) if isinstance(value := getattr(request, name), tuple) else value
+        for name in _REQUEST_FIELDS
+    }
 
 
 def request_from_dict(data: dict[str, Any]) -> GenerationRequest:
-    return GenerationRequest(**{name: data[name] for name in _REQUEST_FIELDS})
+    """Fields a story saved before they existed take their defaults."""
+    values = {name: data[name] for name in _REQUEST_FIELDS if name in data}
+    if "references" in values:
+        values["references"] = tuple(values["references"])
+    return GenerationRequest(**values)
 
 
 def story_to_dict(story: Story) -> dict[str, Any]:
@@ -128,4 +146,5 @@ def story_from_dict(data: dict[str, Any]) -> Story:
         scenes=scenes,
         continuity=Continuity(**data["continuity"]),
         active=data["active"],
+        consistency=data.get("consistency", DEFAULT_CONSISTENCY),
     )

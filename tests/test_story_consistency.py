@@ -1,0 +1,237 @@
+"""Consistent characters in a story: cast reference pictures, /cast show, /story consistency, the
+references reaching the engine (and changing the tiny model's drawing), and their storage."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from core.codec import job_from_dict, job_from_json, job_to_dict, job_to_json
+from core.engine import CancelToken
+from core.service import MessageContext
+from core.settings import Settings
+from core.story.model import CastMember, Story, story_from_dict, story_to_dict
+from core.types import EventType, GenerationRequest
+from tests.support import PatternEngine, make_service
+
+CHAT, ANN = "web:room", "web:ann"
+
+
+def _jpeg(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (96, 64)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims a huge size: a decompression bomb as far as sizes go."""
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, format="PNG")
+    data = bytearray(out.getvalue())
+    ihdr = data[12:29]  # b"IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+async def _say(service, text: str, user: str = ANN):  # type: ignore[no-untyped-def]
+    return await service.handle_message(CHAT, user, text, MessageContext())
+
+
+async def _drain(service, jobs) -> None:  # type: ignore[no-untyped-def]
+    for job in jobs:
+        events = [event async for event in service.subscribe(job.id)]
+        assert events[-1].type == EventType.DONE
+
+
+async def test_a_cast_picture_becomes_the_reference_every_panel_with_them_follows(tmp_path: Path) -> None:
+    engine = PatternEngine()
+    service = await make_service(tmp_path, engine=engine)
+    try:
+        book = service.handler("story")
+        await _say(service, "/story new 小红帽")
+        reply = await book.cast_add_with_picture(CHAT, ANN, "莉莉: 穿红斗篷的小女孩", _jpeg())
+        assert "莉莉" in reply.texts[0] and "reference picture is set" in reply.texts[-1]
+        await _say(service, "/cast add Wolf: 大灰狼")
+        story = await book.active(CHAT)
+        lily = story.member("莉莉")
+        assert lily.reference is not None and lily.reference_from == "picture"
+        stored = await service.image(lily.reference)
+        assert Image.open(io.BytesIO(stored)).format == "PNG"
+
+        shown = await _say(service, "/cast show 莉莉")
+        assert "the picture you gave" in shown.texts[0]
+        assert shown.attachments == (("莉莉-reference.png", stored),)
+        assert "No reference picture yet" in (await _say(service, "/cast show Wolf")).texts[0]
+
+        await _say(service, "/story add 清晨，莉莉走进了森林。")
+        panel = (await _say(service, "/illustrate")).jobs[0]
+        assert panel.request.references == (lily.reference,) and panel.request.consistency == 1.0
+        await _drain(service, [panel])
+        # the runner loaded the picture's bytes for the engine, as for an init image
+        assert engine.requests[-1].reference_images == (stored,)
+
+        await _say(service, "/story add 夜里，Wolf 在城堡外面哭了。")
+        alone = (await _say(service, "/illustrate")).jobs[0]
+        assert alone.request.references == () and alone.request.consistency == 0.0
+
+        # a new picture for a member already in the cast replaces their reference
+        await book.cast_add_with_picture(CHAT, ANN, "莉莉", _jpeg((20, 20, 220)))
+        replaced = (await book.active(CHAT)).member("莉莉").reference
+        assert replaced not in (None, lily.reference)
+    finally:
+        await service.stop()
+
+
+async def test_story_consistency_off_on_and_strength(tmp_path: Path) -> None:
+    service = await make_service(tmp_path, engine=PatternEngine())
+    try:
+        book = service.handler("story")
+        await _say(service, "/story new 设置")
+        await book.cast_add_with_picture(CHAT, ANN, "莉莉: 小女孩", _jpeg())
+        await _say(service, "/story add 莉莉在花园里。")
+        assert "off" in (await _say(service, "/story consistency off")).texts[0]
+        off = (await _say(service, "/illustrate")).jobs[0]
+        assert off.request.references == () and off.request.consistency == 0.0
+        assert "0.5" in (await _say(service, "/story consistency strength 0.5")).texts[0]
+        half = (await _say(service, "/illustrate")).jobs[0]
+        assert half.request.consistency == 0.5 and len(half.request.references) == 1
+        await _say(service, "/story consistency on")
+        assert (await book.active(CHAT)).consistency == 1.0
+        for bad in (
+            "/story consistency strength 9",
+            "/story consistency strength nan",
+            "/story consistency maybe",
+        ):
+            reply = await _say(service, bad)
+            assert reply.jobs == () and "consistency" in reply.texts[0].lower(), bad
+    finally:
+        await service.stop()
+
+
+async def test_without_a_picture_the_first_chosen_solo_panel_becomes_the_reference(tmp_path: Path) -> None:
+    service = await make_service(tmp_path, engine=PatternEngine())
+    try:
+        book = service.handler("story")
+        await _say(service, "/story new 选图")
+        await _say(service, "/cast add 莉莉: 穿红斗篷的小女孩")
+        await _say(service, "/cast add Wolf: 大灰狼")
+        await _say(service, "/story add 莉莉和Wolf在海边跳舞。")  # two characters: no reference from it
+        await _say(service, "/story add 清晨，莉莉走进了森林。")
+        await _say(service, "/story add 莉莉在河边洗手。")
+        jobs = (await _say(service, "/illustrate 3")).jobs
+        await _drain(service, jobs)
+        await service.events.drain()
+        await _say(service, "/story choose 1 1")
+        story = await book.active(CHAT)
+        assert all(m.reference is None for m in story.cast)
+        await _say(service, "/story choose 2 1")
+        await _say(service, "/story choose 3 1")  # a later choice does not replace the first
+        story = await book.active(CHAT)
+        panel_two = (await service.get_job(jobs[1].id)).images[0]
+        lily = story.member("莉莉")
+        assert (lily.reference, lily.reference_from) == (panel_two, "panel 2")
+        assert story.member("Wolf").reference is None
+        assert "panel 2" in (await _say(service, "/cast show 莉莉")).texts[0]
+    finally:
+        await service.stop()
+
+
+async def test_several_characters_in_one_scene_each_apply(tmp_path: Path) -> None:
+    service = await make_service(tmp_path, engine=PatternEngine())
+    try:
+        book = service.handler("story")
+        await _say(service, "/story new 两人")
+        await book.cast_add_with_picture(CHAT, ANN, "莉莉: 小女孩", _jpeg((200, 0, 0)))
+        await book.cast_add_with_picture(CHAT, ANN, "Wolf: 大灰狼", _jpeg((90, 90, 90)))
+        await _say(service, "/story add 莉莉和Wolf在海边跳舞。")
+        job = (await _say(service, "/illustrate")).jobs[0]
+        story = await book.active(CHAT)
+        assert job.request.references == (story.member("莉莉").reference, story.member("Wolf").reference)
+        await _drain(service, [job])
+    finally:
+        await service.stop()
+
+
+async def test_bad_pictures_are_refused_before_decoding_and_add_nobody(tmp_path: Path) -> None:
+    service = await make_service(tmp_path, engine=PatternEngine())
+    try:
+        book = service.handler("story")
+        await _say(service, "/story new 炸弹")
+        for picture, words in (
+            (_png_claiming(60_000, 60_000), "too large"),
+            (b"not a picture", "not an image"),
+        ):
+            with pytest.raises(Exception, match=words) as caught:
+                await book.cast_add_with_picture(CHAT, ANN, "莉莉: 小女孩", picture)
+            assert type(caught.value).__name__ == "InvalidOption"
+        assert (await book.active(CHAT)).cast == ()
+    finally:
+        await service.stop()
+
+
+def test_references_survive_the_job_codec_and_the_story_document() -> None:
+    from core.types import Job, JobKind
+
+    request = GenerationRequest(
+        prompt="猫", references=("a" * 64,), consistency=0.7, reference_images=(b"bytes never stored",)
+    )
+    job = Job(id="j1", user="web:a", chat="web:r", kind=JobKind.SCENE, source_text="猫", request=request)
+    again = job_from_json(job_to_json(job))
+    assert again.request.references == ("a" * 64,) and again.request.consistency == 0.7
+    assert again.request.reference_images == ()
+    older = job_to_dict(job)
+    del older["request"]["references"], older["request"]["consistency"]
+    assert job_from_dict(older).request.consistency == 0.0
+
+    story = Story(
+        id="s",
+        chat=CHAT,
+        title="t",
+        style=None,
+        base_seed=1,
+        created_by=ANN,
+        created_at=0.0,
+        cast=(CastMember("莉莉", "小女孩", 1, reference="b" * 64, reference_from="picture"),),
+        consistency=0.4,
+    )
+    assert story_from_dict(story_to_dict(story)) == story
+    legacy = story_to_dict(story)
+    del legacy["consistency"]
+    for member in legacy["cast"]:
+        del member["reference"], member["reference_from"]
+    old = story_from_dict(legacy)
+    assert old.consistency == 1.0 and old.cast[0].reference is None
+
+
+async def test_the_tiny_engine_draws_differently_with_a_reference(tmp_path: Path) -> None:
+    """The real model code at the tiny size: strength 0 draws exactly the plain picture, a reference not."""
+    pytest.importorskip("mindspore")
+    from core.engines.local import tiny_engine
+
+    settings = Settings(model_dir=tmp_path / "models", vocab_path=None, engine="tiny", _env_file=None)  # type: ignore[call-arg]
+    engine = tiny_engine(settings)
+    await engine.start()
+    try:
+        base = GenerationRequest(prompt="一只猫", width=64, height=64, steps=3, seed=7)
+        ref = _jpeg(size=(96, 48))
+
+        async def draw(**changes: object) -> bytes:
+            from dataclasses import replace
+
+            images = await engine.generate(replace(base, **changes), lambda s, t: None, CancelToken())
+            return images[0].png
+
+        plain = await draw()
+        assert await draw(references=("c" * 64,), reference_images=(ref,), consistency=0.0) == plain
+        assert await draw(references=("c" * 64,), reference_images=(ref,), consistency=1.0) != plain
+        with pytest.raises(Exception, match="could not be loaded"):
+            await draw(references=("c" * 64,), consistency=1.0)
+    finally:
+        await engine.close()
