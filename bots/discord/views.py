@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, cast
 
 import discord
 
 from core.types import Action, Job
-
-if TYPE_CHECKING:
-    from bots.discord.bot import HuahuaBot
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +16,14 @@ CUSTOM_ID = re.compile(
     r"hh:(?P<action>reroll|variation|upscale|cancel|choose):(?P<index>[0-9]):(?P<job>[A-Za-z0-9_-]{1,64})"
 )
 MAX_BUTTON_IMAGES = 4
+
+
+class ButtonHandler(Protocol):
+    """The client that answers job buttons (`HuahuaBot`), named here without importing the bot."""
+
+    async def on_job_button(
+        self, interaction: discord.Interaction[Any], action: Action, index: int, job_id: str
+    ) -> None: ...
 
 
 def custom_id(action: Action, index: int, job_id: str) -> str:
@@ -57,7 +62,7 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=CUSTOM_
         return cls(Action(match["action"]), int(match["index"]), match["job"])
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
-        bot: HuahuaBot = interaction.client
+        bot = cast(ButtonHandler, interaction.client)
         await bot.on_job_button(interaction, self.action, self.index, self.job_id)
 
 
