@@ -130,7 +130,9 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     convert.add_argument("path", nargs="?", type=Path, help="the checkpoint (default: HUAHUA_CHECKPOINT)")
-    convert.add_argument("--to", choices=["torch"], required=True)
+    convert.add_argument(
+        "--to", choices=["torch"], required=True, help="the layout to write: torch (diffusers folders)"
+    )
     convert.add_argument("--out", type=Path, help="folder (default: HUAHUA_MODEL_DIR/wukong-huahua-torch)")
     db = command("db", "database tools")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")

@@ -18,6 +18,8 @@ from bots.cli import _parse, _parser, _runners, main
 from core.settings import Settings
 from tests.fake_discord import FakeDiscord, api  # noqa: F401  (the fixture)
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture(autouse=True)
 def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
@@ -181,3 +183,49 @@ async def test_discord_with_a_wrong_token_says_so_in_one_sentence(
     err = capsys.readouterr().err
     assert _only_sentence(err) == "huahua: Discord refused the bot token: check HUAHUA_DISCORD_TOKEN."
     assert api.find("GET", "/users/@me")
+
+
+# huahua jobs -------------------------------------------------------------------------------------
+
+
+def test_jobs_needs_a_shared_queue(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["jobs"]) == 1
+    assert "set HUAHUA_QUEUE=redis" in capsys.readouterr().err
+
+
+async def test_jobs_runs_the_shared_queue_and_stops_on_sigterm(tmp_path: Path, redis_url: str) -> None:
+    """A real `huahua jobs` process draws a job that a front process (no workers) queued."""
+    import signal
+    import sys
+
+    from core.types import JobStatus
+    from tests.support import make_service, until
+
+    shared = {"queue": "redis", "redis_url": redis_url}
+    front = await make_service(tmp_path, workers=0, **shared)
+    env = {
+        **os.environ,
+        "HUAHUA_QUEUE": "redis",
+        "HUAHUA_REDIS_URL": redis_url,
+        "HUAHUA_ENGINE": "tiny",
+        "HUAHUA_DEFAULT_STEPS": "4",
+        "HUAHUA_DATA_DIR": str(tmp_path / "data"),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bots.cli", "jobs", env=env, cwd=REPO
+    )
+    try:
+        reply = await front.handle_message("web:room", "web:alice", "/imagine 一只猫 --seed 3")
+        assert reply.job is not None
+
+        async def done() -> bool:
+            return (await front.get_job(reply.job.id)).status == JobStatus.DONE  # type: ignore[union-attr]
+
+        await until(done, timeout=120.0)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 60) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await front.stop()
