@@ -129,8 +129,8 @@ def validate_request(request: GenerationRequest, limits: EngineLimits) -> None:
         raise InvalidOption("Consistency strength must be between 0 and 2.")
     if len(request.references) > MAX_REFERENCES or len(request.reference_images) > MAX_REFERENCES:
         raise InvalidOption(f"A picture can follow at most {MAX_REFERENCES} reference pictures.")
-    for reference in request.reference_images:
-        validate_upload(reference)
+    for reference in request.reference_images:  # header sizes only: decoded on the engine's thread
+        validate_upload(reference, decode=False)
     if not 0 <= request.seed < 2**63:
         raise InvalidOption("The seed must be a non-negative whole number.")
 

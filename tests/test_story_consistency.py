@@ -4,19 +4,25 @@ references reaching the engine (and changing the tiny model's drawing), and thei
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestServer
 from PIL import Image
 
 from core.codec import job_from_dict, job_from_json, job_to_dict, job_to_json
 from core.engine import CancelToken
+from core.engines.http import HttpEngine, request_from_wire, request_to_wire
+from core.errors import InvalidOption
 from core.service import MessageContext
 from core.settings import Settings
 from core.story.model import CastMember, Story, story_from_dict, story_to_dict
 from core.types import EventType, GenerationRequest
+from core.worker_server import create_app
 from tests.support import PatternEngine, make_service
 
 CHAT, ANN = "web:room", "web:ann"
@@ -223,15 +229,43 @@ async def test_the_tiny_engine_draws_differently_with_a_reference(tmp_path: Path
         ref = _jpeg(size=(96, 48))
 
         async def draw(**changes: object) -> bytes:
-            from dataclasses import replace
-
             images = await engine.generate(replace(base, **changes), lambda s, t: None, CancelToken())
             return images[0].png
 
         plain = await draw()
         assert await draw(references=("c" * 64,), reference_images=(ref,), consistency=0.0) == plain
-        assert await draw(references=("c" * 64,), reference_images=(ref,), consistency=1.0) != plain
+        followed = await draw(references=("c" * 64,), reference_images=(ref,), consistency=1.0)
+        assert followed != plain
         with pytest.raises(Exception, match="could not be loaded"):
             await draw(references=("c" * 64,), consistency=1.0)
+
+        # the same drawing through a real worker over HTTP: the references travel with the request
+        server = TestServer(create_app(engine, secret="s3cret"), host="127.0.0.1")
+        await server.start_server()
+        remote = HttpEngine(str(server.make_url("/")), secret="s3cret", timeout_s=60)
+        await remote.start()
+        try:
+            request = replace(base, references=("c" * 64,), reference_images=(ref,), consistency=1.0)
+            [far] = await remote.generate(request, lambda s, t: None, CancelToken())
+            assert far.png == followed
+        finally:
+            await remote.close()
+            await server.close()
     finally:
         await engine.close()
+
+
+def test_references_cross_the_worker_wire() -> None:
+    request = GenerationRequest(
+        prompt="猫",
+        references=("d" * 64, "e" * 64),
+        consistency=0.5,
+        reference_images=(b"\x89PNG1", b"\x89PNG2"),
+    )
+    assert request_from_wire(json.loads(json.dumps(request_to_wire(request)))) == request
+    plain = GenerationRequest(prompt="猫")
+    assert "references" not in request_to_wire(plain)  # an older worker still takes plain requests
+    with pytest.raises(InvalidOption, match="reference_images"):
+        request_from_wire({"prompt": "猫", "reference_images": ["not base64!"]})
+    with pytest.raises(InvalidOption, match="references"):
+        request_from_wire({"prompt": "猫", "references": ["x"] * 5})

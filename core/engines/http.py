@@ -1,6 +1,7 @@
 """The remote engine: talks to `huahua worker` over HTTP, plus the wire format both sides share.
 
-`POST /v1/generate` takes the GenerationRequest fields as JSON (`init_image` base64 PNG) and answers
+`POST /v1/generate` takes the GenerationRequest fields as JSON (`init_image` and each of
+`reference_images` base64; `references` are the pictures' digests) and answers
 newline-delimited JSON: `{"type":"progress","step":i,"total":n}` lines, then one
 `{"type":"result","images":[...]}` or `{"type":"error","code":...,"message":...}` line.
 """
@@ -19,7 +20,14 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core import errors
-from core.engine import CancelToken, Engine, EngineLimits, ProgressCallback, configured_limits
+from core.engine import (
+    MAX_REFERENCES,
+    CancelToken,
+    Engine,
+    EngineLimits,
+    ProgressCallback,
+    configured_limits,
+)
 from core.errors import EngineUnavailable, EngineUnreachable, HuahuaError, InvalidOption, JobCancelled
 from core.settings import Settings
 from core.types import GeneratedImage, GenerationRequest
@@ -55,8 +63,18 @@ class WireRequest(BaseModel):
     sampler: str = Field("dpm++2m", max_length=32)
     init_image: str | None = Field(None, max_length=MAX_INIT_IMAGE_B64)
     strength: float = Field(0.0, ge=0, le=1)
+    references: list[str] = Field(default_factory=list, max_length=MAX_REFERENCES)
+    consistency: float = Field(0.0, ge=0, le=2)
+    reference_images: list[str] = Field(default_factory=list, max_length=MAX_REFERENCES)
 
-    @field_validator("guidance_scale", "strength", mode="before")
+    @field_validator("references", "reference_images")
+    @classmethod
+    def _short_entries(cls, values: list[str]) -> list[str]:
+        if any(len(value) > MAX_INIT_IMAGE_B64 for value in values):
+            raise ValueError("an entry is too long")
+        return values
+
+    @field_validator("guidance_scale", "strength", "consistency", mode="before")
     @classmethod
     def _int_is_a_float(cls, value: Any) -> Any:
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
@@ -77,6 +95,10 @@ def request_to_wire(request: GenerationRequest) -> dict[str, Any]:
     }
     if request.init_image is not None:
         body["init_image"] = base64.b64encode(request.init_image).decode("ascii")
+    if request.references or request.reference_images or request.consistency:
+        body["references"] = list(request.references)
+        body["consistency"] = float(request.consistency)
+        body["reference_images"] = [base64.b64encode(png).decode("ascii") for png in request.reference_images]
     return body
 
 
@@ -96,8 +118,15 @@ def request_from_wire(body: Any) -> GenerationRequest:
             init_image = base64.b64decode(wire.init_image, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidOption("Invalid field 'init_image': not base64.") from None
-    values = wire.model_dump(exclude={"init_image"})
-    return GenerationRequest(**values, init_image=init_image)
+    references = []
+    for text in wire.reference_images:
+        try:
+            references.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidOption("Invalid field 'reference_images': not base64.") from None
+    values = wire.model_dump(exclude={"init_image", "reference_images"})
+    values["references"] = tuple(values["references"])
+    return GenerationRequest(**values, init_image=init_image, reference_images=tuple(references))
 
 
 def image_to_wire(image: GeneratedImage) -> dict[str, Any]:
