@@ -339,3 +339,27 @@ async def test_a_request_whose_queue_failed_after_a_sweep_queued_it_is_accepted(
         await worker.stop()
         await front.stop()
         await proxy.close()
+
+
+async def test_a_job_handed_over_before_its_dead_holders_lease_ran_out_runs_once_it_has(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The queue may notice a dead worker a moment before the store's lease on its job expires (both wait
+    about one lease): the worker it hands the job to waits for the lease instead of dropping the job."""
+    front = await make_service(tmp_path, PatternEngine(), queue="redis", redis_url=redis_url, workers=0)
+    job = await _submit(front, user="web:dora")
+    claimed = await front.store.claim_job(job.id, "a-process-that-died", 1.5, time.time())
+    assert claimed is not None and claimed.attempt == 1
+    # no recovery sweep: only the queue's hand-over can bring the job back
+    worker = await _start(tmp_path, recover=False, queue="redis", redis_url=redis_url, job_lease_s=1.5)
+    try:
+
+        async def done() -> bool:
+            return await _status(worker, job.id) == JobStatus.DONE
+
+        await until(done, timeout=10.0)
+        finished = await worker.store.get_job(job.id)
+        assert finished is not None and finished.attempt == 2
+    finally:
+        await worker.stop()
+        await front.stop()

@@ -233,7 +233,7 @@ class JobRunner:
 
     async def _run(self, queued: Job) -> bool:
         """Run one attempt; True when the job went back to the store's queue (shutdown or retry)."""
-        job = await self.store.claim_job(queued.id, self.owner, self.settings.job_lease_s, time.time())
+        job = await self._claim(queued.id)
         if job is None:
             return False
         self._on_started(job.id)
@@ -275,6 +275,19 @@ class JobRunner:
             self._fenced.discard(job.id)
             self.running.pop(job.id, None)
             self.progress.pop(job.id, None)
+
+    async def _claim(self, job_id: str) -> Job | None:
+        """Start the job's next attempt. The queue may hand over a job whose worker died a moment before
+        the store's lease on it ran out (both wait about one lease): then wait one lease and try once more
+        (a live holder renews its lease meanwhile and keeps the job)."""
+        lease = self.settings.job_lease_s
+        job = await self.store.claim_job(job_id, self.owner, lease, time.time())
+        if job is None and not self._stopping:
+            stored = await self.store.get_job(job_id)
+            if stored is not None and stored.status == JobStatus.RUNNING and job_id not in self.running:
+                await asyncio.sleep(lease)
+                job = await self.store.claim_job(job_id, self.owner, lease, time.time())
+        return job
 
     async def _retry_later(self, job: Job, err: EngineUnreachable) -> bool:
         attempts = self.settings.job_max_attempts
