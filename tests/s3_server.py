@@ -7,6 +7,7 @@ credentials fail as they would on a real S3 service.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -98,10 +99,10 @@ def _create_user(endpoint_url: str) -> tuple[str, str]:
     return key["AccessKeyId"], key["SecretAccessKey"]
 
 
-@pytest.fixture(scope="session")
-def moto_s3() -> Iterator[MotoS3]:
-    """moto's S3 server on loopback for the whole session, with a signed-in test user."""
-    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[dev]')")
+@contextlib.contextmanager
+def running_moto() -> Iterator[MotoS3]:
+    """moto's S3 server on loopback, with a signed-in test user, until the block ends (also used by the
+    chaos scenario outside pytest)."""
     port = _free_port()
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")
     for name in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
@@ -124,6 +125,14 @@ def moto_s3() -> Iterator[MotoS3]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[MotoS3]:
+    """moto's S3 server on loopback for the whole session, with a signed-in test user."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[dev]')")
+    with running_moto() as server:
+        yield server
 
 
 @pytest.fixture
