@@ -269,3 +269,34 @@ def test_references_cross_the_worker_wire() -> None:
         request_from_wire({"prompt": "猫", "reference_images": ["not base64!"]})
     with pytest.raises(InvalidOption, match="references"):
         request_from_wire({"prompt": "猫", "references": ["x"] * 5})
+
+
+async def test_an_engine_that_cannot_follow_references_draws_without_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The PyTorch engine has no reference attention yet: a story panel still draws (the plain picture),
+    and the log says why once."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from core.diffusion.config import WukongConfig
+    from core.engine import EngineLimits
+    from core.engines.local import LocalEngine
+    from core.torch_engine.pipeline import TorchWukongPipeline
+    from core.vocabulary import builtin_tokenizer
+
+    engine = LocalEngine(
+        lambda: TorchWukongPipeline.random(WukongConfig.tiny(), builtin_tokenizer(), seed=0),
+        name="torch",
+        limits=EngineLimits.for_area(64 * 64),
+    )
+    await engine.start()
+    try:
+        base = GenerationRequest(prompt="一只猫", width=64, height=64, steps=2, seed=7)
+        with_reference = replace(base, references=("c" * 64,), reference_images=(_jpeg(),), consistency=1.0)
+        [plain] = await engine.generate(base, lambda s, t: None, CancelToken())
+        for _ in range(2):
+            [drawn] = await engine.generate(with_reference, lambda s, t: None, CancelToken())
+            assert drawn.png == plain.png
+        assert sum("cannot follow reference pictures" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        await engine.close()

@@ -10,6 +10,7 @@ callback.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -113,6 +114,7 @@ class LocalEngine(Engine):
         self._pending: list[_Pending] = []
         self._busy = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._said_no_consistency = False
 
     # lifecycle
 
@@ -340,6 +342,11 @@ class LocalEngine(Engine):
         if request.references and len(request.reference_images) != len(request.references):
             raise EngineUnavailable("The reference pictures of this drawing could not be loaded.")
         if not request.reference_images:
+            return {}
+        if "consistency" not in inspect.signature(self._pipe.sample).parameters:
+            if not self._said_no_consistency:
+                self._said_no_consistency = True
+                logger.warning("engine %s cannot follow reference pictures; drawing without them", self.name)
             return {}
         from core.diffusion.consistency import Consistency
 
