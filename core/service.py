@@ -495,6 +495,10 @@ class Huahua:
         except ServiceUnavailable:
             return None
 
+    async def counters(self) -> dict[str, int]:
+        """Running totals for operators: jobs_done, blocked (moderation), quota_refused."""
+        return await self.store.counters()
+
     async def image(self, digest: str) -> bytes:
         """A stored picture's PNG bytes; NotFound for an unknown or malformed digest."""
         return await self.images.get(digest)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from core.presenter import HELP
-from tests.support import PatternEngine
+from tests.support import PatternEngine, until
 from tests.web_support import IMAGINE, Web, read_events
 from tests.web_support import start_web as start_web_server
 
@@ -334,6 +334,12 @@ async def test_healthz_reports_engine_and_queue(start_web):
     assert health["ok"] is True and health["engine"] == "pattern" and health["label"] == "test pattern"
     assert health["queue"] == await web.service.queue.size() >= 1
     gate.set()
+
+    async def counted() -> bool:
+        counters = (await (await web.client.get("/healthz")).json())["counters"]
+        return bool(counters.get("jobs_done") == 2)
+
+    await until(counted)
 
 
 async def test_the_page_and_its_assets_are_served(start_web):

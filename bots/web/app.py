@@ -283,6 +283,10 @@ async def healthz(request: web.Request) -> web.Response:
         body["queue"] = await service.queue.size()
     except HuahuaError as err:
         body.update(ok=False, queue=None, error={"code": err.code, "message": err.message})
+    try:
+        body["counters"] = await service.counters()
+    except HuahuaError as err:
+        body.update(ok=False, counters=None, error={"code": err.code, "message": err.message})
     if body["ok"] and not health.get("ready", True):
         message = health.get("error") or "The image engine is not ready."
         body.update(ok=False, error={"code": "engine_unavailable", "message": str(message)})

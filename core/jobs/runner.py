@@ -190,6 +190,11 @@ class JobRunner:
             return None
         event = JobEvent(job.id, FINAL_EVENTS[status], progress=done.progress, error=error)
         self.events.publish(done, event)
+        if status == JobStatus.DONE:
+            try:
+                await self.store.incr_counter("jobs_done")
+            except HuahuaError as err:
+                logger.warning("could not count job %s: %s", job.id, err.message)
         return done
 
     # the worker loop ---------------------------------------------------------------------------
