@@ -86,6 +86,20 @@ async def test_round_robin_between_users(make_queue: MakeQueue, make_job) -> Non
     assert await _drain(queue, 6) == [a[0].id, b.id, a[1].id, a[2].id, a[3].id, a[4].id]
 
 
+async def test_a_released_job_is_first_in_its_users_line(make_queue: MakeQueue, make_job) -> None:
+    """A job given back by a stopping worker is its user's oldest: it goes before the user's later jobs."""
+    queue = await make_queue()
+    jobs = [make_job("web:alice") for _ in range(3)]
+    other = make_job("web:bob")
+    for job in [*jobs, other]:
+        await queue.put(job)
+    first = await asyncio.wait_for(queue.get(), 5)
+    assert first.id == jobs[0].id
+    await queue.release(first)
+    assert await queue.position(first.id) == 2  # bob's turn first, then alice's oldest
+    assert await _drain(queue, 4) == [other.id, jobs[0].id, jobs[1].id, jobs[2].id]
+
+
 async def test_positions_follow_get_order(make_queue: MakeQueue, make_job) -> None:
     queue = await make_queue()
     a = [make_job("web:a") for _ in range(3)]

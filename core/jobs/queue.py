@@ -60,8 +60,7 @@ class JobQueue(abc.ABC):
     @abc.abstractmethod
     async def release(self, job: Job) -> None:
         """Give back a job from `get()` that did not finish (its worker is stopping): its user's running
-        slot is freed and the job waits again (first in its user's lane in memory, last on Redis, whose
-        streams only append). Unknown ids are ignored."""
+        slot is freed and the job waits again, first in its user's lane. Unknown ids are ignored."""
 
     @abc.abstractmethod
     async def remove(self, job_id: str) -> bool:

@@ -146,10 +146,18 @@ redis.call('HDEL', p .. ':inflight', id)
 if not user then return 0 end
 if redis.call('HINCRBY', p .. ':running', user, -1) <= 0 then redis.call('HDEL', p .. ':running', user) end
 local stream = p .. ':u:' .. user
-local eid = redis.call('XADD', stream, '*', 'id', id, 'job', job)
-redis.call('HSET', p .. ':entry', id, eid)
+-- first in its user's line: a stream only appends, so write it anew, the released job first
+local later = redis.call('XRANGE', stream, '-', '+')
+redis.call('DEL', stream)
+redis.call('HSET', p .. ':entry', id, redis.call('XADD', stream, '*', 'id', id, 'job', job))
+for _, entry in ipairs(later) do
+  local fields = {}
+  for i = 1, #entry[2], 2 do fields[entry[2][i]] = entry[2][i + 1] end
+  local eid = redis.call('XADD', stream, '*', 'id', fields.id, 'job', fields.job)
+  redis.call('HSET', p .. ':entry', fields.id, eid)
+end
 redis.call('INCR', p .. ':waiting')
-if redis.call('XLEN', stream) == 1 then redis.call('LPUSH', p .. ':rotation', user) end
+if #later == 0 then redis.call('LPUSH', p .. ':rotation', user) end
 return 1
 """
 
@@ -347,7 +355,7 @@ class RedisStreamsQueue(JobQueue):
             logger.debug("task_done for job %s, which was not handed out", job_id)
 
     async def release(self, job: Job) -> None:
-        """Back into its user's stream (at its end: a stream cannot be prepended to), turn first."""
+        """Back into its user's stream, first in line (the stream is written anew: streams only append)."""
         self._inflight.pop(job.id, None)
         if await self._run("release", job.id, job_to_json(job), GROUP):
             self._wakeup.set()
