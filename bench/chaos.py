@@ -18,8 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
-# Run as `python bench/chaos.py`, this file's folder comes first on sys.path and would hide nothing
-# here, but the repository root must be importable for `core` and `tests`.
+# Run as `python bench/chaos.py`, this file's folder comes first on sys.path, where bench/core.py would
+# hide the `core` package: look for packages (core, tests) from the repository root instead.
 _HERE = str(Path(__file__).resolve().parent)
 while _HERE in sys.path:
     sys.path.remove(_HERE)
