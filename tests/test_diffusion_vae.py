@@ -13,10 +13,10 @@ ms = pytest.importorskip("mindspore", reason=NO_MINDSPORE)
 
 from mindspore import Tensor, ops  # noqa: E402
 
-from core.diffusion import WukongConfig  # noqa: E402
+from core.diffusion import WukongConfig, cpu_kernels  # noqa: E402
 from core.diffusion.checkpoint import build_model, randomize  # noqa: E402
-from core.diffusion.layers import band_rows, pooled_array  # noqa: E402
-from core.diffusion.vae import DECODE_BAND_BYTES, ResnetBlock, Upsample  # noqa: E402
+from core.diffusion.layers import band_rows, pooled_array, set_cpu_paths  # noqa: E402
+from core.diffusion.vae import DECODE_BAND_BYTES, AttnBlock, ResnetBlock, Upsample  # noqa: E402
 
 TOLERANCE = 1e-5
 
@@ -75,6 +75,46 @@ def test_banded_upsample_equals_whole() -> None:
     banded = up(x, 18 * 64 * 4 * 3).asnumpy()  # three output rows per band: halos cross source rows
     assert banded.shape == whole.shape == (1, 64, 14, 18)
     assert np.abs(banded - whole).max() <= TOLERANCE
+
+
+def _attn_block_reference(block: AttnBlock, x: np.ndarray) -> np.ndarray:
+    """The block in numpy: GroupNorm, 1x1 projections, softmax(q k^T / sqrt(c)) v over all pixels."""
+    b, c, h, w = x.shape
+    groups = x.reshape(b, 32, -1)
+    normed = (groups - groups.mean(-1, keepdims=True)) / np.sqrt(groups.var(-1, keepdims=True) + 1e-6)
+    gamma, beta = block.norm.gamma.asnumpy(), block.norm.beta.asnumpy()
+    tokens = (normed.reshape(b, c, h * w) * gamma[:, None] + beta[:, None]).transpose(0, 2, 1)
+
+    def project(conv: object) -> np.ndarray:
+        weight = conv.weight.asnumpy().reshape(c, c)  # type: ignore[attr-defined]
+        return tokens @ weight.T + conv.bias.asnumpy()  # type: ignore[attr-defined]
+
+    q, k, v = project(block.q), project(block.k), project(block.v)
+    scores = q @ k.transpose(0, 2, 1) / np.sqrt(c)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    out = (weights / weights.sum(-1, keepdims=True)) @ v
+    proj = block.proj_out.weight.asnumpy().reshape(c, c)
+    return x + (out @ proj.T + block.proj_out.bias.asnumpy()).transpose(0, 2, 1).reshape(b, c, h, w)
+
+
+def test_attention_block_paths_agree_with_numpy_at_the_official_width() -> None:
+    """The fused token-layout kernel with numpy layout copies (the CPU default where the kernels built)
+    and the framework operators give the numpy result."""
+    block = AttnBlock(512, 32)
+    block.set_train(False)
+    rng = np.random.default_rng(6)
+    for conv in (block.q, block.k, block.v, block.proj_out):
+        conv.weight.set_data(Tensor(rng.standard_normal((512, 512, 1, 1)).astype(np.float32) * 0.1))
+        conv.bias.set_data(Tensor(rng.standard_normal(512).astype(np.float32)))
+    assert block.kernels == cpu_kernels.available() and block.host
+    x = rng.standard_normal((2, 512, 12, 10)).astype(np.float32) * 2.0 + 0.5
+    expected = _attn_block_reference(block, x)
+    fast = block(Tensor(x)).asnumpy()
+    set_cpu_paths(block, kernels=False, host=False)
+    generic = block(Tensor(x)).asnumpy()
+    assert np.abs(expected - x).max() > 0.5  # the attention changed the map
+    np.testing.assert_allclose(fast, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(generic, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
+from core.diffusion import cpu_kernels, runtime
 from core.diffusion.config import WukongConfig
 from core.diffusion.layers import (
     GroupNorm,
@@ -14,6 +16,8 @@ from core.diffusion.layers import (
     band_rows,
     banded_conv3x3,
     conv2d,
+    host_permute,
+    kernels_available,
     upsample_nearest,
 )
 
@@ -78,7 +82,13 @@ class ResnetBlock(nn.Cell):
 
 
 class AttnBlock(nn.Cell):
-    """Single-head self-attention over all pixels, with 1x1-convolution projections."""
+    """Single-head self-attention over all pixels, with 1x1-convolution projections.
+
+    `kernels` (on the CPU when our C++ kernels built, see `cpu_kernels`): the fused token-layout
+    attention kernel, in blocks of queries whose scores stay in cache, instead of a whole score matrix
+    (64 MiB at 512x512) softmaxed by MindSpore's operator. `host` (on the CPU): the maps go to the token
+    layout and back by numpy copies (see `host_permute`) instead of MindSpore's Transpose.
+    """
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
@@ -87,16 +97,30 @@ class AttnBlock(nn.Cell):
         self.k = conv2d(channels, channels, 1)
         self.v = conv2d(channels, channels, 1)
         self.proj_out = conv2d(channels, channels, 1)
+        self.scale = channels**-0.5
+        self.kernels = kernels_available()
+        self.host = runtime.on_cpu()
 
     def construct(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         n = self.norm(x)
 
         def tokens(t: Tensor) -> Tensor:
+            if self.host:
+                return host_permute(t, (b, c, h * w), (0, 2, 1))
             return t.reshape(b, c, h * w).transpose(0, 2, 1)
 
-        out = attention(tokens(self.q(n)), tokens(self.k(n)), tokens(self.v(n)))
-        return x + self.proj_out(out.transpose(0, 2, 1).reshape(b, c, h, w))
+        def pixels(t: Tensor) -> Tensor:
+            if self.host:
+                return host_permute(t, (b, h * w, c), (0, 2, 1)).reshape(b, c, h, w)
+            return t.transpose(0, 2, 1).reshape(b, c, h, w)
+
+        q, k, v = tokens(self.q(n)), tokens(self.k(n)), tokens(self.v(n))
+        if self.kernels and x.dtype == ms.float32 and cpu_kernels.attention_available():
+            out = cpu_kernels.attention_tokens(q, k, v, 1, self.scale)
+        else:
+            out = attention(q, k, v)
+        return x + self.proj_out(pixels(out))
 
 
 class Downsample(nn.Cell):
