@@ -1,5 +1,10 @@
 import asyncio
 import io
+import json
+import logging
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -11,7 +16,14 @@ from PIL import Image
 
 from core.engine import CancelToken, EngineLimits
 from core.engines.factory import build_engine
-from core.engines.local import LocalEngine, initial_noise, resolve_dtype, tiny_engine, wukong_engine
+from core.engines.local import (
+    MINDSPORE_GPU_UNAVAILABLE,
+    LocalEngine,
+    initial_noise,
+    resolve_dtype,
+    tiny_engine,
+    wukong_engine,
+)
 from core.errors import EngineUnavailable, InvalidOption, JobCancelled
 from core.images import png_to_array
 from core.options import size_for_ratio
@@ -283,3 +295,71 @@ async def test_the_tiny_engine_upscales_its_largest_new_picture_and_no_more(tiny
             _ignore,
             CancelToken(),
         )
+
+
+async def test_a_compiled_engine_warms_up_its_default_size_in_the_background(
+    tiny_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """start() returns once the model is loaded; health says "warming up" while the default size
+    compiles; a request that comes meanwhile waits for it and then runs the shape it compiled."""
+    caplog.set_level(logging.INFO, logger="core.engines.local")
+    engine = tiny_engine(tiny_settings, graph=True)
+    await engine.start()
+    health = await engine.health()
+    assert health["ready"] is True and health["state"] == "warming up"
+    width, height = size_for_ratio("1:1", engine.limits)
+    assert f"engine tiny: compiling {width}x{height} pictures in the background" in caplog.text
+    images = await engine.generate(_request(width=width, height=height), _ignore, CancelToken())
+    assert len(images) == 1 and (images[0].width, images[0].height) == (width, height)
+    assert (await engine.health())["state"] == "ready"
+    assert re.search(rf"engine tiny: warmed up for {width}x{height} in [0-9.]+ s", caplog.text)
+    # the request ran the very shape the warm-up compiled: no second compiled shape
+    assert len(engine._pipe._compiled_shapes) == 1
+    await engine.close()
+
+
+async def test_an_eager_engine_is_ready_at_once(tiny: LocalEngine, caplog: pytest.LogCaptureFixture) -> None:
+    assert (await tiny.health())["state"] == "ready"
+    assert "warming up" not in caplog.text
+
+
+_GPU_START = """
+import asyncio, json, logging, sys
+from pathlib import Path
+from core.engines.local import wukong_engine, tiny_engine
+from core.settings import Settings
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+out = []
+for make, device in ((wukong_engine, "GPU"), (tiny_engine, "cuda")):
+    settings = Settings(_env_file=None, model_dir=Path(sys.argv[1]), device=device)
+    engine = make(settings)
+    asyncio.run(engine.start())
+    health = asyncio.run(engine.health())
+    out.append({"device": health["device"], "state": health["state"], "error": health["error"]})
+print(json.dumps(out))
+"""
+
+
+def test_mindspore_on_a_gpu_whose_plugin_cannot_load_points_to_the_torch_engine(tmp_path: Path) -> None:
+    """HUAHUA_DEVICE=GPU or cuda with a MindSpore engine, where its GPU plugin cannot load (no CUDA 11
+    userland here): one sentence at start, in the log and the engine's health, before any file check.
+    Its own process, since a MindSpore process keeps the device target it first got."""
+    done = subprocess.run(
+        [sys.executable, "-c", _GPU_START, str(tmp_path / "models")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    if any("not installed" in (r["error"] or "") for r in results):  # it got as far as the files
+        pytest.skip(f"MindSpore's GPU plugin loads here: {results}")
+    assert [r["error"] for r in results] == [MINDSPORE_GPU_UNAVAILABLE] * 2
+    assert [r["device"] for r in results] == ["GPU", "GPU"]
+    assert all(r["state"] == "unavailable" for r in results)
+    assert "HUAHUA_ENGINE=torch" in MINDSPORE_GPU_UNAVAILABLE
+    for name in ("wukong", "tiny"):
+        assert f"engine {name} unavailable: {MINDSPORE_GPU_UNAVAILABLE}" in done.stderr

@@ -279,6 +279,8 @@ async def healthz(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     health = await service.engine.health()
     body: dict[str, Any] = {"ok": True, "engine": service.engine.name, "label": service.engine.label}
+    if "state" in health:  # "warming up" while a local engine compiles its default size at start
+        body["state"] = health["state"]
     try:
         body["queue"] = await service.queue.size()
     except HuahuaError as err:

@@ -33,3 +33,15 @@ def on_cpu() -> bool:
 
 
 SYNCHRONOUS_CPU_LAUNCH = use_synchronous_cpu_launch()
+
+
+def device_problem(device: str) -> str | None:
+    """Why MindSpore cannot run on `device` ("GPU", "Ascend", "CPU") in this process: the first line of its
+    own message, or None when it can, and then `device` is the process's target (one per process)."""
+    if ms.get_context("device_target") == device:
+        return None
+    try:
+        ms.set_device(device)
+    except Exception as exc:  # its plugin (or the driver and libraries it needs) cannot load
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return None

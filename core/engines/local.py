@@ -5,6 +5,12 @@ Batches: a request for n images is one batch of n; image i starts from the noise
 Several waiting requests with the same size and sampling parameters (submitted before the engine
 takes its next batch) are run together as one batch, each keeping its own seeds, prompt and progress
 callback.
+
+Warm-up: an engine given `warm_up` (the MindSpore engines when their UNet is compiled) runs it once,
+right after the model loads, for the default picture (the 1:1 size of the configured area), on the
+engine's own thread: the ~10 s compile of that size is paid at start-up instead of by the first user.
+`start()` does not wait for it; `health()` says "warming up" meanwhile, and requests that arrive
+then wait for it to finish (they run on the same thread, in order).
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,7 @@ from core.engine import (
 )
 from core.errors import CheckpointError, EngineUnavailable, HuahuaError, JobCancelled
 from core.images import array_to_pngs, open_image, png_to_array, resize_png
+from core.options import size_for_ratio
 from core.settings import Settings
 from core.types import GeneratedImage, GenerationRequest
 from core.vocabulary import tiny_vocabulary
@@ -40,6 +48,18 @@ logger = logging.getLogger(__name__)
 FETCH_COMMAND = "huahua model fetch"
 MAX_BATCH = MAX_IMAGES_PER_REQUEST
 PipelineLoader = Callable[[], Any]
+WarmUp = Callable[[Any, int, int], None]
+"""Runs one model call at (width, height) on a loaded pipeline, so that size is compiled."""
+MINDSPORE_GPU_UNAVAILABLE = (
+    "MindSpore's GPU plugin cannot load here (the MindSpore 2.8 wheel ships GPU plugins for CUDA 11.1 and"
+    " 11.6 only, which predate Ada and Hopper cards); for an NVIDIA GPU use the PyTorch engine instead:"
+    " HUAHUA_ENGINE=torch (pip install 'huahua[torch]')."
+)
+
+
+def mindspore_device(device: str) -> str:
+    """MindSpore's name for HUAHUA_DEVICE: cuda is GPU, cpu is CPU; the rest as given."""
+    return {"cuda": "GPU", "cpu": "CPU"}.get(device, device)
 
 
 def resolve_dtype(device: str, dtype: str) -> str:
@@ -96,8 +116,10 @@ class LocalEngine(Engine):
         dtype: str = "float32",
         limits: EngineLimits,
         reload_if: Callable[[], bool] | None = None,
+        warm_up: WarmUp | None = None,
     ) -> None:
-        """`reload_if`, when given, is asked before a request while unloaded: True loads again."""
+        """`reload_if`, when given, is asked before a request while unloaded: True loads again.
+        `warm_up`, when given, runs after each load for the default size (see the module docstring)."""
         self.name = name
         self.label = label
         self.model = model
@@ -107,6 +129,8 @@ class LocalEngine(Engine):
         self.stats = EngineStats()
         self._loader = loader
         self._reload_if = reload_if
+        self._warm_up = warm_up
+        self._warming: Future[None] | None = None
         self._pipe: Any = None
         self._error: str | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"huahua-{name}")
@@ -130,12 +154,50 @@ class LocalEngine(Engine):
             self._error = None
             self.limits = replace(self.limits, multiple=self.image_multiple)
             logger.info("engine %s ready (%s, %s)", self.name, self.device, self.dtype)
+            if self._warm_up is not None:
+                # queued on this engine's own thread, so requests that come meanwhile run after it
+                width, height = size_for_ratio("1:1", self.limits)
+                logger.info(
+                    "engine %s: compiling %dx%d pictures in the background (warming up)",
+                    self.name,
+                    width,
+                    height,
+                )
+                self._warming = self._executor.submit(self._warm, self._pipe, width, height)
         except HuahuaError as exc:
             self._error = exc.message
             logger.warning("engine %s unavailable: %s", self.name, exc.message)
         except Exception:
             logger.exception("engine %s failed to load", self.name)
             self._error = "The image model failed to load; see the server log."
+
+    def _warm(self, pipe: Any, width: int, height: int) -> None:
+        assert self._warm_up is not None
+        started = time.perf_counter()
+        try:
+            self._warm_up(pipe, width, height)
+        except Exception:  # the engine still serves; that size compiles on its first request instead
+            logger.exception("engine %s: warming up failed", self.name)
+            return
+        logger.info(
+            "engine %s: warmed up for %dx%d in %.1f s",
+            self.name,
+            width,
+            height,
+            time.perf_counter() - started,
+        )
+
+    @property
+    def warming_up(self) -> bool:
+        """Whether the start-up compile of the default size is still queued or running."""
+        return self._warming is not None and not self._warming.done()
+
+    @property
+    def state(self) -> str:
+        """ "loading", "unavailable", "warming up" or "ready"."""
+        if self._pipe is None:
+            return "unavailable" if self._error else "loading"
+        return "warming up" if self.warming_up else "ready"
 
     async def close(self) -> None:
         for pending in self._pending:
@@ -166,6 +228,7 @@ class LocalEngine(Engine):
             "device": self.device,
             "dtype": self.dtype,
             "ready": self.ready,
+            "state": self.state,
             "error": self._error,
             "load": {"busy": self._busy, "waiting": len(self._pending)},
             "stats": vars(self.stats).copy(),
@@ -379,14 +442,16 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def wukong_engine(settings: Settings) -> LocalEngine:
-    """The official model: weights from `settings.checkpoint_path`, loaded at `start()`."""
-    device = settings.device
+    """The official model: weights from `settings.checkpoint_path`, loaded at `start()`; with
+    HUAHUA_GRAPH_MODE the default size is compiled in the background right after."""
+    device = mindspore_device(settings.device)
     dtype = resolve_dtype(device, settings.dtype)
     checkpoint, vocab = settings.checkpoint_path, settings.resolved_vocab_path
     tried: list[tuple[object, ...]] = []  # the files as they were at the last load
 
     def load() -> Any:
         tried[:] = [_files_state(checkpoint, vocab)]
+        _check_device(device)  # before the files: a GPU user learns first that MindSpore cannot use it
         if not checkpoint.is_file():
             raise EngineUnavailable(
                 f"The model weights are not installed ({checkpoint}); download them with `{FETCH_COMMAND}`."
@@ -417,19 +482,23 @@ def wukong_engine(settings: Settings) -> LocalEngine:
         limits=EngineLimits.for_area(settings.image_area, max_steps=settings.max_steps),
         # load again once the files change, e.g. after `huahua model fetch`, not on every request
         reload_if=lambda: bool(tried) and _files_state(checkpoint, vocab) != tried[0],
+        warm_up=compile_size if settings.graph_mode else None,
     )
 
 
-def tiny_engine(settings: Settings, *, seed: int = 0) -> LocalEngine:
-    """The same code at a tiny size with random weights: fast pictures of noise, for tests and demos."""
-    device = settings.device
+def tiny_engine(settings: Settings, *, seed: int = 0, graph: bool = False) -> LocalEngine:
+    """The same code at a tiny size with random weights: fast pictures of noise, for tests and demos.
+    `graph`: its UNet compiled, and the default size compiled in the background at start, as the
+    official engine does with HUAHUA_GRAPH_MODE."""
+    device = mindspore_device(settings.device)
     dtype = resolve_dtype(device, settings.dtype)
 
     def load() -> Any:
+        _check_device(device)
         diffusion = _import_diffusion()
         vocab = tiny_vocabulary(settings)  # vocab_zh.txt when installed, else the built-in vocabulary
         return diffusion.WukongPipeline.random(
-            diffusion.WukongConfig.tiny(), vocab, seed=seed, device=device, dtype=dtype
+            diffusion.WukongConfig.tiny(), vocab, seed=seed, device=device, dtype=dtype, graph=graph
         )
 
     return LocalEngine(
@@ -440,7 +509,30 @@ def tiny_engine(settings: Settings, *, seed: int = 0) -> LocalEngine:
         device=device,
         dtype=dtype,
         limits=EngineLimits.for_area(settings.tiny_image_area, max_steps=settings.max_steps),
+        warm_up=compile_size if graph else None,
     )
+
+
+def compile_size(pipe: Any, width: int, height: int) -> None:
+    """One guided UNet call for one picture of (width, height), the shape a one-picture request at that
+    size runs: the compiled UNet compiles it now."""
+    cfg = pipe.config
+    x = np.zeros((1, cfg.latent_channels, height // cfg.latent_scale, width // cfg.latent_scale), np.float32)
+    ctx = np.zeros((1, cfg.context_length, cfg.context_dim), np.float32)
+    pipe.guided_noise(x, 999, ctx, ctx, 7.5)
+
+
+def _check_device(device: str) -> None:
+    """EngineUnavailable, with what to do instead, when MindSpore cannot run on the GPU here."""
+    if device != "GPU":
+        return
+    _import_diffusion()  # without MindSpore, that sentence first
+    from core.diffusion.runtime import device_problem
+
+    problem = device_problem(device)
+    if problem is not None:
+        logger.info("MindSpore on GPU: %s", problem)
+        raise EngineUnavailable(MINDSPORE_GPU_UNAVAILABLE)
 
 
 def _files_state(*paths: Path) -> tuple[object, ...]:
