@@ -133,7 +133,7 @@ class Kill:
     resumed: dict[str, float] = field(default_factory=dict)
     """Job id -> seconds from the signal until its next attempt started."""
     gave_back: bool | None = None
-    """SIGTERM only: the process exited with its job back in the queue (not left running under its lease)."""
+    """SIGTERM only: once the process ended, its job was back in the queue (not running under its lease)."""
     exit_code: int | None = None
 
 
@@ -156,7 +156,8 @@ class ChaosReport:
     web_accepted: int = 0
     web_quota_refused: int = 0
     web_retries: int = 0
-    """Requests answered 503 (Redis away) and sent again."""
+    """Requests answered 503 (Redis or the database away) and sent again."""
+    telegram_retries: int = 0
     telegram_jobs: int = 0
     done: int = 0
     kills: list[Kill] = field(default_factory=list)
@@ -189,7 +190,8 @@ class ChaosReport:
             f"seed {self.seed}; jobs: {self.done} done "
             f"({self.web_accepted} web, {self.telegram_jobs} Telegram); "
             f"{self.web_quota_refused} refused by the daily quota of {self.config.quota}; "
-            f"{self.web_retries} requests retried while Redis was away",
+            f"{self.web_retries} web and {self.telegram_retries} Telegram requests sent again after "
+            "'try again' (Redis or the database away)",
             f"chaos: {sigkills} SIGKILLs, {len(self.kills) - sigkills} SIGTERM, "
             f"{self.redis_restarts} Redis restart",
             f"Telegram pictures posted: {self.photos}",
@@ -483,7 +485,7 @@ async def _run(
         bases = [f"http://127.0.0.1:{port}" for port in ports]
         report.first_request_at = time.time()
         web = asyncio.create_task(_web_users(config, report, rng, bases))
-        telegram = asyncio.create_task(_telegram_users(config, rng, fake))
+        telegram = asyncio.create_task(_telegram_users(config, report, rng, fake, pool))
         chaos_task = asyncio.create_task(chaos.run(web, telegram))
         try:
             await _until_settled(config, report, pool, web, telegram)
@@ -601,12 +603,46 @@ async def _identity(session: Any, base: str) -> str:
 TELEGRAM_USER_BASE = 700_000
 
 
-async def _telegram_users(config: ChaosConfig, rng: random.Random, fake: Any) -> None:
-    """Telegram users write /imagine in their private chats (chat id = user id), spread over two seconds."""
-    for number in range(config.telegram_jobs):
-        user = TELEGRAM_USER_BASE + number % max(1, config.telegram_users)
-        fake.send_text(user, user, f"/imagine {rng.choice(PROMPTS)} --seed {number} --steps {config.steps}")
+async def _telegram_users(
+    config: ChaosConfig, report: ChaosReport, rng: random.Random, fake: Any, pool: Any
+) -> None:
+    """Telegram users write /imagine in their private chats (chat id = user id), spread over two seconds;
+    one told to try again (the database or Redis away) writes it again, until every request is a job."""
+    users = [
+        TELEGRAM_USER_BASE + number % max(1, config.telegram_users) for number in range(config.telegram_jobs)
+    ]
+
+    def ask(user: int) -> None:
+        fake.send_text(
+            user, user, f"/imagine {rng.choice(PROMPTS)} --seed {rng.randrange(10**6)} --steps {config.steps}"
+        )
+
+    for user in users:
+        ask(user)
         await asyncio.sleep(2.0 / max(1, config.telegram_jobs))
+    retried: Counter[int] = Counter()
+    deadline = time.monotonic() + config.deadline_s / 2
+    while time.monotonic() < deadline:
+        stored = await pool.fetchval("SELECT count(*) FROM jobs WHERE chat LIKE 'tg:%'")
+        if int(stored) >= config.telegram_jobs:
+            return
+        for user in set(users):
+            while retried[user] < _told_to_try_again(fake, user):
+                retried[user] += 1
+                report.telegram_retries += 1
+                ask(user)
+        await asyncio.sleep(0.5)
+
+
+def _told_to_try_again(fake: Any, chat_id: int) -> int:
+    """How many of the bot's messages in a chat (sent or edited) refused a request for now."""
+    return sum(
+        1
+        for call in fake.calls
+        if call.method in ("sendMessage", "editMessageText")
+        and str(call.params.get("chat_id")) == str(chat_id)
+        and "right now" in str(call.params.get("text") or "")
+    )
 
 
 class Chaos:
@@ -689,14 +725,18 @@ class Chaos:
         self.report.kills.append(kill)
         if term:
             member.signal(signal.SIGTERM)
-            kill.exit_code = await member.wait_exit(15.0)
+            kill.exit_code = await member.wait_exit(30.0)
+            if kill.exit_code is None:  # the hand-back is checked in the store; the process must go
+                self.report.unexpected_exits.append(f"{member.name} still ran 30 s after SIGTERM")
+                member.signal(signal.SIGKILL)
+                await member.wait_exit(5.0)
         else:
             member.signal(signal.SIGKILL)
             await member.wait_exit(5.0)
         # the process is gone: what it still holds in the store is frozen, so read it now
         left = (await self._running_by_pid()).get(kill.pid, {})
         if term:
-            kill.gave_back = kill.exit_code == 0 and not left
+            kill.gave_back = not left
             kill.orphans = running.get(kill.pid, {})
         else:
             kill.orphans = left
