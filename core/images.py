@@ -84,6 +84,12 @@ def _opened(data: bytes) -> Iterator[Image.Image]:
     yield image
 
 
+def check_upload_bytes(size: int, *, max_bytes: int = MAX_UPLOAD_BYTES) -> None:
+    """Refuse an upload by the byte count a platform reports, before anything is downloaded."""
+    if size > max_bytes:
+        raise InvalidOption(f"The image is too large: at most {max_bytes // (1024 * 1024)} MB, please.")
+
+
 def validate_upload(
     data: bytes,
     *,
@@ -96,8 +102,8 @@ def validate_upload(
     Byte count, then width and height from the header, are checked before any pixel is decoded;
     with `decode` the pixels are then decoded once to prove the file is whole. That is CPU work
     (a 4096×4096 picture takes a while): from async code call it through `asyncio.to_thread`."""
-    if isinstance(data, bytes | bytearray) and len(data) > max_bytes:
-        raise InvalidOption(f"The image is too large: at most {max_bytes // (1024 * 1024)} MB, please.")
+    if isinstance(data, bytes | bytearray):
+        check_upload_bytes(len(data), max_bytes=max_bytes)
     width, height = image_size(data)
     if width > max_side or height > max_side:
         raise InvalidOption(f"The image is too large: at most {max_side}×{max_side} pixels, please.")

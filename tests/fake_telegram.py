@@ -176,6 +176,62 @@ class FakeTelegram:
         self._push({"message": message})
         return message
 
+    def send_picture(
+        self,
+        chat_id: int,
+        user_id: int,
+        data: bytes,
+        caption: str,
+        *,
+        as_document: str | None = None,
+        reported_size: int | None = None,
+    ) -> dict[str, Any]:
+        """A user sends a picture with `caption`: a photo (a thumbnail of at most 90 pixels a side,
+        then the full size, as Telegram lists them), or with `as_document` a document of that MIME
+        type. The file is kept for getFile and download; `reported_size` overrides the size the
+        update claims."""
+        file_id = self._store_file(data)
+        size = len(data) if reported_size is None else reported_size
+        if as_document is not None:
+            document = {
+                "file_id": file_id,
+                "file_unique_id": f"u{file_id}",
+                "file_name": "picture",
+                "mime_type": as_document,
+                "file_size": size,
+            }
+            content: dict[str, Any] = {"document": document}
+        else:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+            scale = min(1.0, 90 / max(width, height))
+            thumb_w, thumb_h = max(1, int(width * scale)), max(1, int(height * scale))
+            thumb = io.BytesIO()
+            Image.new("RGB", (thumb_w, thumb_h)).save(thumb, format="JPEG")
+            thumb_id = self._store_file(thumb.getvalue())
+            content = {
+                "photo": [
+                    {
+                        "file_id": thumb_id,
+                        "file_unique_id": f"u{thumb_id}",
+                        "width": thumb_w,
+                        "height": thumb_h,
+                    },
+                    {
+                        "file_id": file_id,
+                        "file_unique_id": f"u{file_id}",
+                        "width": width,
+                        "height": height,
+                        "file_size": size,
+                    },
+                ]
+            }
+        message = self._message(
+            chat_id, self.user(user_id), caption=caption, caption_entities=_entities(caption), **content
+        )
+        self._push({"message": message})
+        return message
+
     def press(self, chat_id: int, user_id: int, message: dict[str, Any], data: str) -> str:
         """A user presses an inline button carrying `data` under `message`; returns the query id."""
         query_id = f"q{next(self._update_ids)}"

@@ -193,3 +193,25 @@ async def until(check: Any, timeout: float = 5.0) -> None:  # noqa: ASYNC109
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"condition not met in time: {check.__name__}")
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width`×`height`: a decompression bomb as far as sizes go."""
+    import struct
+    import zlib
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, format="PNG")
+    data = bytearray(out.getvalue())
+    ihdr = data[12:29]  # b"IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+def jpeg_picture(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (96, 64)) -> bytes:
+    """A small plain-coloured JPEG, as a user's photo."""
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, format="JPEG")
+    return out.getvalue()

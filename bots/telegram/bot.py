@@ -27,7 +27,7 @@ from telegram.ext import (
 )
 from telegram.ext import MessageHandler as TgMessageHandler
 
-from bots.telegram import keyboards, messages
+from bots.telegram import keyboards, messages, pictures
 from bots.telegram.delivery import STATUS_EVENTS, Delivery, StatusRef, chat_key, meta_for
 from bots.telegram.gallery import Gallery, Sharer
 from bots.telegram.ratelimit import RateLimiter
@@ -36,6 +36,7 @@ from core.errors import HuahuaError, InvalidOption, NotAllowed, ServiceUnavailab
 from core.logs import RedactSecrets
 from core.service import Huahua, MessageContext, Reply
 from core.settings import Settings
+from core.story.book import StoryBook
 from core.types import Action
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,25 @@ class TelegramAdapter:
         )
         async with self.delivery.creating(chat.id):
             reply = await self.service.handle_message(key, user, incoming.text, context_)
+            await self._answer(message, reply)
+
+    async def on_picture(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A photo or image document captioned `/cast add <name>: <description>`: the cast member's
+        reference picture. Pictures with any other caption are left alone."""
+        message, chat, sender = update.effective_message, update.effective_chat, update.effective_user
+        if message is None or chat is None or sender is None or sender.is_bot:
+            return
+        args = pictures.cast_add_args(message.caption or "", context.bot.username)
+        book = self.service.handler("cast")
+        if args is None or not isinstance(book, StoryBook):
+            return
+        key = chat_key(chat.id, topic_of(message))
+        async with self._chat_locks[key]:
+            try:
+                picture = await pictures.download_picture(context.bot, message)
+                reply = await book.cast_add_with_picture(key, f"tg:{sender.id}", args, picture)
+            except HuahuaError as err:
+                reply = Reply(texts=(err.message,), error=err)
             await self._answer(message, reply)
 
     async def incoming(self, message: Message, chat: Chat, username: str) -> Incoming | None:
@@ -395,6 +415,8 @@ def build_application(service: Huahua, settings: Settings) -> Application:  # ty
     )
     app.bot_data["adapter"] = adapter
     app.add_handler(TgMessageHandler(filters.TEXT & ~filters.UpdateType.EDITED, adapter.on_message))
+    pictures_sent = (filters.PHOTO | filters.Document.IMAGE) & filters.CAPTION & ~filters.UpdateType.EDITED
+    app.add_handler(TgMessageHandler(pictures_sent, adapter.on_picture))
     app.add_handler(CallbackQueryHandler(adapter.on_button))
     app.add_error_handler(adapter.on_error)
     service.listen("tg:", adapter.delivery.on_event, STATUS_EVENTS)
