@@ -11,8 +11,9 @@ import pytest
 import redis.asyncio
 from aiohttp import web
 
+from core.errors import ServiceUnavailable
 from core.storage.sqlite import SqliteStore
-from core.types import JobEvent, JobStatus
+from core.types import Job, JobEvent, JobStatus
 from core.worker_server import create_app
 from tests.support import PatternEngine, make_service, until
 
@@ -363,3 +364,25 @@ async def test_a_job_handed_over_before_its_dead_holders_lease_ran_out_runs_once
     finally:
         await worker.stop()
         await front.stop()
+
+
+async def test_stop_ends_the_sweeper_when_a_database_call_swallows_the_cancel(tmp_path: Path) -> None:
+    """Seen in the chaos run: a SIGTERMed `huahua jobs` never exited, its sweeper looping on a PostgreSQL
+    call whose timeout had turned the shutdown's cancel into a storage error."""
+    service = await make_service(tmp_path, PatternEngine(), job_lease_s=1.0)
+    recoverable = service.store.recoverable_jobs
+    entered = asyncio.Event()
+
+    async def unanswered(now: float) -> list[Job]:
+        if entered.is_set():
+            return await recoverable(now)
+        entered.set()
+        try:
+            await asyncio.sleep(30)  # a database that does not answer in time
+        except asyncio.CancelledError:
+            raise ServiceUnavailable("The database cannot be reached right now; please try again.") from None
+        return await recoverable(now)
+
+    service.store.recoverable_jobs = unanswered  # type: ignore[method-assign]
+    await asyncio.wait_for(entered.wait(), 5)
+    await asyncio.wait_for(service.stop(), 10)

@@ -144,7 +144,9 @@ class JobRunner:
         return put
 
     async def _sweep(self) -> None:
-        while True:
+        # Ends on `_stopping` too: a library may turn the stop's cancel into its own error (asyncpg's
+        # timeouts can), and a sweeper that only left on cancellation then kept the process alive.
+        while not self._stopping:
             await asyncio.sleep(min(SWEEP_INTERVAL_S, self.settings.job_lease_s / 3))
             try:
                 await self.recover()
