@@ -17,7 +17,7 @@ async def test_nothing_is_lost_or_posted_twice_while_processes_and_redis_fail() 
     if missing:
         pytest.skip(missing)
     config = ChaosConfig(
-        jobs=200, users=20, telegram_users=4, telegram_jobs=20, kill_every_s=6.0, deadline_s=420.0
+        jobs=200, users=20, telegram_users=4, telegram_jobs=20, kill_every_s=6.0, deadline_s=480.0
     )
     report = await run_chaos(config)
     print("\n" + "\n".join(report.lines()))
