@@ -149,6 +149,59 @@ def test_text_unet_vae_and_plms_agree_with_mindspore(engines: tuple[object, Torc
     assert _relative(ours, theirs) < TOLERANCE
 
 
+def test_reference_and_panel_attention_agree_with_mindspore(
+    engines: tuple[object, TorchWukongPipeline],
+) -> None:
+    """Two guided panels, one reference and panel sharing (for 2 of 3 steps), sampled by both engines:
+    the same seeded reference noise, the same token draws, the same blended attention."""
+    from core.diffusion.consistency import Consistency
+
+    ms_pipe, pipe = engines
+    ctx = ms_pipe.encode_tokens(_ids(pipe))  # type: ignore[attr-defined]
+    rng = np.random.default_rng(3)
+    x_T = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
+    reference = rng.standard_normal((1, 4, 4, 4)).astype(np.float32)
+    consistency = Consistency(references=reference, strength=0.8, panel_rate=0.5)
+    common = {"sampler": "ddim", "steps": 3, "guidance_scale": 7.5, "x_T": x_T, "seed": 4}
+    cond = np.repeat(ctx[:1], 2, axis=0)
+    theirs = ms_pipe.sample(cond, ctx[1:], consistency=consistency, **common)  # type: ignore[attr-defined]
+    ours = pipe.sample(cond, ctx[1:], consistency=consistency, **common)
+    assert _relative(ours, theirs) < TOLERANCE
+    plain = pipe.sample(cond, ctx[1:], **common)
+    assert _relative(ours, plain) > 100 * TOLERANCE  # the sharing did change the panels
+
+
+def test_sharing_off_is_the_plain_attention() -> None:
+    """With consistency off (absent, or inactive) every step is bit-identical to the UNet with diffusers'
+    own attention processor, as before the sharing processor existed."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from core.diffusion.consistency import Consistency
+
+    pipe = TorchWukongPipeline.random(CFG, builtin_tokenizer(), seed=5)
+    before = TorchWukongPipeline.random(CFG, builtin_tokenizer(), seed=5)
+    before.modules.unet.set_attn_processor(AttnProcessor2_0())
+    ctx = pipe.encode_tokens(_ids(pipe))
+    x_T = np.random.default_rng(6).standard_normal((2, 4, 4, 4)).astype(np.float32)
+    common = {"sampler": "dpm++2m", "steps": 2, "guidance_scale": 7.5, "x_T": x_T, "seed": 1}
+    cond = np.repeat(ctx[:1], 2, axis=0)
+    want = before.sample(cond, ctx[1:], **common)
+    reference = np.ones((1, 4, 4, 4), np.float32)
+    for consistency in (None, Consistency(references=reference, strength=0.0), Consistency(panel_rate=0.5)):
+        if consistency is not None and consistency.panel_rate:
+            got = pipe.sample(cond[:1], ctx[1:], **dict(common, x_T=x_T[:1]), consistency=consistency)
+            assert np.array_equal(got, before.sample(cond[:1], ctx[1:], **dict(common, x_T=x_T[:1])))
+        else:
+            assert np.array_equal(pipe.sample(cond, ctx[1:], **common, consistency=consistency), want)
+    x = np.zeros((2, 4, 4, 4), np.float32)
+    bad = [np.array([0, 10_000], np.int32)] * len(pipe.share_rates)
+    with pytest.raises(InvalidOption, match="indices"):
+        pipe.predict_noise(x, np.array([1, 1]), ctx[:1].repeat(2, 0), share=(np.ones(1), bad))
+    with pytest.raises(InvalidOption, match="Reference latents"):
+        wrong = Consistency(references=np.zeros((1, 4, 8, 8), np.float32))
+        pipe.sample(cond, ctx[1:], **common, consistency=wrong)
+
+
 def test_a_wrong_mapping_is_caught(
     engines: tuple[object, TorchWukongPipeline],
     checkpoint: Path,

@@ -4,7 +4,10 @@ Same methods, same shapes, same semantics and errors: numpy in, numpy out (float
 int64 token ids). The samplers are the shared numpy ones (`core.diffusion.samplers`) and the initial
 noise is drawn with numpy, so a seed gives the same picture on every engine. The networks are
 diffusers' `UNet2DConditionModel` and `AutoencoderKL` and transformers' `CLIPTextModel`, filled from the
-official checkpoint through `core.torch_engine.layout`.
+official checkpoint through `core.torch_engine.layout`. Reference attention and shared panel attention
+(`sample(..., consistency=...)`) run through `core.torch_engine.sharing`, with the token indices and the
+reference noise drawn by the shared numpy helpers of `core.diffusion.consistency`, so a seed gives the
+same picture on both engines here too.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import numpy as np
 import torch
 
 from core.diffusion.config import WukongConfig
+from core.diffusion.consistency import Consistency, reference_noise, share_indices
 from core.diffusion.samplers import SAMPLER_NAMES, NoiseSchedule, add_noise, make_timesteps, run_sampler
 from core.errors import CheckpointError, EngineUnavailable, InvalidOption, JobCancelled
 from core.tokenizer import WordPieceTokenizer
-from core.torch_engine import files
+from core.torch_engine import files, sharing
 from core.torch_engine.layout import PARTS, Entry, compare, official_layout, official_shapes, torch_shapes
 from core.torch_engine.models import TorchModules, build_modules, fill_modules
 from core.torch_engine.pipeline_config import config_from
@@ -155,6 +159,7 @@ class TorchWukongPipeline:
         if self._channels_last:  # cuDNN's fastest convolutions read NHWC
             modules.unet.to(memory_format=torch.channels_last)
             modules.vae.to(memory_format=torch.channels_last)
+        sharing.install(modules.unet)
         self._unet: Callable[..., Any] = modules.unet
         self.compiled = compile
         if compile:
@@ -317,9 +322,28 @@ class TorchWukongPipeline:
             tensor = tensor.contiguous(memory_format=torch.channels_last)
         return tensor
 
+    @property
+    def share_rates(self) -> tuple[int, ...]:
+        """Downsampling rates that have transformers, in the order of `predict_noise`'s share indices
+        (as `core.diffusion.unet.UNetModel.share_rates`: the attention rates, and the middle block's)."""
+        cfg = self.config
+        rates = {2**level for level in range(len(cfg.unet_channel_mult))}
+        deepest = 2 ** (len(cfg.unet_channel_mult) - 1)
+        return tuple(sorted({r for r in cfg.unet_attention_rates if r in rates} | {deepest}))
+
     @torch.inference_mode()
-    def predict_noise(self, x: np.ndarray, t: np.ndarray, ctx: np.ndarray) -> np.ndarray:
-        """The UNet's noise estimate eps(x_t, t, ctx): (n, 4, h, w) float32."""
+    def predict_noise(
+        self,
+        x: np.ndarray,
+        t: np.ndarray,
+        ctx: np.ndarray,
+        *,
+        share: tuple[np.ndarray, Sequence[np.ndarray]] | None = None,
+    ) -> np.ndarray:
+        """The UNet's noise estimate eps(x_t, t, ctx): (n, 4, h, w) float32.
+
+        `share` = (weights (k,), one int32 index array per rate of `share_rates`): the first k rows'
+        self-attention also reads those tokens of the batch (see `core.diffusion.consistency`)."""
         cfg = self.config
         x = _float_array(x, "latents", 4)
         ctx = _float_array(ctx, "text condition", 3)
@@ -336,10 +360,36 @@ class TorchWukongPipeline:
         if steps.min() < 0 or steps.max() >= self.schedule.num_train_steps:
             raise InvalidOption(f"The timesteps must lie in [0, {self.schedule.num_train_steps}).")
         timesteps = torch.from_numpy(steps.astype(np.int64)).to(self._device)
+        extra = {} if share is None else {"cross_attention_kwargs": {"share": self._share(share, x.shape)}}
         eps = self._unet(
-            self._tensor(x, image=True), timesteps, encoder_hidden_states=self._tensor(ctx), return_dict=False
+            self._tensor(x, image=True),
+            timesteps,
+            encoder_hidden_states=self._tensor(ctx),
+            return_dict=False,
+            **extra,
         )[0]
         return np.asarray(eps.float().cpu().numpy(), dtype=np.float32)
+
+    def _share(self, share: tuple[np.ndarray, Sequence[np.ndarray]], shape: tuple[int, ...]) -> sharing.Share:
+        """Checked `share` tensors: weights (k, 1, 1) in the model's dtype, the indices by token count."""
+        weights, indices = share
+        w = np.asarray(weights, np.float32).reshape(-1)
+        n, _, h, width = shape
+        rates = self.share_rates
+        if not 1 <= w.size <= n or not np.isfinite(w).all():
+            raise InvalidOption(f"Sharing needs 1 to {n} finite reader weights, not {w.size}.")
+        if len(indices) != len(rates):
+            raise InvalidOption(f"Sharing needs one token index per UNet resolution ({len(rates)}).")
+        by_tokens: dict[int, torch.Tensor] = {}
+        for rate, index in zip(rates, indices, strict=True):
+            flat = np.asarray(index).reshape(-1)
+            per_row = (h // rate) * (width // rate)
+            if flat.size == 0 or flat.size % w.size or not np.issubdtype(flat.dtype, np.integer):
+                raise InvalidOption("Each shared token index must hold whole numbers, as many per reader.")
+            if flat.min() < 0 or flat.max() >= n * per_row:
+                raise InvalidOption(f"Shared token indices must lie in [0, {n * per_row}).")
+            by_tokens[per_row] = torch.from_numpy(flat.astype(np.int64)).to(self._device)
+        return self._tensor(w.reshape(-1, 1, 1)), by_tokens
 
     def guided_noise(
         self, x: np.ndarray, t: int, ctx: np.ndarray, uncond_ctx: np.ndarray | None, guidance_scale: float
@@ -370,8 +420,13 @@ class TorchWukongPipeline:
         strength: float = 1.0,
         on_step: Callable[[int, int], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
+        consistency: Consistency | None = None,
     ) -> np.ndarray:
-        """Final latents (n, 4, h, w) float32 from noise (or from noised `init_latents`)."""
+        """Final latents (n, 4, h, w) float32 from noise (or from noised `init_latents`).
+
+        `consistency`, when active, shares reference latents and the n panels' tokens into every
+        self-attention during its first steps (see `core.diffusion.consistency`); otherwise, and at
+        the other steps, each step is exactly the plain guided step."""
         if sampler not in SAMPLER_NAMES:
             raise InvalidOption(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}.")
         if not isinstance(guidance_scale, int | float) or not math.isfinite(guidance_scale):
@@ -391,12 +446,79 @@ class TorchWukongPipeline:
             x0 = _float_array(init_latents, "initial latents", 4)
             x = add_noise(self.schedule, x0, noise, int(timesteps[0])).astype(np.float32)
 
+        shared = self._consistency_step(
+            consistency, shape, timesteps, ctx, uncond, float(guidance_scale), seed
+        )
+
         def eps_fn(latents: np.ndarray, t: int) -> np.ndarray:
             if cancelled is not None and cancelled():
                 raise JobCancelled()
+            if shared is not None and int(t) in shared[0]:
+                return shared[1](latents, int(t))
             return self.guided_noise(latents, int(t), ctx, uncond, float(guidance_scale))
 
         return run_sampler(sampler, eps_fn, x, timesteps, self.schedule, on_step=on_step, cancelled=cancelled)
+
+    def _consistency_step(
+        self,
+        consistency: Consistency | None,
+        shape: tuple[int, int, int, int],
+        timesteps: np.ndarray,
+        ctx: np.ndarray,
+        uncond: np.ndarray | None,
+        guidance_scale: float,
+        seed: int | None,
+    ) -> tuple[frozenset[int], Callable[[np.ndarray, int], np.ndarray]] | None:
+        """(the timesteps that share, the guided noise estimate with sharing), or None when inactive;
+        the batch layout, seeds and index draws of `core.diffusion.WukongPipeline`'s."""
+        n = shape[0]
+        if consistency is None or not consistency.active(n):
+            return None
+        refs = np.zeros((0, *shape[1:]), np.float32)
+        if consistency.references is not None:
+            refs = _float_array(consistency.references, "reference latents", 4)
+            if refs.shape[1:] != shape[1:]:
+                raise InvalidOption(
+                    f"Reference latents must have shape (r, {', '.join(map(str, shape[1:]))})."
+                )
+        ref_noise = reference_noise(refs, seed)
+        guided = uncond is not None and guidance_scale != 1.0
+        halves = 2 if guided else 1
+        readers = halves * n
+        # references are read as pictures, not as any text: they run with the unconditional prompt
+        ref_ctx = np.repeat((uncond if uncond is not None else ctx)[:1], refs.shape[0], axis=0)
+        panel_ctx = np.concatenate([uncond, ctx]) if guided and uncond is not None else ctx
+        rng = np.random.default_rng(None if seed is None else [int(seed), 13])
+        weights = np.full(readers, consistency.strength, np.float32)
+        rates = self.share_rates
+        _, _, h, w = shape
+
+        def step(latents: np.ndarray, t: int) -> np.ndarray:
+            noised = add_noise(self.schedule, refs, ref_noise, t) if refs.shape[0] else refs
+            rows = np.concatenate([*([latents] * halves), noised])
+            indices = [
+                share_indices(
+                    panels=n,
+                    halves=halves,
+                    references=refs.shape[0],
+                    tokens=(h // rate) * (w // rate),
+                    panel_rate=consistency.panel_rate,
+                    rng=rng,
+                )
+                for rate in rates
+            ]
+            eps = self.predict_noise(
+                rows,
+                np.full(rows.shape[0], t, np.int64),
+                np.concatenate([panel_ctx, ref_ctx]),
+                share=(weights, indices),
+            )[:readers]
+            if not guided:
+                return eps
+            plain, cond = eps[:n], eps[n:]
+            return plain + np.float32(guidance_scale) * (cond - plain)
+
+        return consistency.shared_timesteps([int(t) for t in timesteps]), step
 
     def _latent_shape(
         self,
