@@ -115,6 +115,10 @@ class FakeDiscord:
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.cdn: dict[str, bytes] = {}
+        """Users' uploads served on the fake CDN, by path; `attachment()` adds one."""
+        self.cdn_reads: list[str] = []
+        """The CDN paths the bot downloaded, in order."""
 
     @property
     def base(self) -> str:
@@ -123,6 +127,7 @@ class FakeDiscord:
     async def __aenter__(self) -> FakeDiscord:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._handle)
+        app.router.add_get("/cdn/{tail:.*}", self._cdn)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -135,6 +140,35 @@ class FakeDiscord:
     async def __aexit__(self, *exc: object) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    # users' uploads --------------------------------------------------------------------------
+
+    def attachment(
+        self, filename: str, data: bytes, content_type: str | None, *, size: int | None = None
+    ) -> dict[str, Any]:
+        """A user's upload, as an interaction's `data.resolved.attachments` entry; its URL is on this
+        server's CDN. `size` overrides the byte count the payload claims."""
+        attachment_id = str(snowflake())
+        path = f"attachments/{attachment_id}/{filename}"
+        self.cdn[path] = data
+        payload: dict[str, Any] = {
+            "id": attachment_id,
+            "filename": filename,
+            "size": len(data) if size is None else size,
+            "url": f"http://127.0.0.1:{self.port}/cdn/{path}",
+            "proxy_url": f"http://127.0.0.1:{self.port}/cdn/{path}",
+        }
+        if content_type is not None:
+            payload["content_type"] = content_type
+        return payload
+
+    async def _cdn(self, request: web.Request) -> web.Response:
+        path = request.match_info["tail"]
+        self.cdn_reads.append(path)
+        data = self.cdn.get(path)
+        if data is None:
+            return web.Response(status=404)
+        return web.Response(body=data, content_type="application/octet-stream")
 
     # queries -----------------------------------------------------------------------------------
 

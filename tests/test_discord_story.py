@@ -170,8 +170,13 @@ async def test_typed_story_commands_are_synced(env: Env) -> None:
     assert [c["value"] for c in story["auto"]["options"][0]["choices"]] == ["on", "off"]
     assert [o["type"] for o in story["choose"]["options"]] == [4, 4]
     cast = {o["name"]: o for o in commands["cast"]["options"]}
-    assert set(cast) == {"add", "list", "remove"}
-    assert [o["name"] for o in cast["add"]["options"]] == ["name", "description"]
+    assert set(cast) == {"add", "list", "remove", "show"}
+    add = cast["add"]["options"]
+    assert [(o["name"], o["type"], o.get("required", False)) for o in add] == [
+        ("name", 3, True),
+        ("description", 3, False),
+        ("picture", 11, False),
+    ]
     (count,) = commands["illustrate"]["options"]
     assert (count["name"], count["type"], count["min_value"], count["max_value"]) == ("count", 4, 1, 4)
     assert {o["name"] for o in commands["share"]["options"]} == {"picture", "story"}

@@ -23,8 +23,10 @@ from bots.discord.replies import post_reply
 from bots.discord.story import STORY_COMMANDS, StoryCommands
 from bots.discord.target import Target
 from core import presenter
-from core.errors import HuahuaError
-from core.service import MessageContext
+from core.errors import HuahuaError, InvalidOption, ServiceUnavailable
+from core.images import check_upload_bytes
+from core.service import MessageContext, Reply
+from core.story.book import StoryBook
 from core.types import Action, ImagineOptions, JobStatus
 
 if TYPE_CHECKING:
@@ -45,7 +47,7 @@ class SlashCommands:
         self.service = service
         self.delivery = delivery
         self.gallery = Gallery(service, delivery)
-        self.story = StoryCommands(self.run_text, self.style_choices)
+        self.story = StoryCommands(self.run_text, self.style_choices, self.add_cast_picture)
 
     def install(self, tree: app_commands.CommandTree[Any]) -> None:
         tree.add_command(self._imagine_command())
@@ -198,6 +200,33 @@ class SlashCommands:
             reply = await self.service.handle_message(
                 chat_of(interaction), user_of(interaction), text, context
             )
+            await post_reply(interaction, self.service, self.delivery, reply, target)
+
+    async def add_cast_picture(
+        self, interaction: Interaction, args: str, picture: discord.Attachment
+    ) -> None:
+        """`/cast add` with a picture: its size (as Discord reports it) is checked before it is read,
+        then the core validates and keeps it as the member's reference."""
+        await interaction.response.defer(thinking=True)
+        target = Target.from_interaction(interaction, edit_status=False)
+        try:
+            book = self.service.handler("cast")
+            if not isinstance(book, StoryBook):
+                raise ServiceUnavailable("Stories are not switched on for this bot.")
+            if picture.content_type and not picture.content_type.startswith("image/"):
+                raise InvalidOption("That attachment is not a picture: send a PNG, JPEG or WebP image.")
+            check_upload_bytes(picture.size)
+            try:
+                data = await picture.read()
+            except discord.HTTPException as err:
+                logger.warning("could not read a Discord attachment: %s", type(err).__name__)
+                raise ServiceUnavailable(
+                    "I couldn't fetch that picture from Discord; please try again."
+                ) from None
+            reply = await book.cast_add_with_picture(chat_of(interaction), user_of(interaction), args, data)
+        except HuahuaError as err:
+            reply = Reply(texts=(err.message,), error=err)
+        async with self.delivery.answering(interaction.token):
             await post_reply(interaction, self.service, self.delivery, reply, target)
 
     # buttons -----------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 RunText = Callable[[Interaction, str, str | None], Awaitable[None]]
 """Runs a text command for an interaction: (interaction, "/story add …", text of a replied-to message)."""
 StyleChoices = Callable[[Interaction, str], Coroutine[Any, Any, list[app_commands.Choice[str]]]]
+AddPicture = Callable[[Interaction, str, discord.Attachment], Awaitable[None]]
+"""Runs `/cast add` with a picture: (interaction, "<name>: <description>", the attachment)."""
 
 STORY_COMMANDS = frozenset({"story", "cast", "illustrate"})
 MAX_PANELS = 500
@@ -26,9 +28,10 @@ MAX_PICTURES = 100
 class StoryCommands:
     """The story family as Discord commands; each callback hands one text command to `run`."""
 
-    def __init__(self, run: RunText, style_choices: StyleChoices) -> None:
+    def __init__(self, run: RunText, style_choices: StyleChoices, add_picture: AddPicture) -> None:
         self.run = run
         self.style_choices = style_choices
+        self.add_picture = add_picture
 
     def commands(
         self, names: frozenset[str]
@@ -112,19 +115,33 @@ class StoryCommands:
 
     def _cast_group(self) -> app_commands.Group:
         group = app_commands.Group(name="cast", description="The story's characters.")
-        run = self.run
+        run, add_picture = self.run, self.add_picture
 
         @group.command(name="add", description="Add a character, drawn the same way in every panel.")
-        @app_commands.describe(name="The character's name", description="How they look")
+        @app_commands.describe(
+            name="The character's name",
+            description="How they look (may be left out when giving a picture of someone in the cast)",
+            picture="A picture of them: every panel with them follows it",
+        )
         async def add(
             interaction: Interaction,
             name: app_commands.Range[str, 1, 30],
-            description: app_commands.Range[str, 1, 200],
+            description: app_commands.Range[str, 1, 200] | None = None,
+            picture: discord.Attachment | None = None,
         ) -> None:
             if ":" in name or "：" in name:
                 await answer(interaction, "A character's name cannot contain a colon.")
                 return
-            await run(interaction, f"/cast add {name}: {description}", None)
+            args = f"{name}: {description}" if description else name
+            if picture is not None:
+                await add_picture(interaction, args, picture)
+                return
+            await run(interaction, f"/cast add {args}", None)
+
+        @group.command(name="show", description="A character's description and reference picture.")
+        @app_commands.describe(name="The character's name")
+        async def show(interaction: Interaction, name: app_commands.Range[str, 1, 30]) -> None:
+            await run(interaction, f"/cast show {name}", None)
 
         @group.command(name="list", description="The story's characters.")
         async def list_(interaction: Interaction) -> None:
