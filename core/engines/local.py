@@ -16,7 +16,6 @@ then wait for it to finish (they run on the same thread, in order).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -138,7 +137,6 @@ class LocalEngine(Engine):
         self._pending: list[_Pending] = []
         self._busy = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._said_no_consistency = False
 
     # lifecycle
 
@@ -405,11 +403,6 @@ class LocalEngine(Engine):
         if request.references and len(request.reference_images) != len(request.references):
             raise EngineUnavailable("The reference pictures of this drawing could not be loaded.")
         if not request.reference_images:
-            return {}
-        if "consistency" not in inspect.signature(self._pipe.sample).parameters:
-            if not self._said_no_consistency:
-                self._said_no_consistency = True
-                logger.warning("engine %s cannot follow reference pictures; drawing without them", self.name)
             return {}
         from core.diffusion.consistency import Consistency
 
