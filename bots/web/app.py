@@ -43,6 +43,7 @@ from bots.web.payload import (
     text_field,
     without_invisible_start,
 )
+from bots.web.uploads import read_form
 from core import presenter
 from core.errors import HuahuaError, NotFound, ServiceUnavailable
 from core.service import Huahua, MessageContext, Reply
@@ -510,6 +511,30 @@ async def choose_picture(request: web.Request) -> web.Response:
     return await _story_response(book, story)
 
 
+async def post_cast_picture(request: web.Request) -> web.Response:
+    """`/cast add` with a picture (multipart form: `picture`, `name`, `description`, `chat` the room):
+    the picture becomes the member's reference. The caller and the room are found as for a message."""
+    form = await read_form(
+        request,
+        file_fields=frozenset({"picture"}),
+        text_fields=frozenset({"chat", "name", "description"}),
+    )
+    user, _ = await _caller(request)
+    chat = _chat_of(form.fields.get("chat", ""), user.removeprefix(PLATFORM))
+    picture = form.files.get("picture")
+    if not picture:
+        raise BadRequest("Choose a picture to upload.")
+    name = without_invisible_start(form.fields.get("name", ""))
+    if not name:
+        raise BadRequest("Give the character's name.")
+    if ":" in name or "：" in name:
+        raise BadRequest("A character's name cannot contain a colon.")
+    description = without_invisible_start(form.fields.get("description", ""))
+    args = f"{name}: {description}" if description else name
+    reply = await _book(request.app[SERVICE_KEY]).cast_add_with_picture(chat, user, args, picture)
+    return web.json_response({"replies": list(reply.texts)})
+
+
 async def story_page(request: web.Request) -> web.Response:
     """The gallery page; 404 (same page, it shows the API's sentence) for an unknown story."""
     status = 200
@@ -643,6 +668,7 @@ def create_app(service: Huahua, settings: Settings, *, heartbeat_s: float = HEAR
     app.router.add_get("/api/stories/{story_id}/export.html", export_story_html)
     app.router.add_get("/api/stories/{story_id}/export.pdf", export_story_pdf)
     app.router.add_post("/api/stories/{story_id}/choose", choose_picture)
+    app.router.add_post("/api/cast/picture", post_cast_picture)
     app.router.add_get("/stories/{story_id}", story_page)
     app[STATIC_KEY] = {path.name: path for path in STATIC_DIR.iterdir() if path.is_file()}
     app.router.add_get("/static/{name}", static_file)
