@@ -7,6 +7,7 @@ import io
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -16,7 +17,7 @@ from pydantic import SecretStr
 from bots.web.payload import MAX_BODY_BYTES
 from core.images import MAX_UPLOAD_BYTES
 from tests import web_support
-from tests.support import jpeg_picture, png_claiming
+from tests.support import CHROMIUM, jpeg_picture, png_claiming, skip_unless
 
 ROOM = "月光屋"
 UPLOAD = "/api/cast/picture"
@@ -152,3 +153,52 @@ async def test_each_browser_uploads_into_its_own_chat_and_a_token_is_asked_for(t
         assert response.status == 401
     finally:
         await locked.close()
+
+
+async def test_by_story_id_only_its_own_chat_may_upload(tmp_path: Path) -> None:
+    server = await web_support.start_web(tmp_path)
+    try:
+        await server.client.say("/story new 我的故事", chat="")
+        alice_chat = "web:@" + (await server.user_id("alice")).removeprefix("web:")
+        story = await server.service.handler("story").active(alice_chat)
+        by_id = form(jpeg_picture(), description="小女孩")
+        by_id.add_field("story", story.id)
+        response = await server.browser("bob").post(UPLOAD, data=by_id)
+        assert response.status == 403
+        assert (await server.service.handler("story").active(alice_chat)).cast == ()
+        mine = aiohttp.FormData(default_to_multipart=True)
+        for key, value in (("story", story.id), ("name", "莉莉"), ("description", "小女孩")):
+            mine.add_field(key, value)
+        mine.add_field("picture", jpeg_picture(), filename="p.jpg", content_type="image/jpeg")
+        assert "reference picture is set" in (await upload(server, mine))["replies"][-1]
+    finally:
+        await server.close()
+
+
+@skip_unless(CHROMIUM.exists(), f"Chromium at {CHROMIUM}", "apt-get install chromium")
+async def test_the_gallery_page_uploads_a_reference_picture(
+    web: web_support.Web, browser: Any, tmp_path: Path
+) -> None:
+    await web.client.say("/story new 月亮的故事", chat=ROOM)
+    story = await web.service.handler("story").active(f"web:{ROOM}")
+    picture = tmp_path / "lili.jpg"
+    picture.write_bytes(jpeg_picture((20, 40, 220), (300, 200)))
+    page = await browser.new_page()
+    await page.goto(f"{web.base_url}stories/{story.id}")
+    await page.wait_for_function("document.body.dataset.loaded === 'true'")
+    await page.fill("#cast-name", "莉莉")
+    await page.fill("#cast-description", "穿红斗篷的小女孩")
+    await page.set_input_files("#cast-file", str(picture))
+    await page.click("#cast-picture button")
+    await page.locator("#notice", has_text="reference picture is set").wait_for()
+    await page.locator("#cast-list dt", has_text="莉莉").wait_for()
+    member = (await web.service.handler("story").active(f"web:{ROOM}")).member("莉莉")
+    assert member is not None and member.reference_from == "picture"
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_claiming(9_400, 9_400))
+    await page.fill("#cast-name", "狼")
+    await page.fill("#cast-description", "大灰狼")
+    await page.set_input_files("#cast-file", str(bomb))
+    await page.click("#cast-picture button")
+    await page.locator("#notice", has_text="4096×4096").wait_for()

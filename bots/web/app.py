@@ -45,7 +45,7 @@ from bots.web.payload import (
 )
 from bots.web.uploads import read_form
 from core import presenter
-from core.errors import HuahuaError, NotFound, ServiceUnavailable
+from core.errors import HuahuaError, NotAllowed, NotFound, ServiceUnavailable
 from core.service import Huahua, MessageContext, Reply
 from core.settings import Settings
 from core.story.book import StoryBook, story_json
@@ -512,15 +512,24 @@ async def choose_picture(request: web.Request) -> web.Response:
 
 
 async def post_cast_picture(request: web.Request) -> web.Response:
-    """`/cast add` with a picture (multipart form: `picture`, `name`, `description`, `chat` the room):
-    the picture becomes the member's reference. The caller and the room are found as for a message."""
+    """`/cast add` with a picture (multipart form: `picture`, `name`, `description`, and `chat` the room
+    or `story` a story id, as the gallery page sends): the picture becomes the member's reference. The
+    caller and the room are found as for a message; a story in someone else's own chat is refused."""
     form = await read_form(
         request,
         file_fields=frozenset({"picture"}),
-        text_fields=frozenset({"chat", "name", "description"}),
+        text_fields=frozenset({"chat", "story", "name", "description"}),
     )
     user, _ = await _caller(request)
-    chat = _chat_of(form.fields.get("chat", ""), user.removeprefix(PLATFORM))
+    book = _book(request.app[SERVICE_KEY])
+    if "story" in form.fields:
+        chat = (await book.get(form.fields["story"])).chat
+        if not chat.startswith(PLATFORM):
+            raise BadRequest("That story belongs to another platform's chat: send the picture there.")
+        if chat.startswith(PLATFORM + PERSONAL_MARK) and chat != _chat_of("", user.removeprefix(PLATFORM)):
+            raise NotAllowed("That story is in someone else's own chat.")
+    else:
+        chat = _chat_of(form.fields.get("chat", ""), user.removeprefix(PLATFORM))
     picture = form.files.get("picture")
     if not picture:
         raise BadRequest("Choose a picture to upload.")
@@ -531,7 +540,7 @@ async def post_cast_picture(request: web.Request) -> web.Response:
         raise BadRequest("A character's name cannot contain a colon.")
     description = without_invisible_start(form.fields.get("description", ""))
     args = f"{name}: {description}" if description else name
-    reply = await _book(request.app[SERVICE_KEY]).cast_add_with_picture(chat, user, args, picture)
+    reply = await book.cast_add_with_picture(chat, user, args, picture)
     return web.json_response({"replies": list(reply.texts)})
 
 

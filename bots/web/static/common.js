@@ -58,6 +58,10 @@ const TEXT = {
     inBook: "In the book",
     stillDrawing: "🎨 Still drawing…",
     panels: "{0} panels",
+    castName: "Name",
+    castDescription: "How they look (optional for someone in the cast)",
+    castPicture: "Set their reference picture",
+    castPictureLabel: "A picture of the character: every panel with them follows it",
     finished: "finished",
   },
   zh: {
@@ -112,6 +116,10 @@ const TEXT = {
     inBook: "已在书中",
     stillDrawing: "🎨 绘制中…",
     panels: "共 {0} 幅",
+    castName: "名字",
+    castDescription: "外貌描述(已在角色表中可不填)",
+    castPicture: "设为参考图",
+    castPictureLabel: "角色的图片:有这个角色的每一幅都参照它",
     finished: "已完结",
   },
 };

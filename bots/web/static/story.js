@@ -74,7 +74,8 @@ function render(story) {
   $("meta").textContent = parts.join(" · ");
   $("export-html").href = `${base}/export.html`;
   $("export-pdf").href = `${base}/export.pdf`;
-  $("cast").hidden = story.cast.length === 0;
+  $("cast").hidden = story.cast.length === 0 && !story.active;
+  $("cast-picture").hidden = !story.active;
   $("cast-list").replaceChildren(...story.cast.flatMap((member) => {
     const name = document.createElement("dt");
     name.textContent = member.name;
@@ -110,4 +111,30 @@ async function choose(scene, number) {
   }
 }
 
+// A cast member's reference picture: the form goes as multipart (the server keeps its own size limit).
+async function uploadCastPicture(event) {
+  event.preventDefault();
+  const form = $("cast-picture");
+  const body = new FormData(form);
+  body.append("story", storyId);
+  form.querySelector("button").disabled = true;
+  try {
+    const response = await fetch("/api/cast/picture", { method: "POST", body });
+    let data = null;
+    try { data = await response.json(); } catch (_) { data = null; }
+    if (!response.ok) {
+      notice((data && data.error && data.error.message) || t("serverAnswered", response.status));
+      return;
+    }
+    notice(data.replies.join(" "));
+    form.reset();
+    render(await api(base));
+  } catch (_) {
+    notice(t("offline"));
+  } finally {
+    form.querySelector("button").disabled = false;
+  }
+}
+
+$("cast-picture").addEventListener("submit", uploadCastPicture);
 load();
