@@ -286,6 +286,9 @@ Sgemm find_sgemm() {
 }
 
 constexpr int64_t kAttentionRows = 64;  // queries per block: their scores (64 x keys) stay in cache
+// queries per block for heads wider than 256 (the VAE's one 512-wide head): their keys and values
+// (width x keys each, 8 MiB at 64x64) do not stay in cache, so a block reuses them for more rows
+constexpr int64_t kWideHeadRows = 512;
 
 }  // namespace
 
@@ -505,14 +508,15 @@ int AttentionTokens(int nparam, void **params, int *ndims, int64_t **shapes, con
     std::fill(out, out + batch * n * width, 0.0f);
     return 0;
   }
-  const int64_t d = width / heads, blocks = (n + kAttentionRows - 1) / kAttentionRows;
+  const int64_t d = width / heads, block_rows = d > 256 ? kWideHeadRows : kAttentionRows;
+  const int64_t blocks = (n + block_rows - 1) / block_rows;
   // units: per image and head, the query blocks in as many parts as keep every thread busy
   const int64_t parts = std::clamp<int64_t>(2 * worker_count() / (batch * heads), 1, blocks);
   std::atomic<bool> failed{false};
   // per unit: the head's keys copied once into a transposed (d, m) block, which the score products
   // read faster than the strided keys, then the unit's queries in blocks of kAttentionRows
   parallel_for(batch * heads * parts, n * m * 2 / parts, [=, &failed](int64_t begin, int64_t end) {
-    std::vector<float> scores(kAttentionRows * m), keys(d * m);
+    std::vector<float> scores(block_rows * m), keys(d * m);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t image = unit / (heads * parts), column = (unit / parts % heads) * d;
       const int64_t part = unit % parts;
@@ -522,7 +526,7 @@ int AttentionTokens(int nparam, void **params, int *ndims, int64_t **shapes, con
       }
       const float *vb = v + image * m * width + column;
       for (int64_t block = blocks * part / parts; block < blocks * (part + 1) / parts; ++block) {
-        const int64_t first = block * kAttentionRows, rows = std::min(kAttentionRows, n - first);
+        const int64_t first = block * block_rows, rows = std::min(block_rows, n - first);
         const float *qb = q + (image * n + first) * width + column;
         if (sgemm('N', 'N', rows, m, d, scale, qb, width, keys.data(), m, 0.0f, scores.data(), m) != 0) {
           failed = true;

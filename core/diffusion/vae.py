@@ -8,7 +8,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
-from core.diffusion import cpu_kernels, runtime
+from core.diffusion import cpu_kernels
 from core.diffusion.config import WukongConfig
 from core.diffusion.layers import (
     GroupNorm,
@@ -16,7 +16,6 @@ from core.diffusion.layers import (
     band_rows,
     banded_conv3x3,
     conv2d,
-    host_permute,
     kernels_available,
     upsample_nearest,
 )
@@ -85,9 +84,9 @@ class AttnBlock(nn.Cell):
     """Single-head self-attention over all pixels, with 1x1-convolution projections.
 
     `kernels` (on the CPU when our C++ kernels built, see `cpu_kernels`): the fused token-layout
-    attention kernel, in blocks of queries whose scores stay in cache, instead of a whole score matrix
-    (64 MiB at 512x512) softmaxed by MindSpore's operator. `host` (on the CPU): the maps go to the token
-    layout and back by numpy copies (see `host_permute`) instead of MindSpore's Transpose.
+    attention kernel, in blocks of queries, instead of a whole score matrix (64 MiB at 512x512) softmaxed
+    by MindSpore's operator. Measured at 512x512 on 2 cores it is no faster than MindSpore's products
+    (see docs/architecture.md); numpy layout copies were slower here than MindSpore's transposed views.
     """
 
     def __init__(self, channels: int, groups: int) -> None:
@@ -99,28 +98,20 @@ class AttnBlock(nn.Cell):
         self.proj_out = conv2d(channels, channels, 1)
         self.scale = channels**-0.5
         self.kernels = kernels_available()
-        self.host = runtime.on_cpu()
 
     def construct(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         n = self.norm(x)
 
         def tokens(t: Tensor) -> Tensor:
-            if self.host:
-                return host_permute(t, (b, c, h * w), (0, 2, 1))
             return t.reshape(b, c, h * w).transpose(0, 2, 1)
-
-        def pixels(t: Tensor) -> Tensor:
-            if self.host:
-                return host_permute(t, (b, h * w, c), (0, 2, 1)).reshape(b, c, h, w)
-            return t.transpose(0, 2, 1).reshape(b, c, h, w)
 
         q, k, v = tokens(self.q(n)), tokens(self.k(n)), tokens(self.v(n))
         if self.kernels and x.dtype == ms.float32 and cpu_kernels.attention_available():
-            out = cpu_kernels.attention_tokens(q, k, v, 1, self.scale)
+            out = cpu_kernels.attention_tokens(q.contiguous(), k.contiguous(), v.contiguous(), 1, self.scale)
         else:
             out = attention(q, k, v)
-        return x + self.proj_out(pixels(out))
+        return x + self.proj_out(out.transpose(0, 2, 1).reshape(b, c, h, w))
 
 
 class Downsample(nn.Cell):
