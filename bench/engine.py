@@ -1,16 +1,29 @@
-"""Engine benchmark: our MindSpore model against diffusers (PyTorch CPU) at the official shapes.
+"""Engine benchmark: our MindSpore model and our PyTorch pipeline against diffusers at the official shapes.
 
-    python bench/engine.py [--sizes 256,512] [--image-size 256] [--steps 20] [--repeat 1] [--skip-diffusers]
+    python bench/engine.py [--sizes 256,512] [--image-size 256] [--steps 20] [--repeat 1]
+                           [--sides ours,torch,diffusers] [--phases text,unet,...]
+    python bench/engine.py --device cuda [--dtype float16] [--compile] [--batches 8,16]
 
-Phases: text encoding (batch 2: prompt and negative prompt), one guided UNet step (batch 2) in PyNative
-mode and compiled as a static graph (`unet-graph`, compared with the same diffusers step; its compile time
-is reported as a note), VAE decode (batch 1) at each of --sizes, computed in bands of rows as the pipeline
-does (`vae`) and with every map whole (`vae-whole`, for the memory comparison), and a whole image (text,
---steps sampling steps, decode) at --image-size, with the UNet compiled as the product's default
-(HUAHUA_GRAPH_MODE=true) runs it, its compile included. Each phase reports the best of --repeat timed runs.
-Weights are random (timing does not depend on them). Every phase of every side runs in its own
-subprocess, so the peak resident memory (RSS high-water mark) reported is that phase's alone; it
-includes the weights the phase needs. The diffusers side needs the `bench` extra (torch, diffusers).
+CPU mode (the default). Sides: `ours` (the MindSpore engine's modules), `torch` (our PyTorch engine,
+`TorchWukongPipeline`, float32, through its numpy API as the product calls it) and `diffusers` (plain
+diffusers/transformers modules of the same shapes). Phases: text encoding (batch 2: prompt and negative
+prompt), one guided UNet step (batch 2) in PyNative mode and compiled as a static graph (`unet-graph`,
+compared with the same PyTorch step; its compile time is reported as a note), VAE decode (batch 1) at
+each of --sizes, computed in bands of rows as the pipeline does (`vae`), with every map whole
+(`vae-whole`, for the memory comparison) and with the mid-block attention on MindSpore's operators
+(`vae-generic-attn`: the path before the fused token-layout kernel, for a same-run before/after), and a
+whole image (text, --steps sampling steps, decode) at --image-size, with the UNet compiled as the
+product's default (HUAHUA_GRAPH_MODE=true) runs it, its compile included. Each phase reports the best
+of --repeat timed runs. Weights are random (timing does not depend on them). Every phase of every side
+runs in its own subprocess, one after another in one run, so the ratios compare runs minutes apart on
+the same machine, and the peak resident memory (RSS high-water mark) reported is that phase's alone;
+it includes the weights the phase needs. The torch and diffusers sides need the `torch` extra.
+
+GPU mode (`--device cuda`, needs a CUDA GPU and the `torch` extra): our PyTorch engine only, at the
+product's settings (float16 by default, channels-last, scaled-dot-product attention; --compile wraps
+the UNet in torch.compile): seconds for one --gpu-size² image of --steps steps (DPM++ 2M, guidance 7.5,
+text encoding and decode included) at batch 1, images per second at each of --batches, and the peak
+GPU memory of each (torch.cuda.max_memory_allocated). One untimed run per batch size comes first.
 """
 
 from __future__ import annotations
@@ -28,7 +41,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = ROOT.parent / "shared" / "wukong" / "vocab_zh.txt"
-PHASES = ("text", "unet", "unet-graph", "vae", "vae-whole", "image")
+PHASES = ("text", "unet", "unet-graph", "vae", "vae-whole", "vae-generic-attn", "image")
+SIDES = ("ours", "torch", "diffusers")
+SAME_PYTORCH_WORK = {"unet-graph": "unet", "vae-whole": "vae", "vae-generic-attn": "vae"}
+"""Phases that differ only on our MindSpore side: the PyTorch sides measure the base phase once."""
 CONTEXT_LENGTH, WIDTH = 77, 768
 
 
@@ -107,11 +123,15 @@ def _ours(phase: str, size: int, steps: int, warmup: int) -> float:
             step(x, t_emb, ctx).asnumpy()  # compile + first run: once, whatever --repeat says
             _COMPILE["seconds"] = time.perf_counter() - started
         return _timed(lambda: step(x, t_emb, ctx).asnumpy(), warmup)
-    if phase in ("vae", "vae-whole"):
+    if phase in ("vae", "vae-whole", "vae-generic-attn"):
         from core.diffusion.vae import DECODE_BAND_BYTES, AutoencoderKL
 
         vae = AutoencoderKL(cfg)
         vae.set_train(False)
+        if phase == "vae-generic-attn":
+            attn = vae.decoder.mid.attn_1
+            attn.kernels = False
+        phase = "vae" if phase == "vae-generic-attn" else phase
         z = Tensor(rng.standard_normal((1, 4, latent, latent), dtype=np.float32))
         band_bytes = DECODE_BAND_BYTES if phase == "vae" else None
         return _timed(lambda: vae.decode(z, band_bytes).asnumpy(), warmup)
@@ -123,6 +143,43 @@ def _ours(phase: str, size: int, steps: int, warmup: int) -> float:
         cond = pipe.encode_tokens(pipe.tokenize(["一只在月球上看书的猫"]))
         uncond = pipe.encode_tokens(pipe.tokenize([""]))
         latents = pipe.sample(cond, uncond, sampler="dpm++2m", steps=steps, seed=0, height=size, width=size)
+        return pipe.decode_latents(latents)
+
+    return _timed(whole_image, 0)
+
+
+# our PyTorch engine (TorchWukongPipeline), CPU
+
+
+def _torch_ours(phase: str, size: int, steps: int, warmup: int) -> float:
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from core.diffusion.config import WukongConfig
+    from core.torch_engine import TorchWukongPipeline
+
+    cfg = WukongConfig()
+    pipe = TorchWukongPipeline.random(cfg, VOCAB if VOCAB.is_file() else None, seed=0)
+    rng = np.random.default_rng(0)
+    latent = size // cfg.latent_scale
+    if phase == "text":
+        ids = rng.integers(0, 21128, (2, CONTEXT_LENGTH))
+        return _timed(lambda: pipe.encode_tokens(ids), warmup)
+    if phase == "unet":
+        x = rng.standard_normal((2, 4, latent, latent), dtype=np.float32)
+        ctx = rng.standard_normal((2, CONTEXT_LENGTH, WIDTH), dtype=np.float32)
+        t = np.array([500, 500])
+        return _timed(lambda: pipe.predict_noise(x, t, ctx), warmup)
+    if phase == "vae":
+        z = rng.standard_normal((1, 4, latent, latent), dtype=np.float32)
+        return _timed(lambda: pipe.decode_latents(z), warmup)
+
+    def whole_image() -> object:
+        ids = rng.integers(0, 21128, (2, CONTEXT_LENGTH))
+        both = pipe.encode_tokens(ids)
+        latents = pipe.sample(
+            both[:1], both[1:], sampler="dpm++2m", steps=steps, seed=0, height=size, width=size
+        )
         return pipe.decode_latents(latents)
 
     return _timed(whole_image, 0)
@@ -203,12 +260,64 @@ def _diffusers(phase: str, size: int, steps: int, warmup: int) -> float:
         return _timed(whole_image, 0)
 
 
+# GPU mode: our PyTorch engine on CUDA
+
+
+def _gpu(opts: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from core.diffusion.config import WukongConfig
+    from core.torch_engine import TorchWukongPipeline
+
+    if not torch.cuda.is_available():
+        print("no CUDA GPU here (torch.cuda.is_available() is False): nothing measured", file=sys.stderr)
+        return 2
+    cfg = WukongConfig()
+    started = time.perf_counter()
+    pipe = TorchWukongPipeline.random(
+        cfg, None, seed=0, device=opts.device, dtype=opts.dtype, compile=opts.compile
+    )
+    print(f"built in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    size, steps = opts.gpu_size, opts.steps
+    rng = np.random.default_rng(0)
+
+    def images(n: int) -> np.ndarray:
+        ids = rng.integers(0, 21128, (2, CONTEXT_LENGTH))
+        both = pipe.encode_tokens(ids)
+        cond, uncond = np.repeat(both[:1], n, 0), np.repeat(both[1:], n, 0)
+        latents = pipe.sample(cond, uncond, sampler="dpm++2m", steps=steps, seed=0, height=size, width=size)
+        return pipe.decode_latents(latents)
+
+    name = torch.cuda.get_device_name(opts.device)
+    print(f"{name}; torch {torch.__version__}; {pipe.dtype}; compile={opts.compile}; {size}²; {steps} steps")
+    print("| batch | seconds | images/s | peak GPU MB |")
+    print("|---|---|---|---|")
+    for n in [1, *opts.batches]:
+        first = time.perf_counter()
+        images(n)  # untimed: cuDNN autotuning, torch.compile for this shape
+        torch.cuda.synchronize()
+        warm = time.perf_counter() - first
+        torch.cuda.reset_peak_memory_stats()
+        best = float("inf")
+        for _ in range(opts.repeat):
+            started = time.perf_counter()
+            images(n)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - started)
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        print(f"| {n} | {best:.3f} | {n / best:.2f} | {peak:,.0f} |")
+        print(f"batch {n}: untimed first run {warm:.1f} s", file=sys.stderr)
+    return 0
+
+
 # driver
 
 
 def _child(side: str, phase: str, size: int, steps: int, warmup: int, repeat: int) -> None:
     _REPEAT[0] = repeat
-    run = _ours if side == "ours" else _diffusers
+    run = {"ours": _ours, "torch": _torch_ours, "diffusers": _diffusers}[side]
     seconds = run(phase, size, steps, warmup)
     print(json.dumps({"seconds": seconds, "peak_mb": _peak_mb(), "compile_s": _COMPILE.get("seconds")}))
 
@@ -230,20 +339,35 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
-def _table(rows: list[tuple[Result, Result | None]]) -> str:
-    head = "| phase | size | ours s | diffusers s | ours/diffusers | ours peak MB | diffusers peak MB |"
-    out = [head, "|---|---|---|---|---|---|---|"]
-    for ours, theirs in rows:
-        ratio = None
-        if theirs and ours.seconds and theirs.seconds:
-            ratio = ours.seconds / theirs.seconds
-        size = f"{ours.size}²" if ours.size else "77 tokens"
-        their_s, their_mb = (theirs.seconds, theirs.peak_mb) if theirs else (None, None)
-        out.append(
-            f"| {ours.phase} | {size} | {_fmt(ours.seconds)} | {_fmt(their_s)} | {_fmt(ratio)}"
-            f" | {_fmt(ours.peak_mb, 0)} | {_fmt(their_mb, 0)} |"
-        )
-    notes = [f"- {r.side} {r.phase} {r.size}²: {r.note}" for pair in rows for r in pair if r and r.note]
+def _ratio(top: Result | None, bottom: Result | None) -> float | None:
+    if top is None or bottom is None or not top.seconds or not bottom.seconds:
+        return None
+    return top.seconds / bottom.seconds
+
+
+def _table(rows: list[dict[str, Result]], sides: list[str]) -> str:
+    pairs = [
+        (a, b)
+        for a, b in (("ours", "diffusers"), ("torch", "ours"), ("torch", "diffusers"))
+        if {a, b} <= set(sides)
+    ]
+    head = ["phase", "size", *(f"{side} s" for side in sides), *(f"{a}/{b}" for a, b in pairs)]
+    head += [f"{side} peak MB" for side in sides]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        first = next(iter(row.values()))
+        cells = [first.phase, f"{first.size}²" if first.size else "77 tokens"]
+        cells += [_fmt(row[side].seconds if side in row else None) for side in sides]
+        cells += [_fmt(_ratio(row.get(a), row.get(b))) for a, b in pairs]
+        cells += [_fmt(row[side].peak_mb if side in row else None, 0) for side in sides]
+        out.append("| " + " | ".join(cells) + " |")
+    seen: set[tuple[str, str, int]] = set()
+    notes = []
+    for row in rows:
+        for r in row.values():
+            if r.note and (r.side, r.phase, r.size) not in seen:
+                seen.add((r.side, r.phase, r.size))
+                notes.append(f"- {r.side} {r.phase} {r.size}²: {r.note}")
     return "\n".join(out + notes)
 
 
@@ -259,9 +383,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each timed phase")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per phase; the best is reported")
-    parser.add_argument("--skip-diffusers", action="store_true")
+    parser.add_argument("--sides", default=",".join(SIDES), help="CPU mode: which of ours,torch,diffusers")
+    parser.add_argument(
+        "--skip-diffusers", action="store_true", help="the same as leaving diffusers out of --sides"
+    )
     parser.add_argument("--phases", default=",".join(PHASES))
+    parser.add_argument("--device", default="cpu", help="cpu (every side) or cuda[:N] (GPU mode, torch only)")
+    parser.add_argument("--dtype", default="float16", help="GPU mode: float16, bfloat16 or float32")
+    parser.add_argument("--compile", action="store_true", help="GPU mode: torch.compile the UNet")
+    parser.add_argument("--gpu-size", type=int, default=512, help="GPU mode: the image side")
+    parser.add_argument("--batches", default="8,16", help="GPU mode: batch sizes after batch 1")
     opts = parser.parse_args(args)
+    if opts.device != "cpu":
+        opts.batches = [int(b) for b in opts.batches.split(",") if b]
+        return _gpu(opts)
+    sides = [
+        side for side in opts.sides.split(",") if side and not (opts.skip_diffusers and side == "diffusers")
+    ]
+    unknown = set(sides) - set(SIDES) or set(opts.phases.split(",")) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown sides or phases: {', '.join(sorted(unknown))}")
     sizes = [int(s) for s in opts.sizes.split(",") if s]
     plan: list[tuple[str, int]] = []
     for phase in opts.phases.split(","):
@@ -271,23 +412,24 @@ def main(argv: list[str] | None = None) -> int:
             plan.append((phase, opts.image_size))
         else:
             plan += [(phase, size) for size in sizes]
-    rows = []
-    measured: dict[tuple[str, int], Result] = {}
+    rows: list[dict[str, Result]] = []
+    measured: dict[tuple[str, str, int], Result] = {}
     for phase, size in plan:
-        ours = _measure("ours", phase, size, opts.steps, opts.warmup, opts.repeat)
-        base = {"unet-graph": "unet", "vae-whole": "vae"}.get(phase, phase)  # the same diffusers work, once
-        theirs = None
-        if not opts.skip_diffusers:
-            theirs = measured.get((base, size)) or _measure(
-                "diffusers", base, size, opts.steps, opts.warmup, opts.repeat
-            )
-            measured[(base, size)] = theirs
-        rows.append((ours, theirs))
-        their_seconds = _fmt(theirs.seconds if theirs else None)
-        line = f"{phase} {size or '-'}: ours {_fmt(ours.seconds)} s, diffusers {their_seconds} s"
-        print(line, file=sys.stderr)
+        row: dict[str, Result] = {}
+        for side in sides:
+            if side == "ours":
+                row[side] = _measure(side, phase, size, opts.steps, opts.warmup, opts.repeat)
+                continue
+            base = SAME_PYTORCH_WORK.get(phase, phase)  # the same PyTorch work, measured once
+            key = (side, base, size)
+            if key not in measured:
+                measured[key] = _measure(side, base, size, opts.steps, opts.warmup, opts.repeat)
+            row[side] = measured[key]
+        rows.append(row)
+        said = ", ".join(f"{side} {_fmt(result.seconds)} s" for side, result in row.items())
+        print(f"{phase} {size or '-'}: {said}", file=sys.stderr)
     print(f"threads: {os.cpu_count()} cores; float32; {opts.steps} steps for the whole image")
-    print(_table(rows))
+    print(_table(rows, sides))
     return 0
 
 
