@@ -10,8 +10,8 @@ diffusers/transformers modules of the same shapes). Phases: text encoding (batch
 prompt), one guided UNet step (batch 2) in PyNative mode and compiled as a static graph (`unet-graph`,
 compared with the same PyTorch step; its compile time is reported as a note), VAE decode (batch 1) at
 each of --sizes, computed in bands of rows as the pipeline does (`vae`), with every map whole
-(`vae-whole`, for the memory comparison) and with the mid-block attention on MindSpore's operators
-(`vae-generic-attn`: the path before the fused token-layout kernel, for a same-run before/after), and a
+(`vae-whole`, for the memory comparison) and with the mid-block attention on the fused token-layout
+kernel (`vae-fused-attn`, off in the product; bench/vae_attention.py compares the two in one process), and a
 whole image (text, --steps sampling steps, decode) at --image-size, with the UNet compiled as the
 product's default (HUAHUA_GRAPH_MODE=true) runs it, its compile included. Each phase reports the best
 of --repeat timed runs. Weights are random (timing does not depend on them). Every phase of every side
@@ -41,9 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = ROOT.parent / "shared" / "wukong" / "vocab_zh.txt"
-PHASES = ("text", "unet", "unet-graph", "vae", "vae-whole", "vae-generic-attn", "image")
+PHASES = ("text", "unet", "unet-graph", "vae", "vae-whole", "vae-fused-attn", "image")
 SIDES = ("ours", "torch", "diffusers")
-SAME_PYTORCH_WORK = {"unet-graph": "unet", "vae-whole": "vae", "vae-generic-attn": "vae"}
+SAME_PYTORCH_WORK = {"unet-graph": "unet", "vae-whole": "vae", "vae-fused-attn": "vae"}
 """Phases that differ only on our MindSpore side: the PyTorch sides measure the base phase once."""
 CONTEXT_LENGTH, WIDTH = 77, 768
 
@@ -123,15 +123,14 @@ def _ours(phase: str, size: int, steps: int, warmup: int) -> float:
             step(x, t_emb, ctx).asnumpy()  # compile + first run: once, whatever --repeat says
             _COMPILE["seconds"] = time.perf_counter() - started
         return _timed(lambda: step(x, t_emb, ctx).asnumpy(), warmup)
-    if phase in ("vae", "vae-whole", "vae-generic-attn"):
+    if phase in ("vae", "vae-whole", "vae-fused-attn"):
         from core.diffusion.vae import DECODE_BAND_BYTES, AutoencoderKL
 
         vae = AutoencoderKL(cfg)
         vae.set_train(False)
-        if phase == "vae-generic-attn":
-            attn = vae.decoder.mid.attn_1
-            attn.kernels = False
-        phase = "vae" if phase == "vae-generic-attn" else phase
+        if phase == "vae-fused-attn":
+            vae.decoder.mid.attn_1.kernels = True
+        phase = "vae" if phase == "vae-fused-attn" else phase
         z = Tensor(rng.standard_normal((1, 4, latent, latent), dtype=np.float32))
         band_bytes = DECODE_BAND_BYTES if phase == "vae" else None
         return _timed(lambda: vae.decode(z, band_bytes).asnumpy(), warmup)

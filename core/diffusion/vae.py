@@ -16,7 +16,6 @@ from core.diffusion.layers import (
     band_rows,
     banded_conv3x3,
     conv2d,
-    kernels_available,
     upsample_nearest,
 )
 
@@ -83,10 +82,10 @@ class ResnetBlock(nn.Cell):
 class AttnBlock(nn.Cell):
     """Single-head self-attention over all pixels, with 1x1-convolution projections.
 
-    `kernels` (on the CPU when our C++ kernels built, see `cpu_kernels`): the fused token-layout
-    attention kernel, in blocks of queries, instead of a whole score matrix (64 MiB at 512x512) softmaxed
-    by MindSpore's operator. Measured at 512x512 on 2 cores it is no faster than MindSpore's products
-    (see docs/architecture.md); numpy layout copies were slower here than MindSpore's transposed views.
+    `kernels` (off by default; on only where our C++ kernels built): the fused token-layout attention
+    kernel of `cpu_kernels`, in blocks of queries, instead of a whole score matrix (64 MiB at 512x512)
+    softmaxed by MindSpore's operator. Measured on 2 cores it made the 512x512 decode slower, not faster
+    (`bench/vae_attention.py`, docs/architecture.md), so MindSpore's products run unless turned on.
     """
 
     def __init__(self, channels: int, groups: int) -> None:
@@ -97,7 +96,7 @@ class AttnBlock(nn.Cell):
         self.v = conv2d(channels, channels, 1)
         self.proj_out = conv2d(channels, channels, 1)
         self.scale = channels**-0.5
-        self.kernels = kernels_available()
+        self.kernels = False
 
     def construct(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
