@@ -8,7 +8,6 @@ inputs as one batch, one UNet call per step.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,9 +18,10 @@ from mindspore import Tensor
 from core.diffusion.checkpoint import WukongModel, build_model, load_weights, randomize
 from core.diffusion.config import WukongConfig
 from core.diffusion.consistency import Consistency, reference_noise, share_indices
+from core.diffusion.guided import GuidedSampling, float_array
 from core.diffusion.layers import prepare_for_graph
-from core.diffusion.samplers import SAMPLER_NAMES, NoiseSchedule, add_noise, make_timesteps, run_sampler
-from core.errors import EngineUnavailable, InvalidOption, JobCancelled
+from core.diffusion.samplers import NoiseSchedule, add_noise
+from core.errors import EngineUnavailable, InvalidOption
 from core.tokenizer import WordPieceTokenizer
 
 logger = logging.getLogger(__name__)
@@ -49,21 +49,7 @@ def _use_device(device: str) -> None:
         raise EngineUnavailable(f"MindSpore cannot run on {device} here.") from None
 
 
-def _float_array(value: object, what: str, ndim: int) -> np.ndarray:
-    try:
-        array = np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise InvalidOption(f"The {what} must be a numeric array.") from None
-    if array.ndim != ndim:
-        raise InvalidOption(f"The {what} must have {ndim} dimensions, not shape {array.shape}.")
-    if array.shape[0] == 0:
-        raise InvalidOption(f"The {what} must not be empty.")
-    if not np.isfinite(array).all():
-        raise InvalidOption(f"The {what} contain NaN or infinite values.")
-    return array
-
-
-class WukongPipeline:
+class WukongPipeline(GuidedSampling):
     """The Wukong-Huahua text-to-image model: weights, tokenizer and noise schedule together."""
 
     def __init__(
@@ -151,14 +137,6 @@ class WukongPipeline:
 
     # text
 
-    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
-        """Token ids (n, context_length) int64: [CLS] pieces [SEP] [PAD]..."""
-        if self.tokenizer is None:
-            raise EngineUnavailable("This model was built without a tokenizer vocabulary.")
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise InvalidOption("The texts to tokenize must be a list of strings.")
-        return self.tokenizer.encode_batch(list(texts), context_length=self.config.context_length)
-
     def encode_tokens(self, ids: np.ndarray) -> np.ndarray:
         """The text condition (n, context_length, text_width) float32."""
         array = np.asarray(ids)
@@ -187,8 +165,8 @@ class WukongPipeline:
         `share` = (weights (k,), one int32 index array per rate of `unet.share_rates`): the first k
         rows' self-attention also reads those tokens of the batch (see `core.diffusion.consistency`)."""
         cfg = self.config
-        x = _float_array(x, "latents", 4)
-        ctx = _float_array(ctx, "text condition", 3)
+        x = float_array(x, "latents", 4)
+        ctx = float_array(ctx, "text condition", 3)
         n, c, h, w = x.shape
         if c != cfg.latent_channels:
             raise InvalidOption(f"The latents must have {cfg.latent_channels} channels, not {c}.")
@@ -244,74 +222,6 @@ class WukongPipeline:
         self._compiled_shapes.add(shape)
         return self._compiled
 
-    def guided_noise(
-        self, x: np.ndarray, t: int, ctx: np.ndarray, uncond_ctx: np.ndarray | None, guidance_scale: float
-    ) -> np.ndarray:
-        """eps = u + g * (c - u), with the unconditional and conditional halves in one UNet batch."""
-        n = x.shape[0]
-        if uncond_ctx is None or guidance_scale == 1.0:
-            return self.predict_noise(x, np.full(n, t, np.int64), ctx)
-        batch = self.predict_noise(
-            np.concatenate([x, x]), np.full(2 * n, t, np.int64), np.concatenate([uncond_ctx, ctx])
-        )
-        uncond, cond = batch[:n], batch[n:]
-        return uncond + np.float32(guidance_scale) * (cond - uncond)
-
-    def sample(
-        self,
-        ctx: np.ndarray,
-        uncond_ctx: np.ndarray | None,
-        sampler: str = "dpm++2m",
-        steps: int = 20,
-        guidance_scale: float = 7.5,
-        x_T: np.ndarray | None = None,
-        *,
-        seed: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        init_latents: np.ndarray | None = None,
-        strength: float = 1.0,
-        on_step: Callable[[int, int], None] | None = None,
-        cancelled: Callable[[], bool] | None = None,
-        consistency: Consistency | None = None,
-    ) -> np.ndarray:
-        """Final latents (n, 4, h, w) float32 from noise (or from noised `init_latents`).
-
-        `consistency`, when active, shares reference latents and the n panels' tokens into every
-        self-attention during its first steps (see `core.diffusion.consistency`); otherwise, and at
-        the other steps, each step is exactly the plain guided step."""
-        if sampler not in SAMPLER_NAMES:
-            raise InvalidOption(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}.")
-        if not isinstance(guidance_scale, int | float) or not math.isfinite(guidance_scale):
-            raise InvalidOption("The guidance scale must be a finite number.")
-        shape = self._latent_shape(ctx, x_T, init_latents, height, width)
-        ctx = self._batched(ctx, shape[0], "text condition")
-        uncond = None if uncond_ctx is None else self._batched(uncond_ctx, shape[0], "negative condition")
-        if x_T is not None:
-            noise = _float_array(x_T, "initial noise", 4)
-        else:
-            noise = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-        if init_latents is None:
-            timesteps = make_timesteps(steps)
-            x = noise
-        else:
-            timesteps = make_timesteps(steps, strength=strength)
-            x0 = _float_array(init_latents, "initial latents", 4)
-            x = add_noise(self.schedule, x0, noise, int(timesteps[0])).astype(np.float32)
-
-        shared = self._consistency_step(
-            consistency, shape, timesteps, ctx, uncond, float(guidance_scale), seed
-        )
-
-        def eps_fn(latents: np.ndarray, t: int) -> np.ndarray:
-            if cancelled is not None and cancelled():
-                raise JobCancelled()
-            if shared is not None and int(t) in shared[0]:
-                return shared[1](latents, int(t))
-            return self.guided_noise(latents, int(t), ctx, uncond, float(guidance_scale))
-
-        return run_sampler(sampler, eps_fn, x, timesteps, self.schedule, on_step=on_step, cancelled=cancelled)
-
     def _consistency_step(
         self,
         consistency: Consistency | None,
@@ -328,7 +238,7 @@ class WukongPipeline:
             return None
         refs = np.zeros((0, *shape[1:]), np.float32)
         if consistency.references is not None:
-            refs = _float_array(consistency.references, "reference latents", 4)
+            refs = float_array(consistency.references, "reference latents", 4)
             if refs.shape[1:] != shape[1:]:
                 raise InvalidOption(
                     f"Reference latents must have shape (r, {', '.join(map(str, shape[1:]))})."
@@ -372,48 +282,11 @@ class WukongPipeline:
 
         return consistency.shared_timesteps([int(t) for t in timesteps]), step
 
-    def _latent_shape(
-        self,
-        ctx: np.ndarray,
-        x_T: np.ndarray | None,
-        init_latents: np.ndarray | None,
-        height: int | None,
-        width: int | None,
-    ) -> tuple[int, int, int, int]:
-        cfg = self.config
-        for given in (x_T, init_latents):
-            if given is not None:
-                shape = np.shape(given)
-                if len(shape) != 4:
-                    raise InvalidOption(f"Latents must have shape (n, 4, h, w), not {shape}.")
-                return (int(shape[0]), int(shape[1]), int(shape[2]), int(shape[3]))
-        height = cfg.image_size if height is None else height
-        width = cfg.image_size if width is None else width
-        m = cfg.image_multiple
-        for side in (height, width):
-            if not isinstance(side, int) or side <= 0 or side % m:
-                raise InvalidOption(
-                    f"Image height and width must be positive multiples of {m}, not {side!r}."
-                )
-        n = int(np.shape(ctx)[0]) if np.ndim(ctx) == 3 else 0
-        if n == 0:
-            raise InvalidOption("The text condition must have shape (n, L, width) with n >= 1.")
-        return (n, cfg.latent_channels, height // cfg.latent_scale, width // cfg.latent_scale)
-
-    @staticmethod
-    def _batched(ctx: np.ndarray, n: int, what: str) -> np.ndarray:
-        array = _float_array(ctx, what, 3)
-        if array.shape[0] == n:
-            return array
-        if array.shape[0] == 1:
-            return np.repeat(array, n, axis=0)
-        raise InvalidOption(f"The {what} has {array.shape[0]} rows for {n} latents.")
-
     # images
 
     def decode_latents(self, z: np.ndarray) -> np.ndarray:
         """Latents (n, 4, h, w) -> images (n, 3, 8h, 8w) in [-1, 1]."""
-        z = _float_array(z, "latents", 4)
+        z = float_array(z, "latents", 4)
         if z.shape[1] != self.config.latent_channels:
             raise InvalidOption(f"The latents must have {self.config.latent_channels} channels.")
         s = self.config.latent_scale
@@ -425,7 +298,7 @@ class WukongPipeline:
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         """Images (n, 3, H, W) in [-1, 1] -> latents (n, 4, H/8, W/8): posterior mean times 0.18215."""
-        images = _float_array(images, "images", 4)
+        images = float_array(images, "images", 4)
         s = self.config.latent_scale
         if images.shape[1] != 3 or images.shape[2] % s or images.shape[3] % s:
             raise InvalidOption(f"Images must have shape (n, 3, H, W) with H and W multiples of {s}.")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -25,8 +24,9 @@ import torch
 
 from core.diffusion.config import WukongConfig
 from core.diffusion.consistency import Consistency, reference_noise, share_indices
-from core.diffusion.samplers import SAMPLER_NAMES, NoiseSchedule, add_noise, make_timesteps, run_sampler
-from core.errors import CheckpointError, EngineUnavailable, InvalidOption, JobCancelled
+from core.diffusion.guided import GuidedSampling, float_array
+from core.diffusion.samplers import NoiseSchedule, add_noise
+from core.errors import CheckpointError, EngineUnavailable, InvalidOption
 from core.tokenizer import WordPieceTokenizer
 from core.torch_engine import files, sharing
 from core.torch_engine.layout import PARTS, Entry, compare, official_layout, official_shapes, torch_shapes
@@ -74,20 +74,6 @@ def resolve_dtype(device: str, dtype: str) -> str:
     return dtype
 
 
-def _float_array(value: object, what: str, ndim: int) -> np.ndarray:
-    try:
-        array = np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise InvalidOption(f"The {what} must be a numeric array.") from None
-    if array.ndim != ndim:
-        raise InvalidOption(f"The {what} must have {ndim} dimensions, not shape {array.shape}.")
-    if array.shape[0] == 0:
-        raise InvalidOption(f"The {what} must not be empty.")
-    if not np.isfinite(array).all():
-        raise InvalidOption(f"The {what} contain NaN or infinite values.")
-    return array
-
-
 def _moved(array: np.ndarray, entry: Entry) -> tuple[np.ndarray, ...]:
     """The official array in the shape(s) of its PyTorch target(s)."""
     if entry.kind == "linear":
@@ -132,7 +118,7 @@ def _states(
     return states
 
 
-class TorchWukongPipeline:
+class TorchWukongPipeline(GuidedSampling):
     """The Wukong-Huahua text-to-image model on PyTorch: weights, tokenizer and noise schedule together."""
 
     def __init__(
@@ -291,14 +277,6 @@ class TorchWukongPipeline:
 
     # text
 
-    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
-        """Token ids (n, context_length) int64: [CLS] pieces [SEP] [PAD]..."""
-        if self.tokenizer is None:
-            raise EngineUnavailable("This model was built without a tokenizer vocabulary.")
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise InvalidOption("The texts to tokenize must be a list of strings.")
-        return self.tokenizer.encode_batch(list(texts), context_length=self.config.context_length)
-
     @torch.inference_mode()
     def encode_tokens(self, ids: np.ndarray) -> np.ndarray:
         """The text condition (n, context_length, text_width) float32."""
@@ -345,8 +323,8 @@ class TorchWukongPipeline:
         `share` = (weights (k,), one int32 index array per rate of `share_rates`): the first k rows'
         self-attention also reads those tokens of the batch (see `core.diffusion.consistency`)."""
         cfg = self.config
-        x = _float_array(x, "latents", 4)
-        ctx = _float_array(ctx, "text condition", 3)
+        x = float_array(x, "latents", 4)
+        ctx = float_array(ctx, "text condition", 3)
         n, c, h, w = x.shape
         if c != cfg.latent_channels:
             raise InvalidOption(f"The latents must have {cfg.latent_channels} channels, not {c}.")
@@ -391,74 +369,6 @@ class TorchWukongPipeline:
             by_tokens[per_row] = torch.from_numpy(flat.astype(np.int64)).to(self._device)
         return self._tensor(w.reshape(-1, 1, 1)), by_tokens
 
-    def guided_noise(
-        self, x: np.ndarray, t: int, ctx: np.ndarray, uncond_ctx: np.ndarray | None, guidance_scale: float
-    ) -> np.ndarray:
-        """eps = u + g * (c - u), with the unconditional and conditional halves in one UNet batch."""
-        n = x.shape[0]
-        if uncond_ctx is None or guidance_scale == 1.0:
-            return self.predict_noise(x, np.full(n, t, np.int64), ctx)
-        batch = self.predict_noise(
-            np.concatenate([x, x]), np.full(2 * n, t, np.int64), np.concatenate([uncond_ctx, ctx])
-        )
-        uncond, cond = batch[:n], batch[n:]
-        return uncond + np.float32(guidance_scale) * (cond - uncond)
-
-    def sample(
-        self,
-        ctx: np.ndarray,
-        uncond_ctx: np.ndarray | None,
-        sampler: str = "dpm++2m",
-        steps: int = 20,
-        guidance_scale: float = 7.5,
-        x_T: np.ndarray | None = None,
-        *,
-        seed: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        init_latents: np.ndarray | None = None,
-        strength: float = 1.0,
-        on_step: Callable[[int, int], None] | None = None,
-        cancelled: Callable[[], bool] | None = None,
-        consistency: Consistency | None = None,
-    ) -> np.ndarray:
-        """Final latents (n, 4, h, w) float32 from noise (or from noised `init_latents`).
-
-        `consistency`, when active, shares reference latents and the n panels' tokens into every
-        self-attention during its first steps (see `core.diffusion.consistency`); otherwise, and at
-        the other steps, each step is exactly the plain guided step."""
-        if sampler not in SAMPLER_NAMES:
-            raise InvalidOption(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}.")
-        if not isinstance(guidance_scale, int | float) or not math.isfinite(guidance_scale):
-            raise InvalidOption("The guidance scale must be a finite number.")
-        shape = self._latent_shape(ctx, x_T, init_latents, height, width)
-        ctx = self._batched(ctx, shape[0], "text condition")
-        uncond = None if uncond_ctx is None else self._batched(uncond_ctx, shape[0], "negative condition")
-        if x_T is not None:
-            noise = _float_array(x_T, "initial noise", 4)
-        else:
-            noise = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-        if init_latents is None:
-            timesteps = make_timesteps(steps)
-            x = noise
-        else:
-            timesteps = make_timesteps(steps, strength=strength)
-            x0 = _float_array(init_latents, "initial latents", 4)
-            x = add_noise(self.schedule, x0, noise, int(timesteps[0])).astype(np.float32)
-
-        shared = self._consistency_step(
-            consistency, shape, timesteps, ctx, uncond, float(guidance_scale), seed
-        )
-
-        def eps_fn(latents: np.ndarray, t: int) -> np.ndarray:
-            if cancelled is not None and cancelled():
-                raise JobCancelled()
-            if shared is not None and int(t) in shared[0]:
-                return shared[1](latents, int(t))
-            return self.guided_noise(latents, int(t), ctx, uncond, float(guidance_scale))
-
-        return run_sampler(sampler, eps_fn, x, timesteps, self.schedule, on_step=on_step, cancelled=cancelled)
-
     def _consistency_step(
         self,
         consistency: Consistency | None,
@@ -476,7 +386,7 @@ class TorchWukongPipeline:
             return None
         refs = np.zeros((0, *shape[1:]), np.float32)
         if consistency.references is not None:
-            refs = _float_array(consistency.references, "reference latents", 4)
+            refs = float_array(consistency.references, "reference latents", 4)
             if refs.shape[1:] != shape[1:]:
                 raise InvalidOption(
                     f"Reference latents must have shape (r, {', '.join(map(str, shape[1:]))})."
@@ -520,49 +430,12 @@ class TorchWukongPipeline:
 
         return consistency.shared_timesteps([int(t) for t in timesteps]), step
 
-    def _latent_shape(
-        self,
-        ctx: np.ndarray,
-        x_T: np.ndarray | None,
-        init_latents: np.ndarray | None,
-        height: int | None,
-        width: int | None,
-    ) -> tuple[int, int, int, int]:
-        cfg = self.config
-        for given in (x_T, init_latents):
-            if given is not None:
-                shape = np.shape(given)
-                if len(shape) != 4:
-                    raise InvalidOption(f"Latents must have shape (n, 4, h, w), not {shape}.")
-                return (int(shape[0]), int(shape[1]), int(shape[2]), int(shape[3]))
-        height = cfg.image_size if height is None else height
-        width = cfg.image_size if width is None else width
-        m = cfg.image_multiple
-        for side in (height, width):
-            if not isinstance(side, int) or side <= 0 or side % m:
-                raise InvalidOption(
-                    f"Image height and width must be positive multiples of {m}, not {side!r}."
-                )
-        n = int(np.shape(ctx)[0]) if np.ndim(ctx) == 3 else 0
-        if n == 0:
-            raise InvalidOption("The text condition must have shape (n, L, width) with n >= 1.")
-        return (n, cfg.latent_channels, height // cfg.latent_scale, width // cfg.latent_scale)
-
-    @staticmethod
-    def _batched(ctx: np.ndarray, n: int, what: str) -> np.ndarray:
-        array = _float_array(ctx, what, 3)
-        if array.shape[0] == n:
-            return array
-        if array.shape[0] == 1:
-            return np.repeat(array, n, axis=0)
-        raise InvalidOption(f"The {what} has {array.shape[0]} rows for {n} latents.")
-
     # images
 
     @torch.inference_mode()
     def decode_latents(self, z: np.ndarray) -> np.ndarray:
         """Latents (n, 4, h, w) -> images (n, 3, 8h, 8w) in [-1, 1]."""
-        z = _float_array(z, "latents", 4)
+        z = float_array(z, "latents", 4)
         if z.shape[1] != self.config.latent_channels:
             raise InvalidOption(f"The latents must have {self.config.latent_channels} channels.")
         s = self.config.latent_scale
@@ -576,7 +449,7 @@ class TorchWukongPipeline:
     @torch.inference_mode()
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         """Images (n, 3, H, W) in [-1, 1] -> latents (n, 4, H/8, W/8): posterior mean times 0.18215."""
-        images = _float_array(images, "images", 4)
+        images = float_array(images, "images", 4)
         s = self.config.latent_scale
         if images.shape[1] != 3 or images.shape[2] % s or images.shape[3] % s:
             raise InvalidOption(f"Images must have shape (n, 3, H, W) with H and W multiples of {s}.")
