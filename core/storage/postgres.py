@@ -26,7 +26,7 @@ from core.codec import job_from_json, job_to_json
 from core.errors import InvalidOption, NotFound, ServiceUnavailable, StorageError
 from core.storage.migrations import Migration
 from core.storage.pg_migrations import migrate
-from core.storage.store import Admission, Store, claimable, quota_or_pending
+from core.storage.store import Admission, Store, check_changes, claimable, merge_settings, quota_or_pending
 from core.types import Delivery, DeliveryState, Job, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -418,24 +418,12 @@ class PostgresStore(Store):
         return {} if text is None else _decode_object(text, "settings")
 
     async def update_settings(self, scope: str, changes: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(changes, dict) or not all(isinstance(key, str) for key in changes):
-            raise InvalidOption("Settings changes must map names to values.")
+        check_changes(changes)
         async with self._connection() as conn, conn.transaction():
             # The row may not exist yet, so lock the scope itself: concurrent merges never lose a key.
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _SETTINGS_LOCK, scope)
             text = await conn.fetchval("SELECT data FROM settings WHERE scope = $1", scope)
-            current = {} if text is None else _decode_object(text, "settings")
-            for key, value in changes.items():
-                if value is None:
-                    current.pop(key, None)
-                else:
-                    current[key] = value
-            try:
-                data = json.dumps(current, ensure_ascii=False, allow_nan=False)
-            except (TypeError, ValueError) as err:
-                raise InvalidOption(
-                    "Settings values must be text, numbers, booleans, lists or maps."
-                ) from err
+            current, data = merge_settings({} if text is None else _decode_object(text, "settings"), changes)
             if current:
                 await conn.execute(
                     "INSERT INTO settings (scope, data) VALUES ($1, $2) "

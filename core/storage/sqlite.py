@@ -26,7 +26,7 @@ import aiosqlite
 from core.codec import job_from_json, job_to_json
 from core.errors import InvalidOption, NotFound, StorageError
 from core.storage.migrations import Migration, migrate
-from core.storage.store import Admission, Store, claimable, quota_or_pending
+from core.storage.store import Admission, Store, check_changes, claimable, merge_settings, quota_or_pending
 from core.types import Delivery, DeliveryState, Job, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -400,21 +400,9 @@ class SqliteStore(Store):
         return _decode_settings(row[0]) if row else {}
 
     async def update_settings(self, scope: str, changes: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(changes, dict) or not all(isinstance(key, str) for key in changes):
-            raise InvalidOption("Settings changes must map names to values.")
+        check_changes(changes)
         async with self._transaction():
-            current = await self.get_settings(scope)
-            for key, value in changes.items():
-                if value is None:
-                    current.pop(key, None)
-                else:
-                    current[key] = value
-            try:
-                data = json.dumps(current, ensure_ascii=False, allow_nan=False)
-            except (TypeError, ValueError) as err:
-                raise InvalidOption(
-                    "Settings values must be text, numbers, booleans, lists or maps."
-                ) from err
+            current, data = merge_settings(await self.get_settings(scope), changes)
             if current:
                 await self._conn.execute(
                     "INSERT INTO settings (scope, data) VALUES (?, ?) "

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from core.errors import InvalidOption
 from core.types import Delivery, DeliveryState, Job, JobStatus
 
 
@@ -170,3 +172,23 @@ def quota_or_pending(job: Job, used: int, pending: int, daily_quota: int, max_pe
     if pending >= max_pending:
         return "pending"
     return None
+
+
+def check_changes(changes: object) -> None:
+    """`update_settings`' argument must map names to values."""
+    if not isinstance(changes, dict) or not all(isinstance(key, str) for key in changes):
+        raise InvalidOption("Settings changes must map names to values.")
+
+
+def merge_settings(current: dict[str, Any], changes: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """`current` with `changes` applied (a None value deletes its key), and that as JSON text."""
+    merged = dict(current)
+    for key, value in changes.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    try:
+        return merged, json.dumps(merged, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise InvalidOption("Settings values must be text, numbers, booleans, lists or maps.") from err
