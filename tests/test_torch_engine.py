@@ -13,7 +13,7 @@ from core.diffusion.config import WukongConfig
 from core.errors import CheckpointError, InvalidOption
 from core.torch_engine import layout
 from core.torch_engine.layout import official_layout, official_shapes, torch_shapes
-from tests.support import NO_MINDSPORE, shared_dir
+from tests.support import NO_MINDSPORE, shared_dir, skip_needing
 
 torch = pytest.importorskip("torch", reason="needs the torch extra: pip install -e '.[torch]'")
 pytest.importorskip("diffusers", reason="needs the torch extra: pip install -e '.[torch]'")
@@ -53,7 +53,9 @@ def test_layout_fills_every_torch_parameter_exactly_once(config: WukongConfig) -
 def test_layout_matches_the_official_parameter_list() -> None:
     tsv = shared_dir() / "wukong" / "params-official.tsv"
     if not tsv.is_file():
-        pytest.skip("params-official.tsv is not on this machine")
+        skip_needing(
+            f"the official parameter list {tsv}", "the project's shared/ model facts beside the checkout"
+        )
     rows = [line.split("\t") for line in tsv.read_text(encoding="utf-8").splitlines() if line]
     official = [(name, tuple(int(s) for s in shape.split(","))) for name, shape in rows]
     assert list(official_shapes(WukongConfig()).items()) == official
