@@ -54,10 +54,10 @@ class SqliteStore(Store):
             raise StorageError(f"Cannot create the data directories: {err.strerror}.") from err
         conn = await aiosqlite.connect(db_path, isolation_level=None)
         try:
+            await conn.execute("PRAGMA busy_timeout=5000")  # first: another process may hold the file
             await conn.execute("PRAGMA journal_mode=WAL")
             await conn.execute("PRAGMA foreign_keys=ON")
             await conn.execute("PRAGMA synchronous=NORMAL")
-            await conn.execute("PRAGMA busy_timeout=5000")
             await migrate(conn, migrations)
         except sqlite3.DatabaseError as err:
             await conn.close()
