@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -12,7 +14,13 @@ ms = pytest.importorskip("mindspore", reason=NO_MINDSPORE)
 from mindspore import Tensor  # noqa: E402
 
 from core.diffusion import WukongConfig, WukongPipeline  # noqa: E402
-from core.diffusion.consistency import Consistency, share_indices  # noqa: E402
+from core.diffusion.consistency import (  # noqa: E402
+    REGION_EPS,
+    REGION_FLOOR,
+    Consistency,
+    reader_regions,
+    share_indices,
+)
 from core.diffusion.layers import set_cpu_paths  # noqa: E402
 from core.diffusion.samplers import add_noise, make_timesteps, run_sampler  # noqa: E402
 from core.diffusion.unet import CrossAttention  # noqa: E402
@@ -96,6 +104,101 @@ def test_shared_attention_equals_a_numpy_reference(paths: str) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def _random_cell(width: int, context_width: int, heads: int, paths: str, seed: int) -> tuple:
+    cell = CrossAttention(width, context_width, heads)
+    if paths == "framework":
+        set_cpu_paths(cell, kernels=False, host=False)
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, param in cell.parameters_and_names():
+        value = rng.standard_normal(param.shape).astype(np.float32) * 0.5
+        param.set_data(Tensor(value))
+        weights[name] = value.astype(np.float64)
+    return cell, weights
+
+
+def _numpy_log_maps(
+    x: np.ndarray, context: np.ndarray, regions: np.ndarray, rows: np.ndarray, weights: dict, heads: int
+) -> np.ndarray:
+    """The regional maps, float64: head-mean cross-attention mass on each region, min-max scaled over
+    the queries, made competitive (m_j^2 / sum m), scaled to a peak of 1, floored; 1 without tokens."""
+    q = x.astype(np.float64) @ weights["to_q.weight"].T
+    d = q.shape[2] // heads
+    out = np.empty((x.shape[0], x.shape[1], regions.shape[2]))
+    for reader in range(x.shape[0]):
+        keys = context[rows[reader]].astype(np.float64) @ weights["to_k.weight"].T
+        probs = np.mean(
+            [
+                _softmax(q[reader][:, h * d : (h + 1) * d] @ keys[:, h * d : (h + 1) * d].T / np.sqrt(d))
+                for h in range(heads)
+            ],
+            axis=0,
+        )
+        mass = probs @ regions[reader]
+        has = regions[reader].max(0) > 0
+        scaled = (mass - mass.min(0)) / (mass.max(0) - mass.min(0) + REGION_EPS) * has
+        rival = scaled**2 / (scaled.sum(1, keepdims=True) + REGION_EPS)
+        share = rival / (rival.max(0) + REGION_EPS)
+        out[reader] = np.where(has, REGION_FLOOR + (1 - REGION_FLOOR) * share, 1.0)
+    return np.log(out)
+
+
+@pytest.mark.parametrize("paths", ["default", "framework"])
+def test_regional_maps_and_attention_equal_a_numpy_reference(paths: str) -> None:
+    """Character regions: the maps (`region_log_maps`, from a cross-attention) and the self-attention
+    whose logits on each reference row's keys are raised by its log map, against float64 numpy."""
+    width, heads, readers, refs, n, m, length = 16, 2, 2, 2, 10, 9, 6
+    b = readers + refs
+    cross, cross_w = _random_cell(width, 12, heads, paths, 3)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((readers, n, width)).astype(np.float32)
+    context = rng.standard_normal((b, length, 12)).astype(np.float32)
+    regions = np.zeros((readers, length, refs), np.float32)
+    regions[0, 1, 0] = regions[0, 2, 0] = regions[0, 4, 1] = 1
+    regions[1, 3, 1] = 1  # reader 1 places only reference 1; reference 0 applies everywhere
+    rows = np.array([1, 1], np.int32)  # both readers map with row 1's prompt (a guided panel's twin)
+    got_maps = cross.region_log_maps(Tensor(x), Tensor(context), Tensor(regions), Tensor(rows)).asnumpy()
+    want_maps = _numpy_log_maps(x, context, regions, rows, cross_w, heads)
+    np.testing.assert_allclose(got_maps, want_maps, rtol=1e-5, atol=1e-5)
+    assert np.all(got_maps[1, :, 0] == 0.0) and got_maps.min() >= np.log(REGION_FLOOR) - 1e-6
+    assert np.isclose(got_maps[0, :, 0].max(), 0.0, atol=1e-4)  # each map peaks at 1
+
+    cell, weights = _random_cell(width, width, heads, paths, 1)
+    tokens = rng.standard_normal((b, n, width)).astype(np.float32)
+    index = rng.integers(0, b * n, readers * m).astype(np.int32)  # readers' and references' tokens
+    strength = np.array([0.7, 1.0], np.float32)
+    got = cell.shared(
+        Tensor(tokens), Tensor(strength.reshape(-1, 1, 1)), Tensor(index), Tensor(got_maps)
+    ).asnumpy()
+
+    x64 = tokens.astype(np.float64)
+    q, k, v = (x64 @ weights[f"to_{p}.weight"].T for p in "qkv")
+    flat_k, flat_v = k.reshape(b * n, width), v.reshape(b * n, width)
+    d = width // heads
+    expected = np.empty_like(q)
+    for row in range(b):
+        out = _numpy_attention(q[row], k[row], v[row], heads)
+        if row < readers:
+            extra = index[row * m : (row + 1) * m]
+            keys = np.concatenate([k[row], flat_k[extra]])
+            values = np.concatenate([v[row], flat_v[extra]])
+            bias = np.zeros((n, n + m))
+            for j, source in enumerate(extra // n):
+                if source >= readers:  # a reference row's token
+                    bias[:, n + j] = want_maps[row, :, source - readers]
+            wide = np.empty_like(q[row])
+            for h in range(heads):
+                part = slice(h * d, (h + 1) * d)
+                wide[:, part] = (
+                    _softmax(q[row][:, part] @ keys[:, part].T / np.sqrt(d) + bias) @ values[:, part]
+                )
+            out = out + strength[row] * (wide - out)
+        expected[row] = out @ weights["to_out.0.weight"].T + weights["to_out.0.bias"]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    uniform = cell.shared(Tensor(tokens), Tensor(strength.reshape(-1, 1, 1)), Tensor(index)).asnumpy()
+    assert np.abs(uniform - got).max() > 1e-3  # the maps did move the readers
+
+
 def test_share_indices_read_every_reference_token_and_a_sample_of_the_other_panels() -> None:
     tokens, panels, halves, refs = 16, 3, 2, 2
     index = share_indices(
@@ -163,6 +266,11 @@ def test_off_is_bit_identical_to_the_plain_sampler(
     ):
         got = pipe.sample(ctx[:1], ctx[1:], consistency=consistency, **common)
         assert np.array_equal(got, expected), consistency
+    with_references = Consistency(references=np.repeat(reference[1], 2, 0), steps=0.5)
+    uniform = pipe.sample(ctx[:1], ctx[1:], consistency=with_references, **common)
+    nowhere = replace(with_references, regions=np.zeros((2, 1, ctx.shape[1]), np.float32))
+    assert reader_regions(nowhere, 1, 2, ctx.shape[1]) is None
+    assert np.array_equal(pipe.sample(ctx[:1], ctx[1:], consistency=nowhere, **common), uniform)
     shared_first_step = pipe.sample(
         ctx[:1], ctx[1:], consistency=Consistency(references=reference[1], steps=0.25), **common
     )
@@ -218,6 +326,59 @@ def _cosine_raw(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def _first_transformer(
+    pipe: WukongPipeline, latents: list[np.ndarray], context: Tensor, share: tuple, regions: tuple
+) -> tuple[np.ndarray, np.ndarray]:
+    """On the rows `latents` at timestep 700, run with `share`: the first row's output of the UNet's
+    first transformer (channels, tokens), and its first block's map of reference 0 for that row
+    (tokens,) under `regions` (tokens, rows), from the block's input as the block computes it."""
+    unet = pipe.model.unet
+    conv, res, transformer = unet.input_blocks[0][0], unet.input_blocks[1][0], unet.input_blocks[1][1]
+    emb = unet.time_embed(unet.embed_timesteps(np.full(len(latents), 700)))
+    x = res(conv(Tensor(np.concatenate(latents)), emb, context), emb, context)
+    b, c, h, w = x.shape
+    out = transformer(x, emb, context, share).asnumpy()[0].reshape(c, h * w)
+    tokens = transformer.proj_in(transformer.norm(x)).reshape(b, c, h * w).transpose(0, 2, 1)
+    block = transformer.transformer_blocks[0]
+    log_maps = block.attn2.region_log_maps(block.norm2(tokens[:1]), context, *regions)
+    return out, np.exp(log_maps.asnumpy()[0, :, 0])
+
+
+def test_each_reference_acts_mostly_where_its_characters_words_draw(pipe: WukongPipeline) -> None:
+    """Two references (A named by 猫, B by 狗 in the panel's prompt), one shared transformer (the first,
+    at the latent resolution) of the real UNet on random weights.
+
+    Metric: A's influence at an image position is how much the transformer's output there changes when
+    reference A's picture is swapped for another (B and the panel fixed): the channel norm of the
+    difference. Split the positions at the median of that block's map M_A (`region_log_maps` of the
+    block's input): with regions, the mean influence where M_A is high is at least 1.3x that where it
+    is low, and at least 1.3x the same ratio without regions (which reads A everywhere: about 1)."""
+    ids = pipe.tokenize(["一只猫和一只狗在草地上", ""])
+    ctx = pipe.encode_tokens(ids)
+    cat, dog = (int(np.flatnonzero(ids[0] == pipe.tokenize([w])[0][1])[0]) for w in "猫狗")
+    regions = np.zeros((1, ctx.shape[1], 2), np.float32)
+    regions[0, cat, 0] = regions[0, dog, 1] = 1
+    rows = Tensor(np.zeros(1, np.int32))  # the panel's own (conditional) prompt
+    context = Tensor(np.concatenate([ctx[:1], ctx[1:], ctx[1:]]))
+    for seed in (1, 2, 3):
+        rng = np.random.default_rng(seed)
+        panel, ref_a, other_a, ref_b = (
+            rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for _ in range(4)
+        )
+        index = share_indices(panels=1, halves=1, references=2, tokens=64, panel_rate=0, rng=rng)
+        share = (Tensor(np.ones((1, 1, 1), np.float32)), Tensor(index), Tensor(np.zeros(4, np.int32)))
+
+        where = (Tensor(regions), rows)
+        ratios = []
+        for run in ((*share, *where), share):  # with regions, then reading A everywhere
+            out, map_a = _first_transformer(pipe, [panel, ref_a, ref_b], context, run, where)
+            swapped, _ = _first_transformer(pipe, [panel, other_a, ref_b], context, run, where)
+            influence = np.linalg.norm(out - swapped, axis=0)
+            high = map_a >= np.median(map_a)
+            ratios.append(influence[high].mean() / influence[~high].mean())
+        assert ratios[0] > 1.3 and ratios[0] > 1.3 * ratios[1], (seed, ratios)
+
+
 def test_panels_drawn_together_share_attention(pipe: WukongPipeline, ctx: np.ndarray) -> None:
     """Three panels of one batch: sharing changes the drawing, reproducibly for a seed, and in a shared
     step their pooled middle-block features grow more alike (mean pairwise 1 - cosine falls by 10%)."""
@@ -255,7 +416,17 @@ def test_compiled_sharing_equals_eager(
     common = {"steps": 3, "seed": 9, "height": SIDE, "width": SIDE, "consistency": consistency}
     compiled = graph.sample(cond, ctx[1:], **common)
     assert graph._compiled_shapes  # the shared call ran compiled
+    shapes = len(graph._compiled_shapes)
     np.testing.assert_allclose(compiled, pipe.sample(cond, ctx[1:], **common), rtol=1e-5, atol=1e-5)
+    regions = np.zeros((2, 2, ctx.shape[1]), np.float32)
+    regions[0, :, 2] = regions[1, 0, 4] = 1
+    common["consistency"] = Consistency(
+        references=consistency.references, strength=0.8, panel_rate=0.5, regions=regions
+    )
+    regional = graph.sample(cond, ctx[1:], **common)
+    assert len(graph._compiled_shapes) == shapes + 1  # the regional call compiled on its own
+    np.testing.assert_allclose(regional, pipe.sample(cond, ctx[1:], **common), rtol=1e-5, atol=1e-5)
+    assert np.abs(regional - compiled).max() > 1e-3
 
 
 def test_bad_consistency_input_is_refused(pipe: WukongPipeline, ctx: np.ndarray) -> None:

@@ -17,7 +17,13 @@ from mindspore import Tensor
 
 from core.diffusion.checkpoint import WukongModel, build_model, load_weights, randomize
 from core.diffusion.config import WukongConfig
-from core.diffusion.consistency import Consistency, reference_noise, share_indices
+from core.diffusion.consistency import (
+    Consistency,
+    check_regions,
+    reader_regions,
+    reference_noise,
+    share_indices,
+)
 from core.diffusion.guided import GuidedSampling, float_array
 from core.diffusion.layers import prepare_for_graph
 from core.diffusion.samplers import NoiseSchedule, add_noise
@@ -159,11 +165,14 @@ class WukongPipeline(GuidedSampling):
         ctx: np.ndarray,
         *,
         share: tuple[np.ndarray, Sequence[np.ndarray]] | None = None,
+        regions: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """The UNet's noise estimate eps(x_t, t, ctx): (n, 4, h, w) float32.
 
         `share` = (weights (k,), one int32 index array per rate of `unet.share_rates`): the first k
-        rows' self-attention also reads those tokens of the batch (see `core.diffusion.consistency`)."""
+        rows' self-attention also reads those tokens of the batch (see `core.diffusion.consistency`).
+        `regions` (with `share`) = (tokens (k, L, r) 0/1, prompt rows (k,)): reference row k + j is read
+        mostly where the tokens [:, :, j] of prompt row rows[i] draw the cross-attention."""
         cfg = self.config
         x = float_array(x, "latents", 4)
         ctx = float_array(ctx, "text condition", 3)
@@ -181,18 +190,25 @@ class WukongPipeline(GuidedSampling):
             raise InvalidOption(f"The timesteps must lie in [0, {self.schedule.num_train_steps}).")
         t_emb = self.model.unet.embed_timesteps(steps, self._ms_dtype)
         if share is None:
+            if regions is not None:
+                raise InvalidOption("Character regions weight shared tokens: give them with `share`.")
             unet = self._unet_for((*x.shape, *ctx.shape))
             eps = unet(Tensor(x, dtype=self._ms_dtype), t_emb, Tensor(ctx, dtype=self._ms_dtype))
         else:
-            tensors = self._share_tensors(share, x.shape)
-            unet = self._unet_for((*x.shape, *ctx.shape, *(int(i.shape[0]) for i in tensors[1:])))
+            tensors = self._share_tensors(share, x.shape, regions, ctx.shape[1])
+            unet = self._unet_for((*x.shape, *ctx.shape, *(int(i.shape[-1]) for i in tensors[1:])))
             eps = unet(Tensor(x, dtype=self._ms_dtype), t_emb, Tensor(ctx, dtype=self._ms_dtype), tensors)
         return eps.astype(ms.float32).asnumpy()
 
     def _share_tensors(
-        self, share: tuple[np.ndarray, Sequence[np.ndarray]], shape: tuple[int, ...]
+        self,
+        share: tuple[np.ndarray, Sequence[np.ndarray]],
+        shape: tuple[int, ...],
+        regions: tuple[np.ndarray, np.ndarray] | None,
+        context_length: int,
     ) -> tuple[Tensor, ...]:
-        """Checked `share` tensors: weights (k, 1, 1) in the model's dtype, then the index per rate."""
+        """Checked `share` tensors: weights (k, 1, 1) in the model's dtype, then the index per rate,
+        then, with `regions`, the region tokens (k, L, r) float32 and their prompt rows (k,) int32."""
         weights, indices = share
         w = np.asarray(weights, np.float32).reshape(-1)
         n, _, h, width = shape
@@ -210,6 +226,9 @@ class WukongPipeline(GuidedSampling):
             if flat.min() < 0 or flat.max() >= tokens:
                 raise InvalidOption(f"Shared token indices must lie in [0, {tokens}).")
             out.append(Tensor(flat.astype(np.int32)))
+        if regions is not None:
+            region_tokens, rows = check_regions(regions, w.size, n, context_length)
+            out += [Tensor(region_tokens), Tensor(rows)]
         # mutable: the index values change every step; as constants each call would compile again
         return ms.mutable(tuple(out))
 
@@ -254,6 +273,7 @@ class WukongPipeline(GuidedSampling):
         weights = np.full(readers, consistency.strength, np.float32)
         rates = self.model.unet.share_rates
         _, _, h, w = shape
+        regions = reader_regions(consistency, n, halves, ctx.shape[1])
 
         def step(latents: np.ndarray, t: int) -> np.ndarray:
             noised = add_noise(self.schedule, refs, ref_noise, t) if refs.shape[0] else refs
@@ -274,6 +294,7 @@ class WukongPipeline(GuidedSampling):
                 np.full(rows.shape[0], t, np.int64),
                 np.concatenate([panel_ctx, ref_ctx]),
                 share=(weights, indices),
+                regions=regions,
             )[:readers]
             if not guided:
                 return eps

@@ -10,6 +10,7 @@ from mindspore import Tensor, nn, ops
 
 from core.diffusion import cpu_kernels, runtime
 from core.diffusion.config import WukongConfig
+from core.diffusion.consistency import REGION_EPS, REGION_FLOOR
 from core.diffusion.layers import (
     GroupNorm,
     Identity,
@@ -30,6 +31,7 @@ from core.diffusion.layers import (
 )
 
 _bmm_a_b_t = ops.BatchMatMul(transpose_a=True, transpose_b=True)
+_bmm = ops.BatchMatMul()
 _bmm_b_t = ops.BatchMatMul(transpose_b=True)
 _matmul_b_t = ops.MatMul(transpose_b=True)
 
@@ -80,7 +82,7 @@ class CrossAttention(nn.Cell):
     def construct(self, x: Tensor, context: Tensor) -> Tensor:
         return self.to_out(self._attend(self.to_q(x), self.to_k(context), self.to_v(context)))
 
-    def shared(self, x: Tensor, weight: Tensor, index: Tensor) -> Tensor:
+    def shared(self, x: Tensor, weight: Tensor, index: Tensor, log_maps: Tensor | None = None) -> Tensor:
         """Self-attention in which the first `k` rows (the readers) also attend to tokens of the batch.
 
         `x` (b, n, c) image tokens; `index` (k * m,) int32: for reader i, positions i*m..(i+1)*m-1 name
@@ -90,6 +92,13 @@ class CrossAttention(nn.Cell):
         reader's own; its output is blended with its plain self-attention output:
         plain + weight * (with_extra - plain), so 0 is plain attention and 1 plain appended keys.
         Rows from k on (the references) attend only to themselves.
+
+        `log_maps` (k, n, r), when given: the logit of reader query q for every key of reference row
+        k + j (the extra tokens whose index falls in that row) is raised by log_maps[:, q, j] (<= 0,
+        see `region_log_maps`), so reference j is read mostly where its map is high. The bias is added
+        as r extra dimensions of each head (the query carries the bias, the key a one-hot of its
+        reference row, the value zeros), so one attention call of one static shape computes it and no
+        (queries x keys) bias is ever held.
         """
         b, n, c = x.shape
         readers = weight.shape[0]
@@ -101,17 +110,88 @@ class CrossAttention(nn.Cell):
         k_all = ops.concat((k[:readers], k_more), 1)
         v_all = ops.concat((v[:readers], v_more), 1)
         own = plain[:readers]
-        wide = self._attend(q[:readers], k_all, v_all)
+        if log_maps is None:
+            wide = self._attend(q[:readers], k_all, v_all)
+        else:
+            wide = self._attend_biased(q[:readers], k_all, v_all, index, log_maps, n)
         mixed = own + expand(weight, own.shape) * (wide - own)
         if readers < b:
             mixed = ops.concat((mixed, plain[readers:]), 0)
         return self.to_out(mixed)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Multi-head attention of projected q (b, n, c) over k, v (b, m, c), heads merged, before to_out."""
+    def region_log_maps(self, x: Tensor, context: Tensor, regions: Tensor, rows: Tensor) -> Tensor:
+        """log M (k, n, r) for the readers' tokens `x` (k, n, c), this cross-attention's input (the
+        block's norm2 of its input, before the self-attention): M_j(q) is how much query q attends,
+        by this cross-attention, to the tokens `regions[:, :, j]` (k, L, r) 0/1 name in the prompt
+        `context[rows]` (rows (k,)).
+
+        Per reader and reference: the attention probabilities (softmax over the L text tokens) summed
+        over the region's tokens and averaged over heads; scaled to [0, 1] over the queries (min-max);
+        made competitive between the references, m_j^2 / sum_i m_i (where another character's words
+        draw more, this one's map falls), scaled again to a peak of 1 (where its character is most
+        clearly, a reference is read as without regions); and floored, M = FLOOR + (1 - FLOOR) * that.
+        A reference without region tokens for a reader gets M = 1 (log 0: read everywhere)."""
+        readers, length, _ = regions.shape
+        h = self.heads
+        q = split_heads(self.to_q(x), h)  # (k*h, n, d)
+        keys = split_heads(self.to_k(ops.gather(context, rows, 0)), h)  # (k*h, L, d)
+        probs = ops.softmax((_bmm_b_t(q, keys) * self.scale).astype(ms.float32), -1)  # (k*h, n, L)
+        n = probs.shape[1]
+        mean = probs.reshape(readers, h, n, length).mean(1)
+        mass = _bmm(mean, regions.astype(ms.float32))  # (k, n, r)
+        low = ops.amin(mass, 1, True)
+        high = ops.amax(mass, 1, True)
+        has = (ops.amax(regions, 1, True) > 0).astype(ms.float32)  # (k, 1, r)
+        scaled = (mass - low) / (high - low + REGION_EPS) * has
+        rival = scaled * scaled / (scaled.sum(-1, keepdims=True) + REGION_EPS)
+        share = rival / (ops.amax(rival, 1, True) + REGION_EPS)
+        maps = (REGION_FLOOR + (1.0 - REGION_FLOOR) * share) * has + (1.0 - has)
+        return ops.log(maps)
+
+    def _attend_biased(
+        self, q: Tensor, k: Tensor, v: Tensor, index: Tensor, log_maps: Tensor, tokens: int
+    ) -> Tensor:
+        """`_attend` of q (k, n, c) over k, v (k, n + m, c) (own tokens, then the extra ones that `index`
+        names) with the logit bias `log_maps` (k, n, r) on the keys of reference rows k..k+r-1."""
+        readers, n, c = q.shape
+        keys, refs, h = k.shape[1], log_maps.shape[2], self.heads
+        d = c // h
+        extra = index.shape[0] // readers
+        row_of = ops.floor_div(index, tokens).reshape(readers, extra, 1)
+        first = ops.arange(readers, readers + refs, dtype=row_of.dtype).reshape(1, 1, refs)
+        hot = ops.equal(row_of, first).astype(k.dtype)  # (k, m, r): which reference a key belongs to
+        hot = ops.concat((ops.zeros((readers, keys - extra, refs), k.dtype), hot), 1)
+        # queries pre-scaled, so the bias dimensions add log M itself to the logits
+        q_aug = ops.concat(
+            (
+                (q * self.scale).reshape(readers, n, h, d),
+                ops.broadcast_to(
+                    log_maps.astype(q.dtype).reshape(readers, n, 1, refs), (readers, n, h, refs)
+                ),
+            ),
+            -1,
+        ).reshape(readers, n, h * (d + refs))
+        k_aug = ops.concat(
+            (
+                k.reshape(readers, keys, h, d),
+                ops.broadcast_to(hot.reshape(readers, keys, 1, refs), (readers, keys, h, refs)),
+            ),
+            -1,
+        ).reshape(readers, keys, h * (d + refs))
+        v_aug = ops.concat(
+            (v.reshape(readers, keys, h, d), ops.zeros((readers, keys, h, refs), v.dtype)), -1
+        ).reshape(readers, keys, h * (d + refs))
+        out = self._attend(q_aug, k_aug, v_aug, 1.0)
+        return out.reshape(readers, n, h, d + refs)[:, :, :, :d].reshape(readers, n, c)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+        """Multi-head attention of projected q (b, n, c) over k, v (b, m, c), heads merged, before to_out;
+        softmax(scale q k^T) v with `scale` 1/sqrt(head width) unless given."""
         h = self.heads
         if self.kernels and q.dtype == ms.float32 and cpu_kernels.attention_available():
-            return cpu_kernels.attention_tokens(q, k, v, h, self.scale)
+            return cpu_kernels.attention_tokens(q, k, v, h, self.scale if scale is None else scale)
+        if scale is not None:  # the paths below scale by 1/sqrt(head width)
+            q = q * (scale * math.sqrt(q.shape[2] // h))
         if self.host:
             k_t = split_heads_transposed(k, h, host=True)
             q, v = split_heads(q, h, host=True), split_heads(v, h, host=True)
@@ -169,14 +249,25 @@ class BasicTransformerBlock(nn.Cell):
         self.norm3 = LayerNorm(width, 1e-5)
 
     def construct(
-        self, x: Tensor, context: Tensor, weight: Tensor | None = None, index: Tensor | None = None
+        self,
+        x: Tensor,
+        context: Tensor,
+        weight: Tensor | None = None,
+        index: Tensor | None = None,
+        regions: Tensor | None = None,
+        rows: Tensor | None = None,
     ) -> Tensor:
-        """`weight`, `index`: tokens shared into the self-attention (see `CrossAttention.shared`)."""
+        """`weight`, `index`: tokens shared into the self-attention (see `CrossAttention.shared`);
+        `regions`, `rows`: each reference read mostly where its character's words draw this block's
+        cross-attention (see `CrossAttention.region_log_maps`; the maps of the block's input)."""
         h = self.norm1(x)
         if weight is None:
             x = x + self.attn1(h, h)
-        else:
+        elif regions is None:
             x = x + self.attn1.shared(h, weight, index)
+        else:
+            log_maps = self.attn2.region_log_maps(self.norm2(x[: weight.shape[0]]), context, regions, rows)
+            x = x + self.attn1.shared(h, weight, index, log_maps)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -195,6 +286,8 @@ class SpatialTransformer(nn.Cell):
         self.fused_proj = runtime.on_cpu()
         self.share_slot = 0
         """Which index of a `share` tuple (after its weight) holds this resolution's token indices."""
+        self.share_rates = 1
+        """How many index tensors a `share` tuple holds; regions and their rows follow when present."""
 
     def construct(
         self, x: Tensor, emb: Tensor, context: Tensor, share: tuple[Tensor, ...] | None = None
@@ -211,8 +304,13 @@ class SpatialTransformer(nn.Cell):
                 tokens = block(tokens, context)
             return tokens
         weight, index = share[0], share[1 + self.share_slot]
+        if len(share) == 1 + self.share_rates:
+            for block in self.transformer_blocks:
+                tokens = block(tokens, context, weight, index)
+            return tokens
+        regions, rows = share[1 + self.share_rates], share[2 + self.share_rates]
         for block in self.transformer_blocks:
-            tokens = block(tokens, context, weight, index)
+            tokens = block(tokens, context, weight, index, regions, rows)
         return tokens
 
     # On the CPU the 1x1 projections in and out are products whose transposed operand is read in
@@ -322,6 +420,7 @@ class UNetModel(nn.Cell):
         """Downsampling rates that have transformers, in the order of a `share` tuple's index tensors."""
         for r, cell in transformers:
             cell.share_slot = self.share_rates.index(r)
+            cell.share_rates = len(self.share_rates)
 
     def construct(
         self, x: Tensor, t_emb: Tensor, context: Tensor, share: tuple[Tensor, ...] | None = None
@@ -330,7 +429,9 @@ class UNetModel(nn.Cell):
 
         `share`, when given, is (weight (k, 1, 1), then one int32 index (k * m_r,) per rate of
         `share_rates`): the first k rows' self-attention also reads those tokens of the batch (see
-        `CrossAttention.shared`). None runs exactly the plain UNet."""
+        `CrossAttention.shared`); optionally followed by regions (k, L, r) 0/1 and their prompt rows
+        (k,) int32, which weight reference row k + j by where its words draw the cross-attention
+        (`CrossAttention.region_log_maps`). None runs exactly the plain UNet."""
         emb = self.time_embed(t_emb)
         skips = []
         h = x
