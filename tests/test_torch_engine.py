@@ -173,6 +173,35 @@ def test_reference_and_panel_attention_agree_with_mindspore(
     assert _relative(ours, plain) > 100 * TOLERANCE  # the sharing did change the panels
 
 
+def test_character_regions_agree_with_mindspore(engines: tuple[object, TorchWukongPipeline]) -> None:
+    """Two references placed by their words (猫 and 书, as `region_masks` finds them; panel 1 places
+    only the first, so the second applies everywhere there), two guided panels with panel sharing:
+    both engines compute the same maps from each block's input and the same biased attention."""
+    from core.diffusion.consistency import Consistency, region_masks
+
+    ms_pipe, pipe = engines
+    ids = _ids(pipe)
+    ctx = ms_pipe.encode_tokens(ids)  # type: ignore[attr-defined]
+    cat, book = (pipe.tokenize([word])[0][1:2] for word in "猫书")
+    regions = region_masks(np.repeat(ids[:1], 2, axis=0), [[cat], [book]])
+    regions[1, 1] = 0
+    assert regions[0].sum() == 2 and regions[1].sum() == 1
+    rng = np.random.default_rng(3)
+    x_T = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
+    references = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
+    common = {"sampler": "ddim", "steps": 3, "guidance_scale": 7.5, "x_T": x_T, "seed": 4}
+    cond = np.repeat(ctx[:1], 2, axis=0)
+    uniform = Consistency(references=references, strength=0.8, panel_rate=0.5)
+    regional = Consistency(references=references, strength=0.8, panel_rate=0.5, regions=regions)
+    theirs = ms_pipe.sample(cond, ctx[1:], consistency=regional, **common)  # type: ignore[attr-defined]
+    ours = pipe.sample(cond, ctx[1:], consistency=regional, **common)
+    assert _relative(ours, theirs) < TOLERANCE
+    everywhere = pipe.sample(cond, ctx[1:], consistency=uniform, **common)
+    assert _relative(ours, everywhere) > 100 * TOLERANCE  # the regions did change the panels
+    nowhere = replace(regional, regions=np.zeros_like(regions))  # no panel places a reference
+    assert np.array_equal(pipe.sample(cond, ctx[1:], consistency=nowhere, **common), everywhere)
+
+
 def test_sharing_off_is_the_plain_attention() -> None:
     """With consistency off (absent, or inactive) every step is bit-identical to the UNet with diffusers'
     own attention processor, as before the sharing processor existed."""
@@ -202,6 +231,33 @@ def test_sharing_off_is_the_plain_attention() -> None:
     with pytest.raises(InvalidOption, match="Reference latents"):
         wrong = Consistency(references=np.zeros((1, 4, 8, 8), np.float32))
         pipe.sample(cond, ctx[1:], **common, consistency=wrong)
+
+
+def test_regional_bias_equals_an_explicit_attention_mask() -> None:
+    """The reference rows' logit bias, carried by extra head dimensions, equals attention with the full
+    (queries x keys) bias as an explicit mask (what the extra dimensions avoid holding)."""
+    from diffusers.models.attention_processor import Attention
+
+    from core.torch_engine.sharing import _attend_biased
+
+    torch.manual_seed(0)
+    readers, refs, n, m, width, heads = 2, 2, 6, 9, 16, 2
+    attn = Attention(width, heads=heads, dim_head=width // heads)
+    q = torch.randn(readers, n, width)
+    k, v = torch.randn(readers, n + m, width), torch.randn(readers, n + m, width)
+    index = torch.randint(0, (readers + refs) * n, (readers * m,))
+    log_maps = torch.log(torch.rand(readers, n, refs) * 0.9 + 0.1)
+    got = _attend_biased(attn, q, k, v, index, log_maps, n)
+
+    bias = torch.zeros(readers, 1, n, n + m)
+    for reader in range(readers):
+        for j, row in enumerate((index[reader * m : (reader + 1) * m] // n).tolist()):
+            if row >= readers:
+                bias[reader, 0, :, n + j] = log_maps[reader, :, row - readers]
+    split = [t.view(readers, -1, heads, width // heads).transpose(1, 2) for t in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(*split, attn_mask=bias)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(readers, n, width), rtol=1e-5, atol=1e-5)
+    assert (got - _attend_biased(attn, q, k, v, index, torch.zeros_like(log_maps), n)).abs().max() > 1e-3
 
 
 def test_a_wrong_mapping_is_caught(

@@ -23,7 +23,13 @@ import numpy as np
 import torch
 
 from core.diffusion.config import WukongConfig
-from core.diffusion.consistency import Consistency, reference_noise, share_indices
+from core.diffusion.consistency import (
+    Consistency,
+    check_regions,
+    reader_regions,
+    reference_noise,
+    share_indices,
+)
 from core.diffusion.guided import GuidedSampling, float_array
 from core.diffusion.samplers import NoiseSchedule, add_noise
 from core.errors import CheckpointError, EngineUnavailable, InvalidOption
@@ -317,11 +323,14 @@ class TorchWukongPipeline(GuidedSampling):
         ctx: np.ndarray,
         *,
         share: tuple[np.ndarray, Sequence[np.ndarray]] | None = None,
+        regions: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """The UNet's noise estimate eps(x_t, t, ctx): (n, 4, h, w) float32.
 
         `share` = (weights (k,), one int32 index array per rate of `share_rates`): the first k rows'
-        self-attention also reads those tokens of the batch (see `core.diffusion.consistency`)."""
+        self-attention also reads those tokens of the batch (see `core.diffusion.consistency`).
+        `regions` (with `share`) = (tokens (k, L, r) 0/1, prompt rows (k,)): reference row k + j is read
+        mostly where the tokens [:, :, j] of prompt row rows[i] draw the cross-attention."""
         cfg = self.config
         x = float_array(x, "latents", 4)
         ctx = float_array(ctx, "text condition", 3)
@@ -338,7 +347,11 @@ class TorchWukongPipeline(GuidedSampling):
         if steps.min() < 0 or steps.max() >= self.schedule.num_train_steps:
             raise InvalidOption(f"The timesteps must lie in [0, {self.schedule.num_train_steps}).")
         timesteps = torch.from_numpy(steps.astype(np.int64)).to(self._device)
-        extra = {} if share is None else {"cross_attention_kwargs": {"share": self._share(share, x.shape)}}
+        if share is None and regions is not None:
+            raise InvalidOption("Character regions weight shared tokens: give them with `share`.")
+        extra = {}
+        if share is not None:
+            extra["cross_attention_kwargs"] = {"share": self._share(share, x.shape, regions, ctx.shape[1])}
         eps = self._unet(
             self._tensor(x, image=True),
             timesteps,
@@ -348,8 +361,15 @@ class TorchWukongPipeline(GuidedSampling):
         )[0]
         return np.asarray(eps.float().cpu().numpy(), dtype=np.float32)
 
-    def _share(self, share: tuple[np.ndarray, Sequence[np.ndarray]], shape: tuple[int, ...]) -> sharing.Share:
-        """Checked `share` tensors: weights (k, 1, 1) in the model's dtype, the indices by token count."""
+    def _share(
+        self,
+        share: tuple[np.ndarray, Sequence[np.ndarray]],
+        shape: tuple[int, ...],
+        regions: tuple[np.ndarray, np.ndarray] | None,
+        context_length: int,
+    ) -> sharing.Share:
+        """Checked `share` tensors: weights (k, 1, 1) in the model's dtype, the indices by token count,
+        and with `regions` the region tokens (k, L, r) float32 and their prompt rows (k,)."""
         weights, indices = share
         w = np.asarray(weights, np.float32).reshape(-1)
         n, _, h, width = shape
@@ -367,7 +387,15 @@ class TorchWukongPipeline(GuidedSampling):
             if flat.min() < 0 or flat.max() >= n * per_row:
                 raise InvalidOption(f"Shared token indices must lie in [0, {n * per_row}).")
             by_tokens[per_row] = torch.from_numpy(flat.astype(np.int64)).to(self._device)
-        return self._tensor(w.reshape(-1, 1, 1)), by_tokens
+        if regions is None:
+            return sharing.Share(self._tensor(w.reshape(-1, 1, 1)), by_tokens)
+        tokens, rows = check_regions(regions, w.size, n, context_length)
+        return sharing.Share(
+            self._tensor(w.reshape(-1, 1, 1)),
+            by_tokens,
+            torch.from_numpy(tokens).to(self._device),
+            torch.from_numpy(rows.astype(np.int64)).to(self._device),
+        )
 
     def _consistency_step(
         self,
@@ -402,6 +430,7 @@ class TorchWukongPipeline(GuidedSampling):
         weights = np.full(readers, consistency.strength, np.float32)
         rates = self.share_rates
         _, _, h, w = shape
+        regions = reader_regions(consistency, n, halves, ctx.shape[1])
 
         def step(latents: np.ndarray, t: int) -> np.ndarray:
             noised = add_noise(self.schedule, refs, ref_noise, t) if refs.shape[0] else refs
@@ -422,6 +451,7 @@ class TorchWukongPipeline(GuidedSampling):
                 np.full(rows.shape[0], t, np.int64),
                 np.concatenate([panel_ctx, ref_ctx]),
                 share=(weights, indices),
+                regions=regions,
             )[:readers]
             if not guided:
                 return eps
