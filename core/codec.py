@@ -76,6 +76,10 @@ def job_from_dict(data: Any) -> Job:
             # records from before consistency have neither field
             references=request.texts("references") if "references" in request else (),
             consistency=request.number("consistency") if "consistency" in request else 0.0,
+            # records from before regions and panels drawn together have none of these
+            reference_words=request.texts("reference_words") if "reference_words" in request else (),
+            panels=request.texts("panels") if "panels" in request else (),
+            panel_rate=request.number("panel_rate") if "panel_rate" in request else 0.0,
         ),
         status=record.enum("status", JobStatus),
         progress=record.number("progress"),

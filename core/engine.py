@@ -121,6 +121,7 @@ def validate_request(request: GenerationRequest, limits: EngineLimits) -> None:
             f"The image is too large for this engine: at most {limits.max_side} pixels a side"
             f" and about {side}×{side} pixels in all."
         )
+    _validate_panels(request)
     if request.init_image is not None:
         if not 0.0 < request.strength <= 1.0:
             raise InvalidOption("Strength must be above 0 and at most 1 for image-to-image.")
@@ -131,8 +132,29 @@ def validate_request(request: GenerationRequest, limits: EngineLimits) -> None:
         raise InvalidOption(f"A picture can follow at most {MAX_REFERENCES} reference pictures.")
     for reference in request.reference_images:  # header sizes only: decoded on the engine's thread
         validate_upload(reference, decode=False)
+    if request.reference_words and len(request.reference_words) != len(request.references):
+        raise InvalidOption("Give the words of each reference picture, or none.")
+    if not all(isinstance(words, str) for words in request.reference_words):
+        raise InvalidOption("The words of the reference pictures must be text.")
     if not 0 <= request.seed < 2**63:
         raise InvalidOption("The seed must be a non-negative whole number.")
+
+
+def _validate_panels(request: GenerationRequest) -> None:
+    if isinstance(request.panel_rate, bool) or not isinstance(request.panel_rate, int | float):
+        raise InvalidOption("The panel sampling rate must be a number.")
+    if not 0.0 <= request.panel_rate <= 1.0:
+        raise InvalidOption("The panel sampling rate must be between 0 and 1.")
+    if not request.panels:
+        if request.panel_rate:
+            raise InvalidOption("A panel sampling rate needs panels drawn together.")
+        return
+    if not all(isinstance(prompt, str) for prompt in request.panels):
+        raise InvalidOption("The panels' prompts must be text.")
+    if len(request.panels) < 2 or request.n != len(request.panels) or request.prompt != request.panels[0]:
+        raise InvalidOption("Panels drawn together need two or more prompts, one picture each.")
+    if request.init_image is not None:
+        raise InvalidOption("Panels drawn together start from noise, not from a picture.")
 
 
 class CancelToken:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.types import Job, JobStatus
+from core.types import GenerationRequest, Job, JobStatus
 
 SAMPLER_NAMES = {"dpm++2m": "DPM-Solver++ 2M", "ddim": "DDIM", "plms": "PLMS"}
 
@@ -16,10 +16,17 @@ Options: --ar 3:2 (aspect ratio), --seed 7, --steps 20, --n 1..4 (pictures), --n
 Buttons under a result: 🔄 reroll, V1–V4 variations, U1–U4 upscale, ❌ cancel while running."""
 
 
+def prompt_lines(request: GenerationRequest) -> list[str]:
+    """The Chinese prompt, or one line per panel for panels drawn together."""
+    if not request.panels:
+        return [f"提示词: {request.prompt}"]
+    return [f"提示词 {i + 1}: {prompt}" for i, prompt in enumerate(request.panels)]
+
+
 def describe(job: Job) -> str:
-    """The caption under a result: the Chinese prompt, the seed and the parameters."""
+    """The caption under a result: the Chinese prompt(s), the seed and the parameters."""
     r = job.request
-    lines = [f"提示词: {r.prompt}"]
+    lines = prompt_lines(r)
     if r.negative_prompt:
         lines.append(f"反向提示词: {r.negative_prompt}")
     params = [
@@ -29,7 +36,9 @@ def describe(job: Job) -> str:
         f"guidance {r.guidance_scale:g}",
         SAMPLER_NAMES.get(r.sampler, r.sampler),
     ]
-    if r.n > 1:
+    if r.panels:
+        params.append(f"{r.n} panels drawn together" + (", sharing their looks" if r.panel_rate else ""))
+    elif r.n > 1:
         params.append(f"{r.n} images")
     if job.kind in ("variation", "upscale") and job.parent_index is not None:
         params.append(f"{job.kind} of image {job.parent_index + 1}")

@@ -30,6 +30,7 @@ from core.jobs.queue import too_many_jobs
 from core.jobs.runner import JobRunner, process_owner
 from core.outbox import Outbox
 from core.settings import Settings
+from core.story.model import SCENE_META, picture_panel
 from core.types import (
     Action,
     BuiltPrompt,
@@ -231,7 +232,7 @@ class Huahua:
 
     def queued_text(self, job: Job, position: int | None) -> str:
         lines = [presenter.status_line(job, position)]
-        lines.append(f"提示词: {job.request.prompt}")
+        lines.extend(presenter.prompt_lines(job.request))
         lines.extend(job.notes)
         return "\n".join(lines)
 
@@ -435,14 +436,20 @@ class Huahua:
         if not isinstance(index, int) or not 0 <= index < len(parent.images):
             raise InvalidOption(f"Choose a picture from 1 to {len(parent.images)}.")
         image = parent.images[index]
+        base = parent.request
+        if base.panels:  # one panel of panels drawn together: its own prompt and seed, its own panel
+            base = base.panel(index)
+            panel = picture_panel(parent, index)
+            if panel is not None:
+                carried[SCENE_META] = str(panel)
         if action == Action.VARIATION:
-            request = replace(parent.request, n=1, seed=secrets.randbelow(2**32), strength=VARIATION_STRENGTH)
+            request = replace(base, n=1, seed=secrets.randbelow(2**32), strength=VARIATION_STRENGTH)
             kind = JobKind.VARIATION
         else:
-            width, height = parent.request.width * 2, parent.request.height * 2
+            width, height = base.width * 2, base.height * 2
             if not (await self.engine.fetch_limits()).fits(width, height):
                 raise InvalidOption("That picture is already as large as this engine can upscale.")
-            request = replace(parent.request, n=1, width=width, height=height, strength=UPSCALE_STRENGTH)
+            request = replace(base, n=1, width=width, height=height, strength=UPSCALE_STRENGTH)
             kind = JobKind.UPSCALE
         job = self._new_job(
             user,

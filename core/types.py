@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 SAMPLERS = ("dpm++2m", "ddim", "plms")
 
@@ -91,6 +91,28 @@ class GenerationRequest:
     """How strongly the references are followed (0 off, 1 full, up to 2); see core.diffusion.consistency."""
     reference_images: tuple[bytes, ...] = field(default=(), repr=False)
     """The references' image bytes, loaded where the job runs (never stored: the digests are)."""
+    reference_words: tuple[str, ...] = ()
+    """Per reference, the words by which the prompts name its character ("" for none): where the engine
+    can tell which part of a picture those words occupy, the reference applies mostly there."""
+    panels: tuple[str, ...] = ()
+    """A story's panels drawn together as one batch: picture i from prompt `panels[i]` with seed
+    `seed + i` (`prompt` is the first, `n` their count); each panel's self-attention also reads a sample
+    of the other panels' tokens, at `panel_rate`, so the panels share their characters' looks."""
+    panel_rate: float = 0.0
+    """The fraction of each other panel's tokens a panel reads (0: drawn together without sharing)."""
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        """The prompt of each picture's panel (the one prompt, for a request that draws no panels)."""
+        return self.panels or (self.prompt,)
+
+    def panel(self, index: int) -> GenerationRequest:
+        """Picture `index` of this request on its own: its panel's prompt and seed, one picture."""
+        if not self.panels:
+            return replace(self, n=1, seed=self.seed + index)
+        return replace(
+            self, prompt=self.panels[index], seed=self.seed + index, n=1, panels=(), panel_rate=0.0
+        )
 
 
 @dataclass(frozen=True)

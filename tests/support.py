@@ -144,11 +144,15 @@ class PatternEngine(Engine):
             if self.step_delay:
                 await asyncio.sleep(self.step_delay)
             on_progress(step, request.steps)
-        return [self._draw(request, request.seed + i) for i in range(request.n)]
+        return [
+            self._draw(request, request.prompts[i % len(request.prompts)], request.seed + i)
+            for i in range(request.n)
+        ]
 
     @staticmethod
-    def _draw(request: GenerationRequest, seed: int) -> GeneratedImage:
-        digest = hashlib.sha256(f"{request.prompt}|{seed}|{request.init_image is not None}".encode()).digest()
+    def _draw(request: GenerationRequest, prompt: str, seed: int) -> GeneratedImage:
+        """Panels drawn together: picture i from panel i's prompt, as the real engines draw them."""
+        digest = hashlib.sha256(f"{prompt}|{seed}|{request.init_image is not None}".encode()).digest()
         image = Image.new("RGB", (request.width, request.height), tuple(digest[:3]))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")

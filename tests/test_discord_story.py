@@ -103,37 +103,34 @@ async def test_a_whole_story_through_discord(env: Env) -> None:
     assert story is not None and [m.name for m in story.cast] == ["莉莉"] and story.excerpts == EXCERPTS
 
     drawn = slash(env, "illustrate", count=2)
-    results = await env.api.wait_for(
-        lambda: len(followups(env.api, drawn)) == 2 and followups(env.api, drawn)
-    )
+    (result,) = await env.api.wait_for(lambda: followups(env.api, drawn))  # two panels, one batch
     assert "flags" not in (callbacks(env.api, drawn)[0].json.get("data") or {})  # a public answer
     answer = edits(env.api, drawn)
     assert "Panel 1" in answer[0].json["content"] and "Panel 2" in answer[0].json["content"]
-    assert answer[0].at <= min(r.at for r in results)  # the answer first, then the pictures
-    jobs = [await env.service.get_job(job_id_in(r)) for r in results]
-    assert sorted(j.meta["story_scene"] for j in jobs) == ["1", "2"]
-    for job, result in zip(jobs, results, strict=True):
-        assert job.kind == JobKind.SCENE and job.status == JobStatus.DONE
-        assert result.files[0].data == await env.service.image(job.images[0])
-        assert custom_id(Action.CHOOSE, 0, job.id) in result.custom_ids()
-    first = next(r for r, j in zip(results, jobs, strict=True) if j.meta["story_scene"] == "1")
-    scene_one = job_id_in(first)
+    assert answer[0].at <= result.at  # the answer first, then the pictures
+    batch = await env.service.get_job(job_id_in(result))
+    assert batch.kind == JobKind.SCENE and batch.status == JobStatus.DONE
+    assert batch.meta["story_scene"] == "1" and len(batch.request.panels) == 2
+    assert [f.data for f in result.files] == [await env.service.image(d) for d in batch.images]
+    assert {custom_id(Action.CHOOSE, i, batch.id) for i in (0, 1)} <= set(result.custom_ids())
 
-    reroll = press(env, custom_id(Action.REROLL, 0, scene_one), source=first, user=BOB)
+    reroll = press(env, custom_id(Action.REROLL, 0, batch.id), source=result, user=BOB)
     (rerolled,) = await env.api.wait_for(lambda: followups(env.api, reroll))
     variant = await env.service.get_job(job_id_in(rerolled))
     assert variant.kind == JobKind.REROLL and variant.meta["story_scene"] == "1"
+    assert variant.request.panels == batch.request.panels  # the batch again, with a new seed
     assert Target.from_meta(variant.meta) is not None  # routed from creation, so it survives a restart
-    assert custom_id(Action.CHOOSE, 0, variant.id) in rerolled.custom_ids()
+    assert custom_id(Action.CHOOSE, 1, variant.id) in rerolled.custom_ids()
     before = await env.service.image(variant.images[0])
-    assert before != first.files[0].data  # another seed, another picture
+    assert before != result.files[0].data  # another seed, another picture
 
     star = press(env, custom_id(Action.CHOOSE, 0, variant.id), source=rerolled, user=BOB)
-    assert "⭐" in await answer_text(env.api, star)
+    assert "⭐ Panel 1 now uses this picture." in await answer_text(env.api, star)
     assert callbacks(env.api, star)[0].json["data"]["flags"] == 64  # ephemeral
     story = await book_of(env).active(CHAT)
     assert story is not None and story.scene(1) is not None
     assert story.scene(1).chosen == (variant.id, 0)  # type: ignore[union-attr]
+    assert story.scene(2).chosen is None  # type: ignore[union-attr]
 
     shown = slash(env, "story", sub="show")
     (panels,) = await env.api.wait_for(lambda: followups(env.api, shown))

@@ -143,9 +143,11 @@ async def test_a_story_from_commands_to_storybook(tmp_path):
         for excerpt in ("清晨，莉莉走进了森林。", "她看见一只会说话的狐狸。", "莉莉 was happy at night."):
             await _say(service, f"/story add {excerpt}")
         reply = await _say(service, "/illustrate 3")
-        assert len(reply.jobs) == 3
+        assert len(reply.jobs) == 1  # the three panels are drawn together, as one batch
+        assert reply.texts[0].count("🖼 Panel") == 3 and "Panels 1–3 are drawn together" in reply.texts[0]
         await _drain(service, reply.jobs)
-        prompts = [job.request.prompt for job in reply.jobs]
+        prompts = reply.jobs[0].request.panels
+        assert len(prompts) == 3 and reply.jobs[0].request.n == 3
         assert all("穿红斗篷的小女孩" in prompt for prompt in prompts)
         assert all("儿童绘本" in prompt for prompt in prompts)
         assert "locked" in (await _say(service, "/story style 油画")).texts[0]
@@ -153,13 +155,15 @@ async def test_a_story_from_commands_to_storybook(tmp_path):
         book = service.handler("story")
         story = await book.active("web:room")
         assert [scene.index for scene in story.scenes] == [1, 2, 3]
-        assert len({scene.request.seed for scene in story.scenes}) == 1  # one lead character: one seed
+        assert [scene.own_request.prompt for scene in story.scenes] == list(prompts)
+        base = story.scenes[0].request.seed
+        assert [scene.own_request.seed for scene in story.scenes] == [base, base + 1, base + 2]
 
         reroll = await service.act(reply.jobs[0].id, Action.REROLL, 0, "web:bob")
         await _drain(service, [reroll])
         await service.events.drain()
         story = await book.active("web:room")
-        assert story.scenes[0].job_ids == (reply.jobs[0].id, reroll.id)
+        assert all(scene.job_ids == (reply.jobs[0].id, reroll.id) for scene in story.scenes)
         assert "picture 2" in (await _say(service, "/story choose 1 2")).texts[0]
         story = await book.active("web:room")
         assert story.scenes[0].chosen == (reroll.id, 0)

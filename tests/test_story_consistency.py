@@ -10,6 +10,7 @@ import zlib
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
 from PIL import Image
@@ -140,7 +141,7 @@ async def test_without_a_picture_the_first_chosen_solo_panel_becomes_the_referen
         await _say(service, "/story choose 2 1")
         await _say(service, "/story choose 3 1")  # a later choice does not replace the first
         story = await book.active(CHAT)
-        panel_two = (await service.get_job(jobs[1].id)).images[0]
+        panel_two = (await service.get_job(jobs[0].id)).images[1]  # the three were drawn as one batch
         lily = story.member("莉莉")
         assert (lily.reference, lily.reference_from) == (panel_two, "panel 2")
         assert story.member("Wolf").reference is None
@@ -299,5 +300,184 @@ async def test_the_torch_engine_follows_references() -> None:
         [first] = await engine.generate(with_reference, lambda s, t: None, CancelToken())
         [again] = await engine.generate(with_reference, lambda s, t: None, CancelToken())
         assert first.png != plain.png and again.png == first.png
+    finally:
+        await engine.close()
+
+
+# panels drawn together (/illustrate N) -----------------------------------------------------------
+
+
+async def test_illustrate_n_draws_its_panels_as_one_batch_that_shares_their_looks(tmp_path: Path) -> None:
+    engine = PatternEngine()
+    service = await make_service(tmp_path, engine=engine)
+    try:
+        book = service.handler("story")
+        await _say(service, "/story new 一起画")
+        await book.cast_add_with_picture(CHAT, ANN, "莉莉: 穿红斗篷的小女孩", _jpeg((200, 0, 0)))
+        await book.cast_add_with_picture(CHAT, ANN, "Wolf: 大灰狼", _jpeg((90, 90, 90)))
+        for excerpt in ("清晨，莉莉走进了森林。", "Wolf 在树后看着。", "莉莉和Wolf一起跳舞。"):
+            await _say(service, f"/story add {excerpt}")
+        reply = await _say(service, "/illustrate 3")
+        [job] = reply.jobs
+        story = await book.active(CHAT)
+        lily, wolf = story.member("莉莉"), story.member("Wolf")
+        request = job.request
+        assert request.n == 3 and request.panels == tuple(s.own_request.prompt for s in story.scenes)
+        assert request.prompt == request.panels[0] and request.panel_rate == 0.5
+        # every character present in any panel, each once, with the words that name them
+        assert request.references == (lily.reference, wolf.reference)
+        assert request.reference_words == ("穿红斗篷的小女孩", "大灰狼")
+        assert request.consistency == 1.0
+        assert [(s.index, s.panel, s.first_of_batch) for s in story.scenes] == [
+            (1, 0, 1),
+            (2, 1, 1),
+            (3, 2, 1),
+        ]
+        await _drain(service, [job])
+        drawn = engine.requests[-1]
+        assert drawn.panels == request.panels and len(drawn.reference_images) == 2
+
+        # re-rendering one of them draws the whole batch again, exactly
+        again = await _say(service, "/story rerender 2")
+        assert "panels 1–3 exactly as before" in again.texts[0]
+        [redo] = again.jobs
+        assert redo.request == request and redo.meta["story_scene"] == "1"
+        await _drain(service, [redo])
+        done, redone = await service.get_job(job.id), await service.get_job(redo.id)
+        assert redone.images == done.images
+
+        # with consistency off the panels are still one batch, but share nothing
+        await _say(service, "/story consistency off")
+        await _say(service, "/story add 晚上，莉莉回家了。")
+        await _say(service, "/story add Wolf 睡着了。")
+        [plain] = (await _say(service, "/illustrate 2")).jobs
+        assert plain.request.panels and plain.request.n == 2
+        assert (plain.request.panel_rate, plain.request.consistency, plain.request.references) == (
+            0.0,
+            0.0,
+            (),
+        )
+    finally:
+        await service.stop()
+
+
+def test_a_story_saved_before_panels_were_drawn_together_loads() -> None:
+    from core.story.model import Scene, ScenePlan
+
+    request = GenerationRequest(prompt="猫", seed=5)
+    scene = Scene(
+        index=1,
+        excerpt="猫",
+        plan=ScenePlan(characters=(), action="猫"),
+        request=request,
+        model="m",
+        job_ids=("j",),
+    )
+    story = Story(
+        id="s", chat=CHAT, title="t", style=None, base_seed=1, created_by=ANN, created_at=0.0, scenes=(scene,)
+    )
+    legacy = story_to_dict(story)
+    del legacy["scenes"][0]["panel"]
+    for name in ("panels", "panel_rate", "reference_words"):
+        del legacy["scenes"][0]["request"][name]
+    old = story_from_dict(legacy)
+    assert old == story and old.scenes[0].own_request == request and old.scenes[0].first_of_batch == 1
+
+    together = replace(request, panels=("猫", "狗"), n=2, panel_rate=0.5)
+    second = replace(scene, index=2, request=together, panel=1)
+    assert story_from_dict(story_to_dict(replace(story, scenes=(second,)))).scenes[0] == second
+    assert (second.own_request.prompt, second.own_request.seed, second.own_request.n) == ("狗", 6, 1)
+    assert second.own_request.panels == () and second.first_of_batch == 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"panels": ("猫", "狗"), "n": 3}, "two or more prompts"),
+        ({"panels": ("猫",), "n": 1}, "two or more prompts"),
+        ({"panels": ("狗", "猫"), "n": 2}, "two or more prompts"),
+        ({"panels": ("猫", "狗"), "n": 2, "init_image": b"png", "strength": 0.5}, "start from noise"),
+        ({"panels": ("猫", "狗"), "n": 2, "panel_rate": 1.5}, "between 0 and 1"),
+        ({"panels": ("猫", "狗"), "n": 2, "panel_rate": True}, "must be a number"),
+        ({"panel_rate": 0.5}, "needs panels"),
+        ({"panels": ("猫", 3), "n": 2}, "must be text"),
+        ({"references": ("a" * 64,), "reference_words": ("猫", "狗")}, "words of each reference"),
+    ],
+)
+def test_malformed_panel_requests_are_refused_in_one_sentence(changes: dict[str, object], words: str) -> None:
+    from core.engine import validate_request
+    from tests.support import engine_limits
+
+    with pytest.raises(InvalidOption, match=words):
+        validate_request(
+            replace(GenerationRequest(prompt="猫", width=64, height=64), **changes), engine_limits("tiny")
+        )
+
+
+def test_panels_cross_the_worker_wire_and_the_job_codec() -> None:
+    from core.types import Job, JobKind
+
+    request = GenerationRequest(
+        prompt="猫",
+        panels=("猫", "狗"),
+        n=2,
+        panel_rate=0.5,
+        references=("d" * 64,),
+        reference_words=("小猫",),
+        consistency=1.0,
+    )
+    assert request_from_wire(json.loads(json.dumps(request_to_wire(request)))) == request
+    assert "panels" not in request_to_wire(
+        GenerationRequest(prompt="猫")
+    )  # older workers take plain requests
+    with pytest.raises(InvalidOption, match="panels"):
+        request_from_wire({"prompt": "猫", "panels": ["猫"] * 9})
+    job = Job(id="j1", user="web:a", chat="web:r", kind=JobKind.SCENE, source_text="猫", request=request)
+    assert job_from_json(job_to_json(job)) == job
+    older = job_to_dict(job)
+    for name in ("panels", "panel_rate", "reference_words"):
+        del older["request"][name]
+    assert job_from_dict(older).request == replace(request, panels=(), panel_rate=0.0, reference_words=())
+
+
+async def test_the_tiny_engine_draws_panels_together(tmp_path: Path) -> None:
+    """The real model code at the tiny size: without sharing, each panel of a batch is the picture its
+    prompt and seed draw alone (up to one level of rounding: the batch sums in another order); sharing
+    changes them; a worker over HTTP draws the same batch."""
+    pytest.importorskip("mindspore")
+    from core.engines.local import tiny_engine
+
+    settings = Settings(model_dir=tmp_path / "models", vocab_path=None, engine="tiny", _env_file=None)  # type: ignore[call-arg]
+    engine = tiny_engine(settings)
+    await engine.start()
+    try:
+        base = GenerationRequest(prompt="一只猫", width=64, height=64, steps=3, seed=7)
+        together = replace(base, panels=("一只猫", "一只狗在跑"), n=2)
+
+        async def draw(request: GenerationRequest) -> list[np.ndarray]:
+            images = await engine.generate(request, lambda s, t: None, CancelToken())
+            return [np.asarray(Image.open(io.BytesIO(image.png)), dtype=np.int16) for image in images]
+
+        unshared = await draw(together)
+        alone = [(await draw(base))[0], (await draw(replace(base, prompt="一只狗在跑", seed=8)))[0]]
+        assert all(np.abs(a - b).max() <= 1 for a, b in zip(unshared, alone, strict=True))
+        assert np.abs(unshared[0] - unshared[1]).max() > 10  # two prompts, two pictures
+
+        shared_request = replace(together, consistency=1.0, panel_rate=0.5)
+        shared = await draw(shared_request)
+        assert all(np.abs(a - b).mean() > 2 for a, b in zip(shared, unshared, strict=True))
+        assert all(np.array_equal(a, b) for a, b in zip(await draw(shared_request), shared, strict=True))
+
+        server = TestServer(create_app(engine, secret="s3cret"), host="127.0.0.1")
+        await server.start_server()
+        remote = HttpEngine(str(server.make_url("/")), secret="s3cret", timeout_s=60)
+        await remote.start()
+        try:
+            far = await remote.generate(shared_request, lambda s, t: None, CancelToken())
+            far_pixels = [np.asarray(Image.open(io.BytesIO(image.png)), dtype=np.int16) for image in far]
+            assert all(np.array_equal(a, b) for a, b in zip(far_pixels, shared, strict=True))
+        finally:
+            await remote.close()
+            await server.close()
     finally:
         await engine.close()

@@ -239,7 +239,7 @@ class HeavyPictureEngine(PatternEngine):
     """Draws seeded noise 1,900 px square: a PNG over Telegram's 10 MB photo limit."""
 
     @staticmethod
-    def _draw(request: GenerationRequest, seed: int) -> GeneratedImage:
+    def _draw(request: GenerationRequest, prompt: str, seed: int) -> GeneratedImage:
         pixels = np.random.default_rng(seed).integers(0, 256, (1900, 1900, 3), dtype=np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)

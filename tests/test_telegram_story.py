@@ -79,53 +79,59 @@ async def test_a_whole_story_told_to_the_bot(tmp_path: Path, fake: FakeTelegram)
 
         sends = len(fake.calls_of("sendMessage", chat_id=CHAT))
         asked = fake.send_text(CHAT, USER, "/illustrate 2")
-        photos = await fake.wait_for("sendPhoto", 2, chat_id=CHAT)
-        statuses = fake.calls_of("sendMessage", chat_id=CHAT)[sends:]
-        assert len(statuses) == 2
-        assert [s.params["text"].split(":")[0] for s in statuses] == ["🖼 Panel 1", "🖼 Panel 2"]
-        assert all(s.params["reply_parameters"]["message_id"] == asked["message_id"] for s in statuses)
-        assert all("❌ Cancel" in buttons(s) for s in statuses)
+        [photo] = await fake.wait_for("sendPhoto", 1, chat_id=CHAT)  # the two panels, drawn as one batch
+        [status] = fake.calls_of("sendMessage", chat_id=CHAT)[sends:]
+        lines = status.params["text"].split("\n")
+        assert [line.split(":")[0] for line in lines[:2]] == ["🖼 Panel 1", "🖼 Panel 2"]
+        assert lines[2].startswith("Panels 1–2 are drawn together")
+        assert status.params["reply_parameters"]["message_id"] == asked["message_id"]
+        assert "❌ Cancel" in buttons(status)
         story = await story_of(service, CHAT)
-        prompts = {scene.request.prompt for scene in story.scenes}
+        prompts = [scene.own_request.prompt for scene in story.scenes]
         assert len(story.scenes) == 2 and all(CAST in p for p in prompts)
-        assert {p.params["caption"].split("提示词: ")[1].split("\n")[0] for p in photos} == prompts
-        assert all(buttons(p) == ["🔄", "V1", "U1", "⭐1"] for p in photos)
-        status_ids = {sent_message(fake, s)["message_id"] for s in statuses}
+        caption = photo.params["caption"]
+        assert [caption.split(f"提示词 {i}: ")[1].split("\n")[0] for i in (1, 2)] == prompts
+        assert buttons(photo) == ["🔄", "V1", "V2", "U1", "U2", "⭐1", "⭐2"]
         done = [e for e in fake.calls_of("editMessageText", chat_id=CHAT) if e.params["text"] == "✅ Done."]
-        assert {int(e.params["message_id"]) for e in done} == status_ids
+        assert {int(e.params["message_id"]) for e in done} == {sent_message(fake, status)["message_id"]}
 
-        first = next(p for p in photos if job_id_of(p) == story.scenes[0].job_ids[0])
-        first_message = sent_message(fake, first)
-        fake.press(CHAT, USER, first_message, button_data(first, "🔄"))
-        reroll = (await fake.wait_for("sendPhoto", 3, chat_id=CHAT))[2]
-        assert reroll.params["reply_parameters"]["message_id"] == first_message["message_id"]
-        assert "⭐1" in buttons(reroll)
-        reroll_job = await service.get_job(job_id_of(reroll))
-        assert reroll_job.kind == JobKind.REROLL and reroll_job.meta["story_scene"] == "1"
-        reroll_status = fake.calls_of("sendMessage", chat_id=CHAT)[-1]
-        assert reroll_job.meta[META_STATUS] == str(sent_message(fake, reroll_status)["message_id"])
-        assert reroll_job.meta[META_REPLY] == str(first_message["message_id"])
-        assert "tg_job" not in reroll_job.meta
+        batch_message = sent_message(fake, photo)
+        fake.press(CHAT, USER, batch_message, button_data(photo, "V2"))  # panel 2 alone, varied
+        variation = (await fake.wait_for("sendPhoto", 2, chat_id=CHAT))[1]
+        assert variation.params["reply_parameters"]["message_id"] == batch_message["message_id"]
+        assert buttons(variation)[-1] == "⭐1"
+        variation_job = await service.get_job(job_id_of(variation))
+        assert variation_job.kind == JobKind.VARIATION and variation_job.meta["story_scene"] == "2"
+        assert variation_job.request.prompt == prompts[1] and not variation_job.request.panels
+        variation_status = fake.calls_of("sendMessage", chat_id=CHAT)[-1]
+        assert variation_job.meta[META_STATUS] == str(sent_message(fake, variation_status)["message_id"])
+        assert variation_job.meta[META_REPLY] == str(batch_message["message_id"])
+        assert "tg_job" not in variation_job.meta
 
-        async def rerolled_is_a_variant() -> bool:
-            return reroll_job.id in (await story_of(service, CHAT)).scenes[0].job_ids
+        async def variation_is_a_variant() -> bool:
+            return variation_job.id in (await story_of(service, CHAT)).scenes[1].job_ids
 
-        await until(rerolled_is_a_variant)
-        fake.press(CHAT, USER, sent_message(fake, reroll), button_data(reroll, "⭐1"))
+        await until(variation_is_a_variant)
+        fake.press(CHAT, USER, sent_message(fake, variation), button_data(variation, "⭐1"))
         answer = (await fake.wait_for("answerCallbackQuery", 2))[1].params
-        assert answer["text"] == "⭐ Panel 1 uses this picture." and not answer.get("show_alert")
+        assert answer["text"] == "⭐ Panel 2 uses this picture." and not answer.get("show_alert")
         story = await story_of(service, CHAT)
-        assert story.scenes[0].chosen == (reroll_job.id, 0) and story.scenes[1].chosen is None
+        assert story.scenes[1].chosen == (variation_job.id, 0) and story.scenes[0].chosen is None
+        fake.press(CHAT, USER, batch_message, button_data(photo, "⭐1"))  # ⭐1 of the batch: panel 1
+        answer = (await fake.wait_for("answerCallbackQuery", 3))[2].params
+        assert answer["text"] == "⭐ Panel 1 uses this picture."
+        story = await story_of(service, CHAT)
+        batch = await service.get_job(job_id_of(photo))
+        assert story.scenes[0].chosen == (batch.id, 0) and story.scenes[1].chosen == (variation_job.id, 0)
 
         shown = await say(fake, CHAT, "/story show")
         assert shown["text"].startswith("📖 小红帽") and "Cast: 莉莉" in shown["text"]
         album = (await fake.wait_for("sendMediaGroup", chat_id=CHAT))[0]
         assert len(album.params["media"]) == 2 and all(m["type"] == "photo" for m in album.params["media"])
-        panel_two = await service.get_job(story.scenes[1].job_ids[0])
         assert sorted(album.files.values()) == sorted(
-            [reroll.files["photo"], await service.image(panel_two.images[0])]
+            [await service.image(batch.images[0]), variation.files["photo"]]
         )
-        assert first.files["photo"] not in album.files.values()
+        assert await service.image(batch.images[1]) not in album.files.values()
 
         exported = await say(fake, CHAT, "/story export")
         assert "2 panels" in exported["text"]
@@ -293,20 +299,20 @@ async def test_story_pictures_queued_at_shutdown_are_delivered_after_restart(
         await say(fake, CHAT, "/story add 莉莉在河边看月亮")
         sends = len(fake.calls_of("sendMessage", chat_id=CHAT))
         asked = fake.send_text(CHAT, USER, "/illustrate 2")
-        statuses = (await fake.wait_for("sendMessage", sends + 2, chat_id=CHAT))[sends:]
+        statuses = (await fake.wait_for("sendMessage", sends + 1, chat_id=CHAT))[sends:]
 
         async def ids_kept() -> bool:
             jobs = await service.store.unfinished_jobs()
-            return len(jobs) == 2 and all(META_STATUS in job.meta for job in jobs)
+            return len(jobs) == 1 and all(META_STATUS in job.meta for job in jobs)
 
-        await until(ids_kept)
+        await until(ids_kept)  # the two panels: one job, drawn as one batch
     assert not fake.calls_of("sendPhoto")
     status_ids = {sent_message(fake, s)["message_id"] for s in statuses}
 
     async with running(tmp_path, fake, PatternEngine()) as service:
-        photos = await fake.wait_for("sendPhoto", 2, chat_id=CHAT)
+        photos = await fake.wait_for("sendPhoto", 1, chat_id=CHAT)
         assert all(p.params["reply_parameters"]["message_id"] == asked["message_id"] for p in photos)
-        assert all("⭐1" in buttons(p) for p in photos)
+        assert all(buttons(p)[-2:] == ["⭐1", "⭐2"] for p in photos)
 
         async def done_edited() -> bool:
             edits = fake.calls_of("editMessageText", chat_id=CHAT)

@@ -72,7 +72,13 @@ async def test_an_uploaded_picture_becomes_the_reference_and_cast_show_links_it(
         assert image.size == (300, 200) and image.convert("RGB").getpixel((150, 100))[2] > 180
 
     story = await (await web.client.get(f"/api/chats/{ROOM}/story")).json()
-    assert story["cast"] == [{"name": "莉莉", "description": "穿红斗篷的小女孩"}]
+    (member,) = story["cast"]
+    assert member == {
+        "name": "莉莉",
+        "description": "穿红斗篷的小女孩",
+        "reference_url": attachment["url"],  # the gallery shows the reference beside the name
+        "reference_from": "picture",
+    }
 
 
 async def test_a_picture_of_several_megabytes_passes_the_route_limit(web: web_support.Web) -> None:

@@ -113,45 +113,62 @@ async def test_a_whole_story_through_the_web_api(start_web):
         assert data["job"] is None and len(data["replies"]) == 1, data
     data = await web.say("/illustrate 3")
     jobs = data["jobs"]
-    assert len(jobs) == 3 and data["job"] == jobs[0] and len(data["replies"]) == 3
-    story_id = jobs[0]["meta"]["story_id"]
-    assert [job["meta"] for job in jobs] == [{"story_id": story_id, "story_scene": str(i)} for i in (1, 2, 3)]
-    assert {job["kind"] for job in jobs} == {"scene"}
-    for job in jobs:
-        done = await web.wait_done(job["id"])
-        assert done["status"] == "done" and len(done["images"]) == 1
+    # the three panels are one job, drawn as one batch: a line per panel, then how they are drawn
+    assert len(jobs) == 1 and data["job"] == jobs[0] and len(data["replies"]) == 1
+    assert data["replies"][0].count("🖼 Panel") == 3 and "Panels 1–3 are drawn together" in data["replies"][0]
+    [job] = jobs
+    story_id = job["meta"]["story_id"]
+    assert job["meta"] == {"story_id": story_id, "story_scene": "1"} and job["panels"] == [1, 2, 3]
+    assert job["kind"] == "scene" and job["params"]["n"] == 3
+    done = await web.wait_done(job["id"])
+    assert done["status"] == "done" and len(done["images"]) == 3
 
     story = await web.until(lambda s: all(scene["images"] for scene in s["scenes"]))
     assert story["id"] == story_id and story["title"] == "月亮的故事" and story["style"] == "儿童绘本"
-    assert story["cast"] == [{"name": "莉莉", "description": LILY}]
+    assert story["cast"] == [
+        {"name": "莉莉", "description": LILY, "reference_url": None, "reference_from": ""}
+    ]
     scenes = story["scenes"]
     assert [scene["index"] for scene in scenes] == [1, 2, 3]
     assert [scene["excerpt"] for scene in scenes] == [line.split(" ", 2)[2] for line in SCRIPT[2:]]
     assert LILY in scenes[0]["prompt_zh"] and LILY in scenes[2]["prompt_zh"]
     assert LILY not in scenes[1]["prompt_zh"]
-    for scene, job in zip(scenes, jobs, strict=True):
-        finished = await web.get_json(f"/api/jobs/{job['id']}")
-        assert scene["images"] == finished["images"] and len(scene["images"]) == 1
+    for i, scene in enumerate(scenes):
+        assert scene["images"] == [done["images"][i]]
         assert scene["chosen"] == scene["images"][0]
-        assert scene["prompt_zh"] == job["prompt_zh"] and scene["seed"] == job["params"]["seed"]
+        assert f"提示词 {i + 1}: {scene['prompt_zh']}" in done["caption"]
+        assert scene["seed"] == job["params"]["seed"] + i and scene["drawn_with"] == [1, 2, 3]
         assert scene["params"]["width"] == job["params"]["width"] and scene["model"].startswith("pattern")
         picture = await web.client.get(scene["images"][0])
         assert picture.status == 200
         assert _png_size(await picture.read()) == (scene["params"]["width"], scene["params"]["height"])
+    assert len(set(done["images"])) == 3  # each panel from its own prompt and seed
     assert await web.get_json(f"/api/stories/{story_id}") == story
 
-    # 🔄 on panel 1's job: the new picture becomes a variant of scene 1
+    # 🔄 on the batch: it is drawn again with a new seed, and each new picture joins its own panel
     bob = web.server.browser("bob")
-    response = await bob.post(f"/api/jobs/{jobs[0]['id']}/actions", json={"action": "reroll", "index": 0})
+    response = await bob.post(f"/api/jobs/{job['id']}/actions", json={"action": "reroll", "index": 0})
     assert response.status == 200
     reroll = await response.json()
     assert reroll["meta"] == {"story_id": story_id, "story_scene": "1"} and reroll["kind"] == "reroll"
+    assert reroll["panels"] == [1, 2, 3]
     rerolled = await web.wait_done(reroll["id"])
-    story = await web.until(lambda s: len(s["scenes"][0]["images"]) == 2)
+    story = await web.until(lambda s: all(len(scene["images"]) == 2 for scene in s["scenes"]))
     first = story["scenes"][0]
-    assert first["images"] == [scenes[0]["images"][0], rerolled["images"][0]]
+    for i, scene in enumerate(story["scenes"]):
+        assert scene["images"] == [scenes[i]["images"][0], rerolled["images"][i]]
     assert first["images"][0] != first["images"][1]
-    assert [len(scene["images"]) for scene in story["scenes"][1:]] == [1, 1]
+
+    # V2 on the batch: a variation of panel 2 alone, which joins panel 2
+    response = await bob.post(f"/api/jobs/{job['id']}/actions", json={"action": "variation", "index": 1})
+    assert response.status == 200, await response.text()
+    variation = await response.json()
+    assert variation["meta"] == {"story_id": story_id, "story_scene": "2"} and variation["panels"] == [2]
+    assert variation["prompt_zh"] == scenes[1]["prompt_zh"] and variation["params"]["n"] == 1
+    varied = await web.wait_done(variation["id"])
+    story = await web.until(lambda s: len(s["scenes"][1]["images"]) == 3)
+    assert story["scenes"][1]["images"][2] == varied["images"][0]
+    assert [len(scene["images"]) for scene in story["scenes"]] == [2, 3, 2]
 
     # ⭐ in the gallery: picture 2 of panel 1
     response = await bob.post(f"/api/stories/{story_id}/choose", json={"scene": 1, "picture": 2})
@@ -160,11 +177,16 @@ async def test_a_whole_story_through_the_web_api(start_web):
     assert chosen["scenes"][0]["chosen"] == first["images"][1]
     assert (await web.story_of_room())["scenes"][0]["chosen"] == first["images"][1]
     # ⭐ under a chat picture: the action "choose" puts the first one back
-    response = await web.client.post(
-        f"/api/jobs/{jobs[0]['id']}/actions", json={"action": "choose", "index": 0}
-    )
-    assert response.status == 200 and (await response.json())["id"] == jobs[0]["id"]
+    response = await web.client.post(f"/api/jobs/{job['id']}/actions", json={"action": "choose", "index": 0})
+    assert response.status == 200 and (await response.json())["id"] == job["id"]
     assert (await web.story_of_room())["scenes"][0]["chosen"] == first["images"][0]
+    # ⭐3 under the rerolled batch's pictures chooses for panel 3, not panel 1
+    response = await web.client.post(
+        f"/api/jobs/{reroll['id']}/actions", json={"action": "choose", "index": 2}
+    )
+    assert response.status == 200
+    chosen_now = [scene["chosen"] for scene in (await web.story_of_room())["scenes"]]
+    assert chosen_now == [first["images"][0], scenes[1]["images"][0], rerolled["images"][2]]
 
     # the storybook: one picture per panel in the HTML, cover + panels + cast pages in the PDF
     response = await web.client.get(f"/api/stories/{story_id}/export.html")
@@ -325,25 +347,27 @@ async def test_the_chat_and_gallery_pages_in_chromium(start_web, browser):
         await page.locator(".msg.mine", has_text=line[:12]).last.wait_for()
     cards = page.locator(".job")
     await page.wait_for_function(
-        "document.querySelectorAll('.job[data-status=done]').length === 3", timeout=30_000
+        "document.querySelectorAll('.job[data-status=done]').length === 1", timeout=30_000
     )
-    assert await cards.count() == 3
+    assert await cards.count() == 1  # the three panels, drawn as one batch
     story = await web.until(lambda s: all(scene["chosen"] for scene in s["scenes"]))
     first = cards.first
-    assert "panel 1" in await first.locator(".kind").inner_text()
+    assert "panels 1–3" in await first.locator(".kind").inner_text()
     href = await first.locator("a.story-link").get_attribute("href")
     assert href == f"/stories/{story['id']}"
     assert await page.locator(".job button.choose").count() == 3
 
-    # 🔄 on the first card: a second picture for panel 1, then ⭐ from the chat on it
+    # 🔄 on the card: the batch again, a second picture for each panel; ⭐ from the chat on panel 1's
     await first.locator("button.reroll").click()
     await page.wait_for_function(
-        "document.querySelectorAll('.job[data-status=done]').length === 4", timeout=30_000
+        "document.querySelectorAll('.job[data-status=done]').length === 2", timeout=30_000
     )
-    await cards.nth(3).locator("button.choose").click()
+    await cards.nth(1).locator("button.choose").first.click()
     await page.locator(".msg.bot", has_text="is now panel 1").wait_for()
-    story = await web.until(lambda s: len(s["scenes"][0]["images"]) == 2)
+    story = await web.until(lambda s: all(len(scene["images"]) == 2 for scene in s["scenes"]))
     assert story["scenes"][0]["chosen"] == story["scenes"][0]["images"][1]
+    await cards.nth(1).locator("button.choose").nth(2).click()
+    await page.locator(".msg.bot", has_text="is now panel 3").wait_for()
 
     await page.fill("#text", "/story export")
     await page.click("#send")
@@ -364,7 +388,7 @@ async def test_the_chat_and_gallery_pages_in_chromium(start_web, browser):
     panel = gallery.locator("#panel-1")
     assert await panel.locator(".main img").get_attribute("src") == story["scenes"][0]["images"][1]
     assert await panel.locator(".thumb").count() == 2
-    assert await gallery.locator("#panel-2 .thumb").count() == 0
+    assert await gallery.locator("#panel-2 .thumb").count() == 2
     await panel.locator(".thumb[data-picture='1'] button.star").click()
     await gallery.locator("#notice", has_text="picture 1").wait_for()
     src = await gallery.locator("#panel-1 .main img").get_attribute("src")
@@ -373,6 +397,8 @@ async def test_the_chat_and_gallery_pages_in_chromium(start_web, browser):
     assert await gallery.locator("#export-pdf").get_attribute("href") == (
         f"/api/stories/{story['id']}/export.pdf"
     )
+    # the thumbnails load lazily: bring each into view, then every picture must have loaded
+    await gallery.evaluate("[...document.images].forEach((img) => img.scrollIntoView())")
     await gallery.wait_for_function(
         "[...document.images].every((img) => img.complete && img.naturalWidth > 0)"
     )

@@ -27,6 +27,7 @@ from core.errors import HuahuaError, InvalidOption, ServiceUnavailable
 from core.images import check_upload_bytes
 from core.service import MessageContext, Reply
 from core.story.book import StoryBook
+from core.story.model import picture_panel
 from core.types import Action, ImagineOptions, JobStatus
 
 if TYPE_CHECKING:
@@ -247,11 +248,11 @@ class SlashCommands:
         await interaction.response.defer(ephemeral=True, thinking=True)
         target = Target.from_interaction(interaction)
         try:
-            await self.service.act(
+            job = await self.service.act(
                 job_id, action, index, user, meta=target.to_meta(), is_admin=is_admin(interaction)
             )
         except HuahuaError as err:
             await say(interaction, err.message)
             return
         if action == Action.CHOOSE:
-            await say(interaction, f"⭐ Picture {index + 1} is now the storybook's panel.")
+            await say(interaction, f"⭐ Panel {picture_panel(job, index) or '?'} now uses this picture.")

@@ -291,7 +291,9 @@ def status_text(job: Job, event: JobEvent) -> str:
     """The status line for a non-final event, with the prompt under it while queued."""
     if event.type in (EventType.QUEUED, EventType.POSITION):
         queued = replace(job, status=JobStatus.QUEUED, error=event.error)
-        return f"{presenter.status_line(queued, event.position)}\n提示词: {job.request.prompt}"
+        return "\n".join(
+            [presenter.status_line(queued, event.position), *presenter.prompt_lines(job.request)]
+        )
     running = replace(job, status=JobStatus.RUNNING, progress=event.progress)
     return f"{presenter.status_line(running)} {presenter.progress_bar(event.progress)}"
 

@@ -37,6 +37,7 @@ from core.logs import RedactSecrets
 from core.service import Huahua, MessageContext, Reply
 from core.settings import Settings
 from core.story.book import StoryBook
+from core.story.model import picture_panel
 from core.types import Action
 
 logger = logging.getLogger(__name__)
@@ -293,8 +294,8 @@ class TelegramAdapter:
                 return
             if press.action == Action.CHOOSE:
                 job = await self.service.act(press.job_id, Action.CHOOSE, press.index, user)
-                panel = job.meta.get("story_scene", "?")
-                await query.answer(f"⭐ Panel {panel} uses this picture.")
+                panel = picture_panel(job, press.index)
+                await query.answer(f"⭐ Panel {panel or '?'} uses this picture.")
                 return
             if message is None:
                 raise InvalidOption("That message is too old for its buttons; ask again with /imagine.")

@@ -74,7 +74,7 @@ def status_text(job: Job, event: JobEvent) -> str:
     if status == JobStatus.RUNNING:
         lines.append(presenter.progress_bar(event.progress))
     if not status.finished:
-        lines.append(f"提示词: {job.request.prompt}")
+        lines.extend(presenter.prompt_lines(job.request))
         lines.extend(job.notes)
     return truncate("\n".join(lines), MESSAGE_LIMIT)
 

@@ -50,7 +50,7 @@ from core.service import Huahua, MessageContext, Reply
 from core.settings import Settings
 from core.story.book import StoryBook, story_json
 from core.story.export import export_html, export_pdf
-from core.story.model import Story
+from core.story.model import Story, picture_panel
 from core.types import Action, EventType, Job, JobEvent, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -153,13 +153,14 @@ def job_json(job: Job, position: int | None = None, viewer: str | None = None) -
     """The job as the page and the API clients see it; `mine` says whether `viewer` asked for it."""
     request = job.request
     caption = presenter.describe(job)
-    prompt_line = f"提示词: {request.prompt}"
+    prompt_line = "\n".join(presenter.prompt_lines(request))
     return {
         "id": job.id,
         "status": job.status.value,
         "progress": round(job.progress, 4),
         "position": position,
         "prompt_zh": request.prompt,
+        "prompts": list(request.prompts),
         "text": job.source_text,
         "mine": viewer is not None and job.user == viewer,
         "params": {
@@ -181,6 +182,10 @@ def job_json(job: Job, position: int | None = None, viewer: str | None = None) -
         "parent_id": job.parent_id,
         "created_at": job.created_at,
         "meta": {key: value for key, value in job.meta.items() if key.startswith(STORY_META_PREFIX)},
+        # the story panel each picture is drawn for (null for pictures of no story)
+        "panels": None
+        if picture_panel(job, 0) is None
+        else [picture_panel(job, i) for i in range(request.n)],
     }
 
 
@@ -439,7 +444,11 @@ async def _story_response(book: StoryBook, story: Story) -> web.Response:
         images[scene.index] = [image_url(job.images[i]) for job, i in await book.variants(scene)]
         digest = await book.panel_image(scene)
         chosen[scene.index] = image_url(digest) if digest else None
-    return web.json_response(story_json(story, images, chosen))
+    data = story_json(story, images, chosen)
+    for member in data["cast"]:  # the reference picture as the page loads it
+        digest = member.pop("reference")
+        member["reference_url"] = image_url(digest) if digest else None
+    return web.json_response(data)
 
 
 async def get_chat_story(request: web.Request) -> web.Response:

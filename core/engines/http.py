@@ -14,13 +14,14 @@ import binascii
 import json
 import logging
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core import errors
 from core.engine import (
+    MAX_IMAGES_PER_REQUEST,
     MAX_REFERENCES,
     CancelToken,
     Engine,
@@ -66,6 +67,13 @@ class WireRequest(BaseModel):
     references: list[str] = Field(default_factory=list, max_length=MAX_REFERENCES)
     consistency: float = Field(0.0, ge=0, le=2)
     reference_images: list[str] = Field(default_factory=list, max_length=MAX_REFERENCES)
+    reference_words: list[Annotated[str, Field(max_length=1_000)]] = Field(
+        default_factory=list, max_length=MAX_REFERENCES
+    )
+    panels: list[Annotated[str, Field(max_length=10_000)]] = Field(
+        default_factory=list, max_length=MAX_IMAGES_PER_REQUEST
+    )
+    panel_rate: float = Field(0.0, ge=0, le=1)
 
     @field_validator("references", "reference_images")
     @classmethod
@@ -74,7 +82,7 @@ class WireRequest(BaseModel):
             raise ValueError("an entry is too long")
         return values
 
-    @field_validator("guidance_scale", "strength", "consistency", mode="before")
+    @field_validator("guidance_scale", "strength", "consistency", "panel_rate", mode="before")
     @classmethod
     def _int_is_a_float(cls, value: Any) -> Any:
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
@@ -99,6 +107,11 @@ def request_to_wire(request: GenerationRequest) -> dict[str, Any]:
         body["references"] = list(request.references)
         body["consistency"] = float(request.consistency)
         body["reference_images"] = [base64.b64encode(png).decode("ascii") for png in request.reference_images]
+    if request.reference_words:
+        body["reference_words"] = list(request.reference_words)
+    if request.panels:  # only then: a worker from before panels refuses no plain request
+        body["panels"] = list(request.panels)
+        body["panel_rate"] = float(request.panel_rate)
     return body
 
 
@@ -125,7 +138,8 @@ def request_from_wire(body: Any) -> GenerationRequest:
         except (binascii.Error, ValueError):
             raise InvalidOption("Invalid field 'reference_images': not base64.") from None
     values = wire.model_dump(exclude={"init_image", "reference_images"})
-    values["references"] = tuple(values["references"])
+    for name in ("references", "reference_words", "panels"):
+        values[name] = tuple(values[name])
     return GenerationRequest(**values, init_image=init_image, reference_images=tuple(references))
 
 

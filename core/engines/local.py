@@ -1,7 +1,9 @@
 """The in-process engine: runs WukongPipeline (official or tiny) in one worker thread.
 
 Batches: a request for n images is one batch of n; image i starts from the noise drawn with seed
-`seed + i`, so image i of seed s equals image 0 of seed s + i (a reroll of one picture is exact).
+`seed + i`, so image i of seed s equals image 0 of seed s + i (a reroll of one picture is exact). A
+request of panels drawn together (`request.panels`) is one batch of its own, picture i from panel i's
+prompt, the panels sharing attention (see `core.diffusion.consistency`).
 Several waiting requests with the same size and sampling parameters (submitted before the engine
 takes its next batch) are run together as one batch, each keeping its own seeds, prompt and progress
 callback.
@@ -74,9 +76,9 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarr
 
 
 def _batch_key(request: GenerationRequest) -> tuple[Any, ...] | None:
-    """Requests with equal keys can share one batch; image-to-image requests and requests that follow
-    reference pictures never do."""
-    if request.init_image is not None or request.reference_images:
+    """Requests with equal keys can share one batch; image-to-image requests, requests that follow
+    reference pictures and panels drawn together (their batch is their own) never do."""
+    if request.init_image is not None or request.reference_images or request.panels:
         return None
     return (request.width, request.height, request.steps, request.guidance_scale, request.sampler)
 
@@ -353,7 +355,7 @@ class LocalEngine(Engine):
         config = self.config
         factor = config.latent_scale
         seeds = [r.seed + i for r in requests for i in range(r.n)]
-        prompts = [r.prompt for r in requests for _ in range(r.n)]
+        prompts = [prompt for r in requests for prompt in (r.panels or (r.prompt,) * r.n)]
         negatives = [r.negative_prompt for r in requests for _ in range(r.n)]
         both = pipe.encode_tokens(pipe.tokenize(prompts + negatives))  # one text-encoder call
         cond, uncond = both[: len(prompts)], both[len(prompts) :]
@@ -396,19 +398,27 @@ class LocalEngine(Engine):
         return out
 
     def _consistency(self, request: GenerationRequest, width: int, height: int) -> dict[str, Any]:
-        """`sample`'s consistency argument: the reference pictures at the panel's size, encoded to latents
-        (none when the request follows none or its strength is 0)."""
+        """`sample`'s consistency argument: the reference pictures at the panel's size, encoded to latents,
+        and the sampling rate of panels drawn together (none when the request follows no reference and
+        draws no panels, or its strength is 0)."""
         if request.consistency == 0.0:
             return {}
         if request.references and len(request.reference_images) != len(request.references):
             raise EngineUnavailable("The reference pictures of this drawing could not be loaded.")
-        if not request.reference_images:
+        panel_rate = float(request.panel_rate) if request.panels else 0.0
+        if not request.reference_images and panel_rate == 0.0:
             return {}
         from core.diffusion.consistency import Consistency
 
-        pixels = np.concatenate([_cover(png, width, height) for png in request.reference_images])
-        latents = self._pipe.encode_images(pixels)
-        return {"consistency": Consistency(references=latents, strength=float(request.consistency))}
+        latents = None
+        if request.reference_images:
+            pixels = np.concatenate([_cover(png, width, height) for png in request.reference_images])
+            latents = self._pipe.encode_images(pixels)
+        return {
+            "consistency": Consistency(
+                references=latents, strength=float(request.consistency), panel_rate=panel_rate
+            )
+        }
 
 
 def _cover(data: bytes, width: int, height: int) -> np.ndarray:

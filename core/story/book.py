@@ -24,14 +24,18 @@ from core.options import resolve
 from core.story.export import Panels, export_files, pdf_problem
 from core.story.model import (
     DEFAULT_CONSISTENCY,
+    SCENE_META,
+    STORY_META,
     CastMember,
     Scene,
+    ScenePlan,
     Story,
+    picture_panel,
     story_from_dict,
     story_to_dict,
 )
 from core.story.planner import ScenePlanner, next_continuity
-from core.types import EventType, ImagineOptions, Job, JobEvent, JobKind, JobStatus
+from core.types import EventType, GenerationRequest, ImagineOptions, Job, JobEvent, JobKind, JobStatus
 
 if TYPE_CHECKING:
     from core.service import Huahua, MessageContext, Reply
@@ -43,12 +47,16 @@ MAX_ILLUSTRATE = 4
 MAX_EXCERPTS = 500
 SEED_STRIDE = 7919
 MAX_CONSISTENCY = 2.0
+PANEL_RATE = 0.5
+"""Panels drawn together (/illustrate 3) each read half of every other panel's tokens (StoryDiffusion's
+rate at 512 pixels), while the story's consistency is on."""
 REFERENCE_SIDE = 1024
 """Cast reference pictures are kept at most this many pixels a side (panels are drawn at 512-1024)."""
 STORY_HELP = """Story commands:
 /story new <title> [--style <preset>] — start this chat's story
 /story add <excerpt> — add a passage
-/illustrate — draw the latest passage (or the message you reply to); /illustrate 3 — the last three
+/illustrate — draw the latest passage (or the message you reply to); /illustrate 3 — the last three,
+  drawn together so they share their characters' looks
 /cast add <name>: <description> (send a picture with it: their reference) · /cast show <name>
 /cast list · /cast remove <name>
 /story consistency on|off|strength <0-2> — panels follow the cast's reference pictures (default on)
@@ -357,13 +365,17 @@ class StoryBook:
             if not story.excerpts:
                 raise InvalidOption("Add a passage first: /story add <text>.")
             excerpts = list(range(max(0, len(story.excerpts) - count), len(story.excerpts)))
-        jobs: list[Job] = []
-        texts: list[str] = []
-        for excerpt_index in excerpts:
-            story, job = await self.illustrate(story, story.excerpts[excerpt_index], user, context.meta)
-            jobs.append(job)
-            texts.append(f"🖼 Panel {len(story.scenes)}: {job.request.prompt}")
-        return Reply(texts=tuple(texts), jobs=tuple(jobs))
+        story, job = await self.illustrate_together(
+            story, [story.excerpts[i] for i in excerpts], user, context.meta
+        )
+        first = len(story.scenes) - len(excerpts) + 1
+        texts = [f"🖼 Panel {first + i}: {prompt}" for i, prompt in enumerate(job.request.prompts)]
+        if len(excerpts) > 1:
+            texts.append(
+                f"Panels {first}–{first + len(excerpts) - 1} are drawn together"
+                + (", sharing their characters' looks." if job.request.panel_rate else ".")
+            )
+        return Reply(texts=("\n".join(texts),), jobs=(job,))  # one status text for the one job
 
     async def illustrate(
         self, story: Story, excerpt: str, user: str, meta: dict[str, str] | None = None
@@ -371,6 +383,54 @@ class StoryBook:
         """Plan one excerpt into a scene, queue its picture and record the scene on the story.
 
         `meta` holds the adapter's platform ids for the job, beside the story's own keys."""
+        return await self.illustrate_together(story, [excerpt], user, meta)
+
+    async def illustrate_together(
+        self, story: Story, excerpts: list[str], user: str, meta: dict[str, str] | None = None
+    ) -> tuple[Story, Job]:
+        """Plan each excerpt into a scene (in order, each continuing the last) and queue them as one job:
+        one picture alone, or several panels drawn together as one batch, in which each panel also
+        reads a sample of the others' tokens while the story's consistency is on (`PANEL_RATE`)."""
+        planned: list[tuple[ScenePlan, GenerationRequest, tuple[str, ...]]] = []
+        for excerpt in excerpts:
+            plan, request, notes = await self._plan_scene(story, excerpt)
+            planned.append((plan, request, notes))
+            story = replace(story, continuity=next_continuity(plan, story.continuity))
+        first = len(story.scenes) + 1
+        request = planned[0][1]
+        notes = planned[0][2]
+        if len(planned) > 1:
+            request = _drawn_together(story, [(plan, request) for plan, request, _ in planned])
+            notes = tuple(f"Panel {first + i}: {note}" for i, (_, _, ns) in enumerate(planned) for note in ns)
+        job = await self.service.submit_request(
+            user,
+            story.chat,
+            JobKind.SCENE,
+            "\n\n".join(excerpts),
+            request,
+            notes=notes,
+            meta={**(meta or {}), STORY_META: story.id, SCENE_META: str(first)},
+        )
+        scenes = tuple(
+            Scene(
+                index=first + i,
+                excerpt=excerpt,
+                plan=plan,
+                request=request,
+                model=self.service.model_name,
+                job_ids=(job.id,),
+                panel=i if request.panels else 0,
+            )
+            for i, (excerpt, (plan, _, _)) in enumerate(zip(excerpts, planned, strict=True))
+        )
+        story = replace(story, scenes=(*story.scenes, *scenes))
+        await self.save(story)
+        return story, job
+
+    async def _plan_scene(
+        self, story: Story, excerpt: str
+    ) -> tuple[ScenePlan, GenerationRequest, tuple[str, ...]]:
+        """The excerpt's scene plan, the request that draws it alone, and the notes for its caption."""
         plan = await self.planner.plan(excerpt, story)
         prompt, cut = self.planner.compose(plan, story)
         service = self.service
@@ -380,45 +440,23 @@ class StoryBook:
             service.styles,
             await service.engine.fetch_limits(),
         )
-        negative = service.builder.negative_prompt(story.style)
         lead = story.member(plan.characters[0]) if plan.characters else None
         references = scene_references(story, plan.characters)
         request = replace(
             service.default_request(),
             prompt=prompt,
-            negative_prompt=negative,
+            negative_prompt=service.builder.negative_prompt(story.style),
             width=resolved.width,
             height=resolved.height,
             steps=resolved.steps,
             guidance_scale=resolved.guidance_scale,
             seed=(story.base_seed + (lead.seed_offset if lead else 0)) % 2**32,
-            references=references,
+            references=tuple(digest for digest, _ in references),
+            reference_words=tuple(words for _, words in references),
             consistency=story.consistency if references else 0.0,
         )
-        index = len(story.scenes) + 1
         notes = plan.notes + ((f"Left out to fit the model's limit: {'、'.join(cut)}.",) if cut else ())
-        job = await service.submit_request(
-            user,
-            story.chat,
-            JobKind.SCENE,
-            excerpt,
-            request,
-            notes=notes,
-            meta={**(meta or {}), "story_id": story.id, "story_scene": str(index)},
-        )
-        scene = Scene(
-            index=index,
-            excerpt=excerpt,
-            plan=plan,
-            request=request,
-            model=service.model_name,
-            job_ids=(job.id,),
-        )
-        story = replace(
-            story, scenes=(*story.scenes, scene), continuity=next_continuity(plan, story.continuity)
-        )
-        await self.save(story)
-        return story, job
+        return plan, request, notes
 
     async def rerender(
         self, story_id: str, scene_index: int, user: str, meta: dict[str, str] | None = None
@@ -428,13 +466,14 @@ class StoryBook:
         scene = story.scene(scene_index)
         if scene is None:
             raise NotFound(f"The story has no panel {scene_index}.")
+        batch = [s for s in story.scenes if s.first_of_batch == scene.first_of_batch and s.request.panels]
         return await self.service.submit_request(
             user,
             story.chat,
             JobKind.SCENE,
-            scene.excerpt,
+            "\n\n".join(s.excerpt for s in batch) if scene.request.panels else scene.excerpt,
             scene.request,
-            meta={**(meta or {}), "story_id": story.id, "story_scene": str(scene.index)},
+            meta={**(meta or {}), STORY_META: story.id, SCENE_META: str(scene.first_of_batch)},
         )
 
     async def _rerender_command(self, chat: str, user: str, args: str, context: MessageContext) -> Reply:
@@ -442,7 +481,13 @@ class StoryBook:
 
         story = await self._require_active(chat)
         job = await self.rerender(story.id, _panel_number(args, story), user, context.meta)
-        return Reply(texts=(f"Re-drawing panel {args} exactly as before.",), jobs=(job,))
+        if job.request.panels:
+            first = int(job.meta[SCENE_META])
+            last = first + len(job.request.panels) - 1
+            text = f"Re-drawing panels {first}–{last} exactly as before (they were drawn together)."
+        else:
+            text = f"Re-drawing panel {args.strip()} exactly as before."
+        return Reply(texts=(text,), jobs=(job,))
 
     async def choose(self, job: Job, image_index: int, user: str) -> Story:
         """The group's choice (⭐) of one picture of a scene's variants becomes the book's panel."""
@@ -450,13 +495,13 @@ class StoryBook:
             return await self._choose(job, image_index, user)
 
     async def _choose(self, job: Job, image_index: int, user: str) -> Story:
-        story_id, scene_text = job.meta.get("story_id"), job.meta.get("story_scene", "")
-        if not story_id or not scene_text.isdigit():
+        panel = picture_panel(job, image_index)
+        if panel is None:
             raise InvalidOption("Only story pictures can be chosen for the book.")
         if job.status != JobStatus.DONE or not 0 <= image_index < len(job.images):
             raise InvalidOption("Choose a finished picture.")
-        story = await self.get(story_id)
-        scene = story.scene(int(scene_text))
+        story = await self.get(job.meta[STORY_META])
+        scene = story.scene(panel)
         if scene is None:
             raise NotFound("That panel is no longer in the story.")
         job_ids = scene.job_ids if job.id in scene.job_ids else (*scene.job_ids, job.id)
@@ -490,7 +535,7 @@ class StoryBook:
         for job_id in scene.job_ids:
             job = await self.service.store.get_job(job_id)
             if job is not None and job.status == JobStatus.DONE:
-                found.extend((job, i) for i in range(len(job.images)))
+                found.extend((job, i) for i in range(len(job.images)) if picture_panel(job, i) == scene.index)
         return found
 
     async def panel_image(self, scene: Scene) -> str | None:
@@ -580,24 +625,23 @@ class StoryBook:
 
     async def _on_event(self, job: Job, event: JobEvent) -> None:
         """Rerolls and variations of a scene's picture become that scene's variants."""
-        if event.type != EventType.DONE or "story_id" not in job.meta:
+        if event.type != EventType.DONE or STORY_META not in job.meta:
             return
         async with self._lock(job.chat):
             await self._add_variant(job)
 
     async def _add_variant(self, job: Job) -> None:
-        scene_text = job.meta.get("story_scene", "")
         try:
-            story = await self.get(job.meta["story_id"])
+            story = await self.get(job.meta[STORY_META])
         except NotFound:
             return
-        scene = story.scene(int(scene_text)) if scene_text.isdigit() else None
-        if scene is None or job.id in scene.job_ids:
-            return
-        updated = replace(scene, job_ids=(*scene.job_ids, job.id))
-        await self.save(
-            replace(story, scenes=tuple(updated if s.index == scene.index else s for s in story.scenes))
+        panels = {picture_panel(job, i) for i in range(len(job.images))}
+        scenes = tuple(
+            replace(s, job_ids=(*s.job_ids, job.id)) if s.index in panels and job.id not in s.job_ids else s
+            for s in story.scenes
         )
+        if scenes != story.scenes:
+            await self.save(replace(story, scenes=scenes))
 
 
 @dataclass(frozen=True)
@@ -609,17 +653,36 @@ class SharedStory:
     files: tuple[tuple[str, bytes], ...]
 
 
-def scene_references(story: Story, characters: tuple[str, ...]) -> tuple[str, ...]:
-    """The reference pictures of the characters present, in their order, each once, at most
-    MAX_REFERENCES (every one is an extra UNet pass per shared step); none when consistency is off."""
+def scene_references(story: Story, characters: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """(digest, the words that name the character in prompts) of the reference pictures of the
+    characters present, in their order, each once, at most MAX_REFERENCES (every one is an extra UNet
+    pass per shared step); none when consistency is off."""
     if story.consistency == 0.0:
         return ()
-    digests: list[str] = []
+    found: dict[str, str] = {}
     for name in characters:
         member = story.member(name)
-        if member is not None and member.reference and member.reference not in digests:
-            digests.append(member.reference)
-    return tuple(digests[:MAX_REFERENCES])
+        if member is not None and member.reference and member.reference not in found:
+            found[member.reference] = member.description
+    return tuple(found.items())[:MAX_REFERENCES]
+
+
+def _drawn_together(story: Story, panels: list[tuple[ScenePlan, GenerationRequest]]) -> GenerationRequest:
+    """One request for panels drawn as one batch: the first panel's parameters and seed (panel i draws
+    from seed + i), every panel's prompt, and the references of every character present, each once."""
+    first = panels[0][1]
+    characters = tuple(name for plan, _ in panels for name in plan.characters)
+    references = scene_references(story, characters)
+    sharing = story.consistency > 0.0
+    return replace(
+        first,
+        panels=tuple(request.prompt for _, request in panels),
+        n=len(panels),
+        references=tuple(digest for digest, _ in references),
+        reference_words=tuple(words for _, words in references),
+        consistency=story.consistency if sharing else 0.0,
+        panel_rate=PANEL_RATE if sharing else 0.0,
+    )
 
 
 def _first_panel_as_reference(story: Story, scene: Scene, digest: str) -> Story:
@@ -675,13 +738,24 @@ def story_json(story: Story, images: dict[int, list[str]], chosen: dict[int, str
         "title": story.title,
         "style": story.style,
         "active": story.active,
-        "cast": [{"name": m.name, "description": m.description} for m in story.cast],
+        "cast": [
+            {
+                "name": m.name,
+                "description": m.description,
+                "reference": m.reference,
+                "reference_from": m.reference_from,
+            }
+            for m in story.cast
+        ],
         "scenes": [
             {
                 "index": scene.index,
                 "excerpt": scene.excerpt,
-                "prompt_zh": scene.request.prompt,
-                "seed": scene.request.seed,
+                "prompt_zh": scene.own_request.prompt,
+                "seed": scene.own_request.seed,
+                "drawn_with": list(range(scene.first_of_batch, scene.first_of_batch + scene.request.n))
+                if scene.request.panels
+                else [],
                 "params": {
                     "width": scene.request.width,
                     "height": scene.request.height,

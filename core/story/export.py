@@ -110,11 +110,12 @@ async def export_html(story: Story, panels: Panels) -> bytes:
     ]
     for number, (scene, png) in enumerate(panels, start=1):
         encoded = base64.b64encode(png).decode("ascii")
+        own = scene.own_request
         parts.append(
             f"<figure id='panel-{scene.index}'>"
             f"<img alt='panel {number}' src='data:image/png;base64,{encoded}'>"
             f"<figcaption>{html.escape(scene.excerpt)}"
-            f"<div class='prompt'>{html.escape(scene.request.prompt)} · seed {scene.request.seed}</div>"
+            f"<div class='prompt'>{html.escape(own.prompt)} · seed {own.seed}</div>"
             "</figcaption></figure>"
         )
     if story.cast:

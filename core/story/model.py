@@ -6,13 +6,25 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.types import GenerationRequest
+from core.types import GenerationRequest, Job
 
 _REQUEST_FIELDS = tuple(
     f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("init_image", "reference_images")
 )
 DEFAULT_CONSISTENCY = 1.0
 """A new story keeps its characters consistent at full strength (/story consistency changes it)."""
+STORY_META = "story_id"
+SCENE_META = "story_scene"
+"""A story job's meta: its story, and the panel its first picture is drawn for (picture i of panels
+drawn together is for panel first + i; every picture of any other job is for that one panel)."""
+
+
+def picture_panel(job: Job, index: int) -> int | None:
+    """The story panel picture `index` of `job` is drawn for; None for a picture of no story."""
+    first = job.meta.get(SCENE_META, "")
+    if STORY_META not in job.meta or not first.isdigit():
+        return None
+    return int(first) + (index if job.request.panels else 0)
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,19 @@ class Scene:
     job_ids: tuple[str, ...] = ()
     chosen: tuple[str, int] | None = None
     """(job id, image index) of the picture the group chose for the book."""
+    panel: int = 0
+    """Which of `request.panels` this scene is, when it was drawn together with others (`request` is
+    then the whole batch's, so re-rendering it reproduces every panel of it exactly)."""
+
+    @property
+    def own_request(self) -> GenerationRequest:
+        """This panel's prompt, seed and parameters, alone."""
+        return self.request.panel(self.panel) if self.request.panels else self.request
+
+    @property
+    def first_of_batch(self) -> int:
+        """The index of the first scene drawn in the same batch (this one's, when drawn alone)."""
+        return self.index - self.panel
 
 
 @dataclass(frozen=True)
@@ -101,8 +126,9 @@ def request_to_dict(request: GenerationRequest) -> dict[str, Any]:
 def request_from_dict(data: dict[str, Any]) -> GenerationRequest:
     """Fields a story saved before they existed take their defaults."""
     values = {name: data[name] for name in _REQUEST_FIELDS if name in data}
-    if "references" in values:
-        values["references"] = tuple(values["references"])
+    for name in ("references", "reference_words", "panels"):
+        if name in values:
+            values[name] = tuple(values[name])
     return GenerationRequest(**values)
 
 
@@ -130,6 +156,7 @@ def story_from_dict(data: dict[str, Any]) -> Story:
             model=s["model"],
             job_ids=tuple(s["job_ids"]),
             chosen=(s["chosen"][0], s["chosen"][1]) if s["chosen"] else None,
+            panel=s.get("panel", 0),  # stories saved before panels were drawn together have none
         )
         for s in data["scenes"]
     )

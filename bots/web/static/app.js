@@ -56,7 +56,7 @@ async function act(job, action, index) {
     if (action === "cancel") {
       renderJob(result);
     } else if (action === "choose") {
-      addMessage(t("chosen", index + 1, job.meta.story_scene), "bot");
+      addMessage(t("chosen", index + 1, job.panels[index]), "bot");
     } else {
       follow(result);
     }
@@ -154,7 +154,10 @@ function cardFor(job) {
 
 function kindLabel(job) {
   const kind = t(job.kind);
-  if (job.meta && job.meta.story_scene) return `📖 ${t("panel", job.meta.story_scene)} · ${kind}`;
+  if (job.panels && job.panels.length > 1 && job.panels[0] !== job.panels[1]) {
+    return `📖 ${t("panelRange", job.panels[0], job.panels[job.panels.length - 1])} · ${kind}`;
+  }
+  if (job.panels) return `📖 ${t("panel", job.panels[0])} · ${kind}`;
   return kind;
 }
 
@@ -177,7 +180,9 @@ function renderJob(job) {
   const bar = card.querySelector(".bar");
   bar.setAttribute("aria-valuenow", String(percent));
   bar.querySelector(".fill").style.width = `${percent}%`;
-  card.querySelector(".prompt").textContent = job.prompt_zh;
+  // panels drawn together: each panel's prompt on its own line
+  card.querySelector(".prompt").textContent =
+    job.prompts.length > 1 ? job.prompts.map((p, i) => `${i + 1}. ${p}`).join("\n") : job.prompt_zh;
   card.querySelector(".caption").textContent = job.details;
   const images = card.querySelector(".images");
   if (images.childElementCount !== job.images.length) {

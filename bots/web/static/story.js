@@ -81,6 +81,12 @@ function render(story) {
     name.textContent = member.name;
     const description = document.createElement("dd");
     description.textContent = member.description;
+    if (member.reference_url) {
+      const img = picture(member.reference_url, member.name);
+      img.className = "reference";
+      img.title = t("referenceTitle", member.reference_from);
+      description.prepend(img);
+    }
     return [name, description];
   }));
   $("panels").replaceChildren(...story.scenes.map(renderPanel));
