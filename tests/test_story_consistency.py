@@ -481,3 +481,38 @@ async def test_the_tiny_engine_draws_panels_together(tmp_path: Path) -> None:
             await server.close()
     finally:
         await engine.close()
+
+
+async def test_the_tiny_engine_places_each_reference_by_its_characters_words(tmp_path: Path) -> None:
+    """Two references with the words that name their characters: the engine finds those words in the
+    prompt and reads each reference mostly where they draw the cross-attention, so the picture differs
+    from the one where both apply everywhere; words the prompt does not contain change nothing."""
+    pytest.importorskip("mindspore")
+    from core.engines.local import tiny_engine
+
+    settings = Settings(model_dir=tmp_path / "models", vocab_path=None, engine="tiny", _env_file=None)  # type: ignore[call-arg]
+    engine = tiny_engine(settings)
+    await engine.start()
+    try:
+        base = GenerationRequest(
+            prompt="红衣女孩和灰狼在海边跳舞",
+            width=64,
+            height=64,
+            steps=3,
+            seed=11,
+            references=("a" * 64, "b" * 64),
+            reference_images=(_jpeg((200, 0, 0)), _jpeg((90, 90, 90))),
+            consistency=1.0,
+        )
+
+        async def draw(**changes: object) -> bytes:
+            images = await engine.generate(replace(base, **changes), lambda s, t: None, CancelToken())
+            return images[0].png
+
+        everywhere = await draw()
+        placed = await draw(reference_words=("红衣女孩", "灰狼"))
+        assert placed != everywhere
+        assert await draw(reference_words=("红衣女孩", "灰狼")) == placed
+        assert await draw(reference_words=("蓝色的鲸鱼", "")) == everywhere  # words not in the prompt
+    finally:
+        await engine.close()

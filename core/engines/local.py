@@ -357,7 +357,8 @@ class LocalEngine(Engine):
         seeds = [r.seed + i for r in requests for i in range(r.n)]
         prompts = [prompt for r in requests for prompt in (r.panels or (r.prompt,) * r.n)]
         negatives = [r.negative_prompt for r in requests for _ in range(r.n)]
-        both = pipe.encode_tokens(pipe.tokenize(prompts + negatives))  # one text-encoder call
+        tokens = pipe.tokenize(prompts + negatives)
+        both = pipe.encode_tokens(tokens)  # one text-encoder call
         cond, uncond = both[: len(prompts)], both[len(prompts) :]
         x_T = initial_noise(seeds, (config.latent_channels, height // factor, width // factor))
         init_latents = None
@@ -380,7 +381,7 @@ class LocalEngine(Engine):
             strength=strength,
             on_step=on_step,
             cancelled=cancelled,
-            **self._consistency(first, width, height),
+            **self._consistency(first, width, height, tokens[: len(prompts)]),
         )
         if cancelled():
             raise JobCancelled()
@@ -397,8 +398,11 @@ class LocalEngine(Engine):
             index += request.n
         return out
 
-    def _consistency(self, request: GenerationRequest, width: int, height: int) -> dict[str, Any]:
+    def _consistency(
+        self, request: GenerationRequest, width: int, height: int, prompt_tokens: np.ndarray
+    ) -> dict[str, Any]:
         """`sample`'s consistency argument: the reference pictures at the panel's size, encoded to latents,
+        where in each panel's prompt (`prompt_tokens`) the words of each reference's character stand,
         and the sampling rate of panels drawn together (none when the request follows no reference and
         draws no panels, or its strength is 0)."""
         if request.consistency == 0.0:
@@ -408,17 +412,31 @@ class LocalEngine(Engine):
         panel_rate = float(request.panel_rate) if request.panels else 0.0
         if not request.reference_images and panel_rate == 0.0:
             return {}
-        from core.diffusion.consistency import Consistency
+        from core.diffusion.consistency import Consistency, region_masks
 
-        latents = None
+        latents = regions = None
         if request.reference_images:
             pixels = np.concatenate([_cover(png, width, height) for png in request.reference_images])
             latents = self._pipe.encode_images(pixels)
+            if any(request.reference_words):
+                phrases = [[self._phrase(words)] for words in request.reference_words]
+                regions = region_masks(np.asarray(prompt_tokens), phrases)
         return {
             "consistency": Consistency(
-                references=latents, strength=float(request.consistency), panel_rate=panel_rate
+                references=latents,
+                strength=float(request.consistency),
+                panel_rate=panel_rate,
+                regions=regions,
             )
         }
+
+    def _phrase(self, words: str) -> np.ndarray:
+        """The token ids of `words` as they stand inside a prompt (no [CLS], [SEP] or padding)."""
+        if not words.strip():
+            return np.zeros(0, np.int64)
+        ids = self._pipe.tokenize([words])[0]
+        tokenizer = self._pipe.tokenizer
+        return ids[1 : list(ids).index(tokenizer.sep_id)]
 
 
 def _cover(data: bytes, width: int, height: int) -> np.ndarray:
