@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +70,54 @@ async def test_missing_torch_weights_say_how_to_fetch(tmp_path: Path) -> None:
     health = await engine.health()
     assert not health["ready"] and "huahua model fetch" in health["error"]
     await engine.close()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_WITHOUT_MINDSPORE = """
+import asyncio, sys
+sys.modules["mindspore"] = None  # as on a machine with only the torch extra installed
+from core.engine import CancelToken
+from core.engines.factory import build_engine
+from core.settings import Settings
+from core.types import GenerationRequest
+
+async def main() -> None:
+    engine = build_engine(Settings(engine="tiny", device="auto", vocab_path=None, _env_file=None))
+    await engine.start()
+    health = await engine.health()
+    request = GenerationRequest(prompt="一只猫", width=64, height=64, steps=3, seed=7)
+    [image] = await engine.generate(request, lambda s, t: None, CancelToken())
+    sys.stdout.buffer.write(health["label"].encode() + b"\\n" + image.png)
+    await engine.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_the_tiny_engine_runs_on_pytorch_where_mindspore_is_not_installed(tmp_path: Path) -> None:
+    """An NVIDIA user with only the torch extra can try the bot with no download: the tiny engine falls
+    back to the PyTorch pipeline, whose random weights for a seed are MindSpore's, so it draws the same
+    picture (within one level of rounding)."""
+    pytest.importorskip("mindspore", reason="needs MindSpore for the picture to compare with")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        TINY_WITHOUT_MINDSPORE,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=300)
+    assert process.returncode == 0, err.decode()[-2000:]
+    label, _, png = out.partition(b"\n")
+    assert label.decode() == "untrained test model, PyTorch"
+
+    engine = build_engine(Settings(engine="tiny", vocab_path=None, _env_file=None))  # type: ignore[call-arg]
+    await engine.start()
+    try:
+        assert (await engine.health())["label"] == "untrained test model"
+        [image] = await engine.generate(_request(), lambda s, t: None, CancelToken())
+    finally:
+        await engine.close()
+    difference = np.abs(png_to_array(png).astype(np.float64) - png_to_array(image.png).astype(np.float64))
+    assert difference.max() <= 2 / 127.5 + 1e-6  # png_to_array is in [-1, 1]: at most one level apart

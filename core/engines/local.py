@@ -18,6 +18,7 @@ then wait for it to finish (they run on the same thread, in order).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -510,19 +511,25 @@ def wukong_engine(settings: Settings) -> LocalEngine:
 def tiny_engine(settings: Settings, *, seed: int = 0, graph: bool = False) -> LocalEngine:
     """The same code at a tiny size with random weights: fast pictures of noise, for tests and demos.
     `graph`: its UNet compiled, and the default size compiled in the background at start, as the
-    official engine does with HUAHUA_GRAPH_MODE."""
+    official engine does with HUAHUA_GRAPH_MODE.
+
+    On MindSpore; where only the torch extra is installed (an NVIDIA user's machine), on the PyTorch
+    pipeline instead, whose random weights for a seed are the same, so it draws the same pictures."""
     device = mindspore_device(settings.device)
     dtype = resolve_dtype(device, settings.dtype)
+    holder: list[LocalEngine] = []
 
     def load() -> Any:
+        vocab = tiny_vocabulary(settings)  # vocab_zh.txt when installed, else the built-in vocabulary
+        if not installed("mindspore") and installed("torch"):
+            return _tiny_torch(settings, vocab, seed, holder[0])
         _check_device(device)
         diffusion = _import_diffusion()
-        vocab = tiny_vocabulary(settings)  # vocab_zh.txt when installed, else the built-in vocabulary
         return diffusion.WukongPipeline.random(
             diffusion.WukongConfig.tiny(), vocab, seed=seed, device=device, dtype=dtype, graph=graph
         )
 
-    return LocalEngine(
+    engine = LocalEngine(
         load,
         name="tiny",
         label="untrained test model",
@@ -532,6 +539,27 @@ def tiny_engine(settings: Settings, *, seed: int = 0, graph: bool = False) -> Lo
         limits=EngineLimits.for_area(settings.tiny_image_area, max_steps=settings.max_steps),
         warm_up=compile_size if graph else None,
     )
+    holder.append(engine)
+    return engine
+
+
+def _tiny_torch(settings: Settings, vocab: Any, seed: int, engine: LocalEngine) -> Any:
+    from core.diffusion.config import WukongConfig
+    from core.torch_engine.pipeline import TorchWukongPipeline, resolve_device
+
+    device = resolve_device(settings.device)
+    pipe = TorchWukongPipeline.random(WukongConfig.tiny(), vocab, seed=seed, device=device)
+    engine.device, engine.dtype = pipe.device, pipe.dtype
+    engine.label = "untrained test model, PyTorch"
+    return pipe
+
+
+def installed(package: str) -> bool:
+    """Whether `package` can be imported here (found, not imported: MindSpore takes seconds to load)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:  # a module set to None in sys.modules: as good as absent
+        return False
 
 
 def compile_size(pipe: Any, width: int, height: int) -> None:
