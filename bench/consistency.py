@@ -1,22 +1,38 @@
-"""Character consistency across a story's panels, with the real Wukong-Huahua weights: off against on.
+"""Character consistency across a story's panels, with the real Wukong-Huahua weights: off, on, together.
 
-    python bench/consistency.py [--steps 25] [--size 512] [--strength 1.0] [--out bench-out/consistency]
+    python bench/consistency.py [--steps 25] [--size 512] [--strength 1.0] [--panel-rate 0.5]
+                                [--seed 1234] [--out bench-out/consistency]
                                 [--clip ViT-B-16] [--clip-root ~/.cache/cn_clip]
 
 A fixed set of short Chinese stories (STORIES: 5 panels each, one or two characters, people and
-animals) is planned and composed into prompts by the product's own scene planner, then drawn twice with
-the same seeds: consistency off (today's prompts and seed offsets alone) and on (each character's
-reference picture, drawn first from their description as a user would send one, followed by every panel
-they appear in: reference attention, `core.diffusion.consistency`). Scores, with Chinese CLIP (PyPI
-`cn_clip`, which downloads its own weights on first use):
+animals) is planned and composed into prompts by the product's own scene planner. Each character first
+gets a reference picture, drawn from their description as a user would send one. Every story is then
+drawn three ways, as the product draws it (`core.diffusion.consistency`):
+
+- off: each panel alone, from its prompt and the product's seed (the story's seed plus its lead
+  character's offset), no consistency;
+- on: each panel alone, with the same seed, following the reference latents of the characters in it
+  (`Consistency(references=..., strength=...)`); a panel with two characters also places each reference
+  where its character's description stands in the prompt (`Consistency.regions`, from `region_masks`);
+- together: the 5 panels as one batch, as `/illustrate 5` draws them (`core.story.book._drawn_together`,
+  `LocalEngine._run_batch`): panel i from the first panel's seed + i, each panel reading a share
+  (--panel-rate, default the product's PANEL_RATE) of the others' tokens, every character's reference
+  once, and each reference placed by its character's description in every panel's prompt.
+
+The together batch is 5 guided panels (10 UNet rows) plus the references: about 12 UNet rows at
+512x512: fine on a GPU or an Ascend card, slow on a CPU.
+
+Scores, with Chinese CLIP (PyPI `cn_clip`, which downloads its own weights on first use), per condition:
 
 - character similarity (CLIP-I): for each character, the mean pairwise cosine similarity of the image
   embeddings of the panels they appear in; higher is more consistent;
 - prompt fidelity (CLIP-T): the mean cosine similarity of each panel with its own prompt; consistency
   should not cost much of it.
 
-It needs the official weights and vocabulary (`huahua model fetch`) and says so, and exits, when they
-are absent. Pictures and a JSON summary are written under --out.
+It needs the official weights and vocabulary (`huahua model fetch`) and says so, and exits with 2,
+having drawn nothing, when they are absent (likewise without `cn_clip`). Pictures (`reference-<name>.png`,
+`panel<N>-<condition>.png` per story) and `summary.json` are written under --out; the overall table is
+printed.
 """
 
 from __future__ import annotations
@@ -26,11 +42,21 @@ import asyncio
 import itertools
 import json
 import sys
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from core.diffusion.consistency import Consistency, region_masks  # noqa: E402
+from core.errors import InvalidOption  # noqa: E402
+from core.story.book import PANEL_RATE, scene_references  # noqa: E402
+
+CONDITIONS = ("off", "on", "together")
 
 
 @dataclass(frozen=True)
@@ -38,6 +64,33 @@ class StoryCase:
     title: str
     cast: dict[str, str]
     passages: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Options:
+    """How every picture is drawn."""
+
+    steps: int = 25
+    size: int = 512
+    strength: float = 1.0
+    panel_rate: float = PANEL_RATE
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class Panel:
+    prompt: str
+    seed: int
+    characters: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DrawnStory:
+    panels: tuple[Panel, ...]
+    references: dict[str, bytes]
+    """Each character's reference picture (PNG)."""
+    pictures: dict[str, list[bytes]]
+    """Per condition (CONDITIONS), one PNG per panel."""
 
 
 STORIES = (
@@ -90,14 +143,25 @@ STORIES = (
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--strength", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--steps", type=int, default=Options.steps)
+    parser.add_argument("--size", type=int, default=Options.size)
+    parser.add_argument("--strength", type=float, default=Options.strength)
+    parser.add_argument(
+        "--panel-rate",
+        type=float,
+        default=Options.panel_rate,
+        help="share of the other panels' tokens each panel drawn together reads (the product: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=Options.seed)
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "consistency")
     parser.add_argument("--clip", default="ViT-B-16", help="Chinese CLIP model name")
     parser.add_argument("--clip-root", default=None, help="where cn_clip keeps its weights")
     args = parser.parse_args()
+    options = Options(args.steps, args.size, args.strength, args.panel_rate, args.seed)
+    try:  # the product's own limits, checked before anything is loaded
+        Consistency(strength=options.strength, panel_rate=options.panel_rate)
+    except InvalidOption as exc:
+        parser.error(exc.message)
 
     from core.settings import Settings
 
@@ -113,139 +177,261 @@ def main() -> int:
         )
         return 2
     try:
-        import cn_clip.clip as cn_clip  # type: ignore[import-not-found]
+        import cn_clip.clip as cn_clip
         import torch
     except ImportError:
         print("Scoring needs Chinese CLIP: pip install cn_clip torch. Nothing was drawn.", file=sys.stderr)
         return 2
-    drawn = _draw_all(args, settings)
-    scores = _score(drawn, args, cn_clip, torch)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(scores, ensure_ascii=False, indent=2))
-    print(json.dumps(scores["overall"], ensure_ascii=False, indent=2))
-    return 0
-
-
-def _draw_all(args: argparse.Namespace, settings: object) -> dict[str, object]:
-    """Per story title: the panels (prompt, characters present) and their pictures off and on."""
-    import numpy as np
 
     from core.app import build_scene_planner
     from core.diffusion import WukongPipeline
-    from core.diffusion.consistency import Consistency
-    from core.images import array_to_pngs
     from core.prompting import load_prompt_builder
+
+    pipe = WukongPipeline.load(checkpoint, vocab, graph=True)
+    builder = load_prompt_builder(settings)
+    planner = build_scene_planner(settings, builder)
+    negative = builder.negative_prompt(None)
+    drawn: dict[str, DrawnStory] = {}
+    for number, case in enumerate(STORIES):
+        drawn[case.title] = draw_story(pipe, planner, negative, case, options, story_id=f"b{number}")
+        write_pictures(drawn[case.title], args.out / case.title)
+    scores = _score(drawn, args.clip, args.clip_root, cn_clip, torch)
+    summary = {"options": asdict(options), **scores}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2))
+    print(overall_table(scores["overall"]))
+    return 0
+
+
+# drawing ---------------------------------------------------------------------------------------------
+
+
+def draw_story(
+    pipe: Any, planner: Any, negative: str, case: StoryCase, options: Options, *, story_id: str = "bench"
+) -> DrawnStory:
+    """The story's references, then its panels drawn off, on and together (see the module docstring)."""
     from core.story.model import CastMember, Story
     from core.story.planner import next_continuity
 
-    pipe = WukongPipeline.load(settings.checkpoint_path, settings.resolved_vocab_path, graph=True)  # type: ignore[attr-defined]
-    builder = load_prompt_builder(settings)  # type: ignore[arg-type]
-    planner = build_scene_planner(settings, builder)  # type: ignore[arg-type]
-    negative = builder.negative_prompt(None)
-    latent_side = args.size // pipe.config.latent_scale
+    # each member's reference "digest" is their name: the product's scene_references then picks the
+    # references of a panel (present characters, each once, at most MAX_REFERENCES) and their words
+    cast = tuple(
+        CastMember(name, description, (i + 1) * 7919, reference=name)
+        for i, (name, description) in enumerate(case.cast.items())
+    )
+    story = Story(
+        id=story_id,
+        chat="bench",
+        title=case.title,
+        style=None,
+        base_seed=options.seed,
+        created_by="bench",
+        created_at=0.0,
+        cast=cast,
+        consistency=options.strength,
+    )
+    references: dict[str, bytes] = {}
+    reference_latents: dict[str, np.ndarray] = {}
+    for member in cast:
+        png, latents = draw_alone(
+            pipe,
+            f"{member.description}，全身像，简单背景",
+            negative,
+            options.seed + member.seed_offset,
+            options,
+        )
+        references[member.name], reference_latents[member.name] = png, latents
 
-    def draw(prompt: str, seed: int, consistency: Consistency | None) -> tuple[bytes, np.ndarray]:
-        cond, uncond = (pipe.encode_tokens(pipe.tokenize([text])) for text in (prompt, negative))
-        noise = (
-            np.random.default_rng(seed).standard_normal((1, 4, latent_side, latent_side)).astype(np.float32)
-        )
-        latents = pipe.sample(cond, uncond, steps=args.steps, x_T=noise, seed=seed, consistency=consistency)
-        return array_to_pngs(pipe.decode_latents(latents))[0], latents
-
-    out: dict[str, object] = {}
-    for number, case in enumerate(STORIES):
-        cast = tuple(
-            CastMember(name, description, (i + 1) * 7919)
-            for i, (name, description) in enumerate(case.cast.items())
-        )
-        story = Story(
-            id=f"b{number}",
-            chat="bench",
-            title=case.title,
-            style=None,
-            base_seed=args.seed,
-            created_by="bench",
-            created_at=0.0,
-            cast=cast,
-        )
-        references: dict[str, bytes] = {}
-        reference_latents: dict[str, np.ndarray] = {}
-        for member in cast:
-            png, latents = draw(
-                f"{member.description}，全身像，简单背景", args.seed + member.seed_offset, None
+    panels: list[Panel] = []
+    off: list[bytes] = []
+    on: list[bytes] = []
+    for passage in case.passages:
+        plan = asyncio.run(planner.plan(passage, story))
+        prompt, _ = planner.compose(plan, story)
+        story = replace(story, continuity=next_continuity(plan, story.continuity))
+        lead = story.member(plan.characters[0]) if plan.characters else None
+        seed = (story.base_seed + (lead.seed_offset if lead else 0)) % 2**32
+        panels.append(Panel(prompt, seed, tuple(plan.characters)))
+        off.append(draw_alone(pipe, prompt, negative, seed, options)[0])
+        followed = scene_references(story, plan.characters)
+        consistency = None
+        if followed:
+            names, words = zip(*followed, strict=True)
+            prompt_tokens = pipe.tokenize([prompt])
+            consistency = Consistency(
+                references=np.concatenate([reference_latents[name] for name in names]),
+                strength=options.strength,
+                # one reference reads everywhere; two are each placed by their character's words
+                regions=character_regions(pipe, prompt_tokens, words) if len(followed) > 1 else None,
             )
-            references[member.name], reference_latents[member.name] = png, latents
-        panels, off, on = [], [], []
-        for passage in case.passages:
-            plan = asyncio.run(planner.plan(passage, story))
-            prompt, _ = planner.compose(plan, story)
-            story = replace(story, continuity=next_continuity(plan, story.continuity))
-            lead = story.member(plan.characters[0]) if plan.characters else None
-            seed = args.seed + (lead.seed_offset if lead else 0)
-            present = [name for name in plan.characters if name in reference_latents]
-            off.append(draw(prompt, seed, None)[0])
-            consistency = None
-            if present:
-                refs = np.concatenate([reference_latents[name] for name in present])
-                consistency = Consistency(references=refs, strength=args.strength)
-            on.append(draw(prompt, seed, consistency)[0])
-            panels.append((prompt, list(plan.characters)))
-            print(f"{case.title}: {passage} -> {prompt}", flush=True)
-        folder = args.out / case.title
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, (a, b) in enumerate(zip(off, on, strict=True)):
-            (folder / f"panel{i + 1}-off.png").write_bytes(a)
-            (folder / f"panel{i + 1}-on.png").write_bytes(b)
-        for name, png in references.items():
-            (folder / f"reference-{name}.png").write_bytes(png)
-        out[case.title] = {"panels": panels, "off": off, "on": on}
-    return out
+        on.append(draw_alone(pipe, prompt, negative, seed, options, consistency)[0])
+        print(f"{case.title}: {passage} -> {prompt}", flush=True)
+
+    everyone = scene_references(story, tuple(name for panel in panels for name in panel.characters))
+    together = draw_together(
+        pipe,
+        [panel.prompt for panel in panels],
+        negative,
+        panels[0].seed,
+        options,
+        references=np.concatenate([reference_latents[name] for name, _ in everyone]) if everyone else None,
+        words=[words for _, words in everyone],
+    )
+    print(f"{case.title}: {len(panels)} panels drawn together", flush=True)
+    return DrawnStory(tuple(panels), references, {"off": off, "on": on, "together": together})
+
+
+def draw_alone(
+    pipe: Any,
+    prompt: str,
+    negative: str,
+    seed: int,
+    options: Options,
+    consistency: Consistency | None = None,
+) -> tuple[bytes, np.ndarray]:
+    """One picture (PNG) and its final latents (1, 4, h, w)."""
+    latents = _sample(pipe, pipe.tokenize([prompt]), negative, seed, options, consistency)
+    return _pngs(pipe, latents)[0], latents
+
+
+def draw_together(
+    pipe: Any,
+    prompts: Sequence[str],
+    negative: str,
+    seed: int,
+    options: Options,
+    *,
+    references: np.ndarray | None,
+    words: Sequence[str],
+) -> list[bytes]:
+    """The panels as one batch, picture i from prompts[i] and seed + i, sharing attention as /illustrate
+    N does: options.panel_rate of each other panel's tokens, the references (r, 4, h, w) and, for
+    each, the regions of its character's words (words[r]) in every panel's prompt."""
+    prompt_tokens = pipe.tokenize(list(prompts))
+    consistency = Consistency(
+        references=references,
+        strength=options.strength,
+        panel_rate=options.panel_rate,
+        regions=None if references is None else character_regions(pipe, prompt_tokens, words),
+    )
+    return _pngs(pipe, _sample(pipe, prompt_tokens, negative, seed, options, consistency))
+
+
+def character_regions(pipe: Any, prompt_tokens: np.ndarray, words: Sequence[str]) -> np.ndarray:
+    """(r, panels, L): where each reference's character's words stand in each panel's prompt tokens."""
+    return region_masks(prompt_tokens, [[_phrase(pipe, text)] for text in words])
+
+
+def _phrase(pipe: Any, text: str) -> np.ndarray:
+    """The token ids of `text` as they stand inside a prompt (as `LocalEngine._phrase`)."""
+    ids = list(pipe.tokenize([text])[0])
+    return np.asarray(ids[1 : ids.index(pipe.tokenizer.sep_id)], np.int64)
+
+
+def _sample(
+    pipe: Any,
+    prompt_tokens: np.ndarray,
+    negative: str,
+    seed: int,
+    options: Options,
+    consistency: Consistency | None,
+) -> np.ndarray:
+    """Final latents of one batch as the local engine samples it: one text-encoder call for the prompts
+    and their negatives, the noise of seed + i for picture i."""
+    from core.engines.local import initial_noise
+
+    count = len(prompt_tokens)
+    both = pipe.encode_tokens(np.concatenate([prompt_tokens, pipe.tokenize([negative] * count)]))
+    config = pipe.config
+    side = options.size // config.latent_scale
+    x_T = initial_noise([seed + i for i in range(count)], (config.latent_channels, side, side))
+    return np.asarray(
+        pipe.sample(
+            both[:count], both[count:], steps=options.steps, x_T=x_T, seed=seed, consistency=consistency
+        ),
+        np.float32,
+    )
+
+
+def _pngs(pipe: Any, latents: np.ndarray) -> list[bytes]:
+    from core.images import array_to_pngs
+
+    return array_to_pngs(np.asarray(pipe.decode_latents(latents), np.float32))
+
+
+def write_pictures(drawn: DrawnStory, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, png in drawn.references.items():
+        (folder / f"reference-{name}.png").write_bytes(png)
+    for condition, pictures in drawn.pictures.items():
+        for i, png in enumerate(pictures):
+            (folder / f"panel{i + 1}-{condition}.png").write_bytes(png)
+
+
+# scoring ---------------------------------------------------------------------------------------------
 
 
 def _score(
-    drawn: dict[str, object], args: argparse.Namespace, cn_clip: object, torch: object
-) -> dict[str, object]:
+    drawn: dict[str, DrawnStory], clip_name: str, clip_root: str | None, cn_clip: Any, torch: Any
+) -> dict[str, Any]:
+    """Per story and condition: CLIP-I per character and CLIP-T; overall: their means per condition."""
     import io
 
     from PIL import Image
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # type: ignore[attr-defined]
-    model, preprocess = cn_clip.load_from_name(args.clip, device=device, download_root=args.clip_root)  # type: ignore[attr-defined]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, preprocess = cn_clip.load_from_name(clip_name, device=device, download_root=clip_root)
     model.eval()
 
-    def images(pngs: list[bytes]) -> object:
-        batch = torch.stack([preprocess(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs]).to(device)  # type: ignore[attr-defined]
-        with torch.no_grad():  # type: ignore[attr-defined]
+    def images(pngs: list[bytes]) -> Any:
+        batch = torch.stack([preprocess(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs]).to(device)
+        with torch.no_grad():
             features = model.encode_image(batch)
         return features / features.norm(dim=-1, keepdim=True)
 
-    def texts(prompts: list[str]) -> object:
-        with torch.no_grad():  # type: ignore[attr-defined]
-            features = model.encode_text(cn_clip.tokenize(prompts).to(device))  # type: ignore[attr-defined]
+    def texts(prompts: list[str]) -> Any:
+        with torch.no_grad():
+            features = model.encode_text(cn_clip.tokenize(prompts).to(device))
         return features / features.norm(dim=-1, keepdim=True)
 
-    result: dict[str, object] = {}
-    totals: dict[str, list[float]] = {"clip_i_off": [], "clip_i_on": [], "clip_t_off": [], "clip_t_on": []}
+    stories: dict[str, Any] = {}
+    clip_i: dict[str, list[float]] = {condition: [] for condition in CONDITIONS}
+    clip_t: dict[str, list[float]] = {condition: [] for condition in CONDITIONS}
     for title, story in drawn.items():
-        panels = story["panels"]  # type: ignore[index]
-        prompt_features = texts([prompt for prompt, _ in panels])
-        entry: dict[str, object] = {}
-        for mode in ("off", "on"):
-            features = images(story[mode])  # type: ignore[index]
+        prompt_features = texts([panel.prompt for panel in story.panels])
+        names = sorted({name for panel in story.panels for name in panel.characters})
+        entry: dict[str, Any] = {}
+        for condition in CONDITIONS:
+            features = images(story.pictures[condition])
             fidelity = float((features * prompt_features).sum(-1).mean())
-            per_character = {}
-            names = {name for _, present in panels for name in present}
-            for name in sorted(names):
-                seen = [i for i, (_, present) in enumerate(panels) if name in present]
+            per_character: dict[str, float] = {}
+            for name in names:
+                seen = [i for i, panel in enumerate(story.panels) if name in panel.characters]
                 pairs = list(itertools.combinations(seen, 2))
                 if pairs:
                     per_character[name] = sum(float(features[i] @ features[j]) for i, j in pairs) / len(pairs)
-            entry[mode] = {"clip_i": per_character, "clip_t": fidelity}
-            totals[f"clip_t_{mode}"].append(fidelity)
-            totals[f"clip_i_{mode}"].extend(per_character.values())
-        result[title] = entry
-    result["overall"] = {key: sum(v) / len(v) for key, v in totals.items() if v}
-    return result
+            entry[condition] = {"clip_i": per_character, "clip_t": fidelity}
+            clip_t[condition].append(fidelity)
+            clip_i[condition].extend(per_character.values())
+        stories[title] = entry
+    overall = {
+        condition: {"clip_i": _mean(clip_i[condition]), "clip_t": _mean(clip_t[condition])}
+        for condition in CONDITIONS
+    }
+    return {"stories": stories, "overall": overall}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def overall_table(overall: dict[str, dict[str, float | None]]) -> str:
+    """The overall scores, one row per condition."""
+    lines = [f"{'condition':<10} {'CLIP-I':>8} {'CLIP-T':>8}"]
+    for condition, scores in overall.items():
+        cells = ["-" if scores[key] is None else f"{scores[key]:.4f}" for key in ("clip_i", "clip_t")]
+        lines.append(f"{condition:<10} {cells[0]:>8} {cells[1]:>8}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
