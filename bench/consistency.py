@@ -3,6 +3,7 @@
     python bench/consistency.py [--steps 25] [--size 512] [--strength 1.0] [--panel-rate 0.5]
                                 [--seed 1234] [--out bench-out/consistency]
                                 [--clip ViT-B-16] [--clip-root ~/.cache/cn_clip]
+                                [--engine wukong|torch] [--device auto] [--dtype auto]
 
 A fixed set of short Chinese stories (STORIES: 5 panels each, one or two characters, people and
 animals) is planned and composed into prompts by the product's own scene planner. Each character first
@@ -12,8 +13,8 @@ drawn three ways, as the product draws it (`core.diffusion.consistency`):
 - off: each panel alone, from its prompt and the product's seed (the story's seed plus its lead
   character's offset), no consistency;
 - on: each panel alone, with the same seed, following the reference latents of the characters in it
-  (`Consistency(references=..., strength=...)`); a panel with two characters also places each reference
-  where its character's description stands in the prompt (`Consistency.regions`, from `region_masks`);
+  (`Consistency(references=..., strength=...)`), each reference placed where its character's
+  description stands in the prompt (`Consistency.regions`, from `region_masks`), as the product does;
 - together: the 5 panels as one batch, as `/illustrate 5` draws them (`core.story.book._drawn_together`,
   `LocalEngine._run_batch`): panel i from the first panel's seed + i, each panel reading a share
   (--panel-rate, default the product's PANEL_RATE) of the others' tokens, every character's reference
@@ -156,6 +157,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "consistency")
     parser.add_argument("--clip", default="ViT-B-16", help="Chinese CLIP model name")
     parser.add_argument("--clip-root", default=None, help="where cn_clip keeps its weights")
+    parser.add_argument(
+        "--engine", choices=("wukong", "torch"), default="wukong", help="MindSpore (wukong) or PyTorch"
+    )
+    parser.add_argument("--device", default="auto", help="torch engine: cuda, mps, cpu or auto")
+    parser.add_argument("--dtype", default="auto", help="torch engine: float16, bfloat16, float32 or auto")
     args = parser.parse_args()
     options = Options(args.steps, args.size, args.strength, args.panel_rate, args.seed)
     try:  # the product's own limits, checked before anything is loaded
@@ -184,10 +190,16 @@ def main() -> int:
         return 2
 
     from core.app import build_scene_planner
-    from core.diffusion import WukongPipeline
     from core.prompting import load_prompt_builder
 
-    pipe = WukongPipeline.load(checkpoint, vocab, graph=True)
+    if args.engine == "torch":  # an NVIDIA (or Apple) GPU: the PyTorch engine, same pictures per seed
+        from core.torch_engine import TorchWukongPipeline
+
+        pipe: Any = TorchWukongPipeline.load(checkpoint, vocab, device=args.device, dtype=args.dtype)
+    else:
+        from core.diffusion import WukongPipeline
+
+        pipe = WukongPipeline.load(checkpoint, vocab, graph=True)
     builder = load_prompt_builder(settings)
     planner = build_scene_planner(settings, builder)
     negative = builder.negative_prompt(None)
@@ -261,8 +273,8 @@ def draw_story(
             consistency = Consistency(
                 references=np.concatenate([reference_latents[name] for name in names]),
                 strength=options.strength,
-                # one reference reads everywhere; two are each placed by their character's words
-                regions=character_regions(pipe, prompt_tokens, words) if len(followed) > 1 else None,
+                # each reference placed by its character's words, as the product does
+                regions=character_regions(pipe, prompt_tokens, words),
             )
         on.append(draw_alone(pipe, prompt, negative, seed, options, consistency)[0])
         print(f"{case.title}: {passage} -> {prompt}", flush=True)
