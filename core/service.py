@@ -310,8 +310,10 @@ class Huahua:
         notes: tuple[str, ...] = (),
         meta: dict[str, str] | None = None,
     ) -> Job:
-        """Moderate an already built request and queue it (the story planner builds its own prompts)."""
-        self._moderate(request.prompt)
+        """Moderate an already built request (each panel's prompt) and queue it (the story planner
+        builds its own prompts)."""
+        for prompt in request.prompts:
+            self._moderate(prompt)
         job = self._new_job(user, chat, kind, source_text, request, notes=notes, meta=meta)
         return await self.submit(job)
 

@@ -22,7 +22,7 @@ from core.errors import InvalidOption
 from core.service import MessageContext
 from core.settings import Settings
 from core.story.model import CastMember, Story, story_from_dict, story_to_dict
-from core.types import EventType, GenerationRequest
+from core.types import EventType, GenerationRequest, JobKind
 from core.worker_server import create_app
 from tests.support import PatternEngine, make_service
 
@@ -516,3 +516,15 @@ async def test_the_tiny_engine_places_each_reference_by_its_characters_words(tmp
         assert await draw(reference_words=("蓝色的鲸鱼", "")) == everywhere  # words not in the prompt
     finally:
         await engine.close()
+
+
+async def test_every_panel_of_a_batch_is_moderated(tmp_path: Path) -> None:
+    service = await make_service(tmp_path, engine=PatternEngine())
+    try:
+        request = GenerationRequest(prompt="小猫", panels=("小猫", "儿童色情"), n=2, width=64, height=64)
+        with pytest.raises(Exception, match="can't draw") as caught:
+            await service.submit_request(ANN, CHAT, JobKind.SCENE, "小猫", request)
+        assert type(caught.value).__name__ == "BlockedPrompt"
+        assert await service.store.unfinished_jobs() == []
+    finally:
+        await service.stop()
