@@ -74,34 +74,54 @@ def _numpy_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int) ->
 def test_shared_attention_equals_a_numpy_reference(paths: str) -> None:
     """Appended keys and values, blended per reader, against float64 numpy; on our kernels and MindSpore's."""
     width, heads, b, n, readers, m = 16, 2, 3, 10, 2, 7
-    cell = CrossAttention(width, width, heads)
-    if paths == "framework":
-        set_cpu_paths(cell, kernels=False, host=False)
-    rng = np.random.default_rng(1)
-    weights = {}
-    for name, param in cell.parameters_and_names():
-        value = rng.standard_normal(param.shape).astype(np.float32) * 0.5
-        param.set_data(Tensor(value))
-        weights[name] = value.astype(np.float64)
+    cell, weights = _random_cell(width, width, heads, paths, 1)
+    rng = np.random.default_rng(2)
     x = rng.standard_normal((b, n, width)).astype(np.float32)
     index = rng.integers(0, b * n, readers * m).astype(np.int32)
     strength = np.array([0.3, 1.0], np.float32)
     got = cell.shared(Tensor(x), Tensor(strength.reshape(-1, 1, 1)), Tensor(index)).asnumpy()
+    expected = _numpy_shared(x, weights, heads, index, strength)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
-    x64 = x.astype(np.float64)
-    q, k, v = (x64 @ weights[f"to_{p}.weight"].T for p in "qkv")
+
+def _numpy_shared(
+    x: np.ndarray,
+    weights: dict,
+    heads: int,
+    index: np.ndarray,
+    strength: np.ndarray,
+    log_maps: np.ndarray | None = None,
+) -> np.ndarray:
+    """`CrossAttention.shared` in float64: each reader row also attends to the tokens `index` names,
+    blended by its strength; with `log_maps` (readers, n, references), a reference row's keys get the
+    reader's log map of that reference as a logit bias."""
+    b, n, width = x.shape
+    readers = strength.shape[0]
+    m = index.shape[0] // readers
+    q, k, v = (x.astype(np.float64) @ weights[f"to_{p}.weight"].T for p in "qkv")
     flat_k, flat_v = k.reshape(b * n, width), v.reshape(b * n, width)
+    d = width // heads
     expected = np.empty_like(q)
     for row in range(b):
-        plain = _numpy_attention(q[row], k[row], v[row], heads)
+        out = _numpy_attention(q[row], k[row], v[row], heads)
         if row < readers:
             extra = index[row * m : (row + 1) * m]
             keys = np.concatenate([k[row], flat_k[extra]])
             values = np.concatenate([v[row], flat_v[extra]])
-            wide = _numpy_attention(q[row], keys, values, heads)
-            plain = plain + strength[row] * (wide - plain)
-        expected[row] = plain @ weights["to_out.0.weight"].T + weights["to_out.0.bias"]
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+            bias = np.zeros((n, n + m))
+            if log_maps is not None:
+                for j, source in enumerate(extra // n):
+                    if source >= readers:  # a reference row's token
+                        bias[:, n + j] = log_maps[row, :, source - readers]
+            wide = np.empty_like(q[row])
+            for h in range(heads):
+                part = slice(h * d, (h + 1) * d)
+                wide[:, part] = (
+                    _softmax(q[row][:, part] @ keys[:, part].T / np.sqrt(d) + bias) @ values[:, part]
+                )
+            out = out + strength[row] * (wide - out)
+        expected[row] = out @ weights["to_out.0.weight"].T + weights["to_out.0.bias"]
+    return expected
 
 
 def _random_cell(width: int, context_width: int, heads: int, paths: str, seed: int) -> tuple:
@@ -171,29 +191,7 @@ def test_regional_maps_and_attention_equal_a_numpy_reference(paths: str) -> None
         Tensor(tokens), Tensor(strength.reshape(-1, 1, 1)), Tensor(index), Tensor(got_maps)
     ).asnumpy()
 
-    x64 = tokens.astype(np.float64)
-    q, k, v = (x64 @ weights[f"to_{p}.weight"].T for p in "qkv")
-    flat_k, flat_v = k.reshape(b * n, width), v.reshape(b * n, width)
-    d = width // heads
-    expected = np.empty_like(q)
-    for row in range(b):
-        out = _numpy_attention(q[row], k[row], v[row], heads)
-        if row < readers:
-            extra = index[row * m : (row + 1) * m]
-            keys = np.concatenate([k[row], flat_k[extra]])
-            values = np.concatenate([v[row], flat_v[extra]])
-            bias = np.zeros((n, n + m))
-            for j, source in enumerate(extra // n):
-                if source >= readers:  # a reference row's token
-                    bias[:, n + j] = want_maps[row, :, source - readers]
-            wide = np.empty_like(q[row])
-            for h in range(heads):
-                part = slice(h * d, (h + 1) * d)
-                wide[:, part] = (
-                    _softmax(q[row][:, part] @ keys[:, part].T / np.sqrt(d) + bias) @ values[:, part]
-                )
-            out = out + strength[row] * (wide - out)
-        expected[row] = out @ weights["to_out.0.weight"].T + weights["to_out.0.bias"]
+    expected = _numpy_shared(tokens, weights, heads, index, strength, want_maps)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     uniform = cell.shared(Tensor(tokens), Tensor(strength.reshape(-1, 1, 1)), Tensor(index)).asnumpy()
     assert np.abs(uniform - got).max() > 1e-3  # the maps did move the readers

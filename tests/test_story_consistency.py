@@ -3,10 +3,12 @@ references reaching the engine (and changing the tiny model's drawing), and thei
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import struct
 import zlib
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from PIL import Image
 from core.codec import job_from_dict, job_from_json, job_to_dict, job_to_json
 from core.engine import CancelToken
 from core.engines.http import HttpEngine, request_from_wire, request_to_wire
+from core.engines.local import LocalEngine
 from core.errors import InvalidOption
 from core.service import MessageContext
 from core.settings import Settings
@@ -49,6 +52,35 @@ def _png_claiming(width: int, height: int) -> bytes:
 
 async def _say(service, text: str, user: str = ANN):  # type: ignore[no-untyped-def]
     return await service.handle_message(CHAT, user, text, MessageContext())
+
+
+@contextlib.asynccontextmanager
+async def _tiny_engine(tmp_path: Path) -> AsyncIterator[LocalEngine]:
+    """The tiny model's engine (the real model code, random weights), started; skips without MindSpore."""
+    pytest.importorskip("mindspore")
+    from core.engines.local import tiny_engine
+
+    settings = Settings(model_dir=tmp_path / "models", vocab_path=None, engine="tiny", _env_file=None)  # type: ignore[call-arg]
+    engine = tiny_engine(settings)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
+@contextlib.asynccontextmanager
+async def _worker(engine: LocalEngine) -> AsyncIterator[HttpEngine]:
+    """`engine` served by a real worker (`huahua worker`'s app) on loopback, and an HTTP engine to it."""
+    server = TestServer(create_app(engine, secret="s3cret"), host="127.0.0.1")
+    await server.start_server()
+    remote = HttpEngine(str(server.make_url("/")), secret="s3cret", timeout_s=60)
+    await remote.start()
+    try:
+        yield remote
+    finally:
+        await remote.close()
+        await server.close()
 
 
 async def _drain(service, jobs) -> None:  # type: ignore[no-untyped-def]
@@ -219,13 +251,7 @@ def test_references_survive_the_job_codec_and_the_story_document() -> None:
 
 async def test_the_tiny_engine_draws_differently_with_a_reference(tmp_path: Path) -> None:
     """The real model code at the tiny size: strength 0 draws exactly the plain picture, a reference not."""
-    pytest.importorskip("mindspore")
-    from core.engines.local import tiny_engine
-
-    settings = Settings(model_dir=tmp_path / "models", vocab_path=None, engine="tiny", _env_file=None)  # type: ignore[call-arg]
-    engine = tiny_engine(settings)
-    await engine.start()
-    try:
+    async with _tiny_engine(tmp_path) as engine:
         base = GenerationRequest(prompt="一只猫", width=64, height=64, steps=3, seed=7)
         ref = _jpeg(size=(96, 48))
 
@@ -241,19 +267,10 @@ async def test_the_tiny_engine_draws_differently_with_a_reference(tmp_path: Path
             await draw(references=("c" * 64,), consistency=1.0)
 
         # the same drawing through a real worker over HTTP: the references travel with the request
-        server = TestServer(create_app(engine, secret="s3cret"), host="127.0.0.1")
-        await server.start_server()
-        remote = HttpEngine(str(server.make_url("/")), secret="s3cret", timeout_s=60)
-        await remote.start()
-        try:
+        async with _worker(engine) as remote:
             request = replace(base, references=("c" * 64,), reference_images=(ref,), consistency=1.0)
             [far] = await remote.generate(request, lambda s, t: None, CancelToken())
             assert far.png == followed
-        finally:
-            await remote.close()
-            await server.close()
-    finally:
-        await engine.close()
 
 
 def test_references_cross_the_worker_wire() -> None:
@@ -444,13 +461,7 @@ async def test_the_tiny_engine_draws_panels_together(tmp_path: Path) -> None:
     """The real model code at the tiny size: without sharing, each panel of a batch is the picture its
     prompt and seed draw alone (up to one level of rounding: the batch sums in another order); sharing
     changes them; a worker over HTTP draws the same batch."""
-    pytest.importorskip("mindspore")
-    from core.engines.local import tiny_engine
-
-    settings = Settings(model_dir=tmp_path / "models", vocab_path=None, engine="tiny", _env_file=None)  # type: ignore[call-arg]
-    engine = tiny_engine(settings)
-    await engine.start()
-    try:
+    async with _tiny_engine(tmp_path) as engine:
         base = GenerationRequest(prompt="一只猫", width=64, height=64, steps=3, seed=7)
         together = replace(base, panels=("一只猫", "一只狗在跑"), n=2)
 
@@ -468,32 +479,17 @@ async def test_the_tiny_engine_draws_panels_together(tmp_path: Path) -> None:
         assert all(np.abs(a - b).mean() > 2 for a, b in zip(shared, unshared, strict=True))
         assert all(np.array_equal(a, b) for a, b in zip(await draw(shared_request), shared, strict=True))
 
-        server = TestServer(create_app(engine, secret="s3cret"), host="127.0.0.1")
-        await server.start_server()
-        remote = HttpEngine(str(server.make_url("/")), secret="s3cret", timeout_s=60)
-        await remote.start()
-        try:
+        async with _worker(engine) as remote:
             far = await remote.generate(shared_request, lambda s, t: None, CancelToken())
             far_pixels = [np.asarray(Image.open(io.BytesIO(image.png)), dtype=np.int16) for image in far]
             assert all(np.array_equal(a, b) for a, b in zip(far_pixels, shared, strict=True))
-        finally:
-            await remote.close()
-            await server.close()
-    finally:
-        await engine.close()
 
 
 async def test_the_tiny_engine_places_each_reference_by_its_characters_words(tmp_path: Path) -> None:
     """Two references with the words that name their characters: the engine finds those words in the
     prompt and reads each reference mostly where they draw the cross-attention, so the picture differs
     from the one where both apply everywhere; words the prompt does not contain change nothing."""
-    pytest.importorskip("mindspore")
-    from core.engines.local import tiny_engine
-
-    settings = Settings(model_dir=tmp_path / "models", vocab_path=None, engine="tiny", _env_file=None)  # type: ignore[call-arg]
-    engine = tiny_engine(settings)
-    await engine.start()
-    try:
+    async with _tiny_engine(tmp_path) as engine:
         base = GenerationRequest(
             prompt="红衣女孩和灰狼在海边跳舞",
             width=64,
@@ -514,8 +510,6 @@ async def test_the_tiny_engine_places_each_reference_by_its_characters_words(tmp
         assert placed != everywhere
         assert await draw(reference_words=("红衣女孩", "灰狼")) == placed
         assert await draw(reference_words=("蓝色的鲸鱼", "")) == everywhere  # words not in the prompt
-    finally:
-        await engine.close()
 
 
 async def test_every_panel_of_a_batch_is_moderated(tmp_path: Path) -> None:

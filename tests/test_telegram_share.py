@@ -142,8 +142,8 @@ async def test_share_story_posts_the_album_then_html_and_pdf(tmp_path: Path, fak
         await say(fake, USER, USER, "/story add 莉莉走进森林")
         await say(fake, USER, USER, "/story add 莉莉在河边看月亮")
         fake.send_text(USER, USER, "/illustrate 2")
-        photos = await fake.wait_for("sendPhoto", 2, chat_id=USER)
-        assert all("↗️ Share" in buttons(p) for p in photos)
+        [photo] = await fake.wait_for("sendPhoto", 1, chat_id=USER)  # the two panels, drawn as one batch
+        assert "↗️ Share" in buttons(photo)
 
         answer = await say(fake, USER, USER, "/share story")
         assert answer == f"📚 Shared “小红帽” to {GALLERY}: 2 panels, HTML and PDF."
@@ -151,11 +151,13 @@ async def test_share_story_posts_the_album_then_html_and_pdf(tmp_path: Path, fak
         html_call, pdf_call = await fake.wait_for("sendDocument", 2, chat_id=GALLERY)
         story = await service.handler("story").active(f"tg:{USER}")  # type: ignore[union-attr]
         assert story is not None and story.active
+        batch = await service.get_job(story.scenes[0].job_ids[0])
+        panels = [await service.image(digest) for digest in batch.images]
     media = album.params["media"]
     assert len(media) == 2 and all(m["type"] == "photo" for m in media)
     assert media[0]["caption"] == "📚 “小红帽” — 2 panels, shared by Alice from a private chat"
     assert "caption" not in media[1]
-    assert sorted(album.files.values()) == sorted(p.files["photo"] for p in photos)
+    assert sorted(album.files.values()) == sorted(panels)  # each panel, not the chat's grid of both
     sent = [c.method for c in fake.calls if str(c.params.get("chat_id")) == str(GALLERY)]
     assert sent == ["sendMediaGroup", "sendDocument", "sendDocument"]
     html = html_call.files["document"]
