@@ -32,8 +32,26 @@ from core.types import Delivery, DeliveryState, Job, JobStatus
 logger = logging.getLogger(__name__)
 
 LOCK_POLL_S = 0.02
+WAL_SWITCH_WAIT_S = 10.0
+"""How long opening a database waits to switch it to WAL while other processes open it too."""
 
 _DAY = 86_400.0
+
+
+async def _switch_to_wal(conn: aiosqlite.Connection) -> None:
+    """WAL journal mode, waiting while other processes open the same new file: the switch needs the
+    file to itself and SQLite may answer "database is locked" at once there, without its busy wait."""
+    deadline = time.monotonic() + WAL_SWITCH_WAIT_S
+    pause = 0.01
+    while True:
+        try:
+            await conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() + pause > deadline:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.5)
 
 
 class SqliteStore(Store):
@@ -55,7 +73,7 @@ class SqliteStore(Store):
         conn = await aiosqlite.connect(db_path, isolation_level=None)
         try:
             await conn.execute("PRAGMA busy_timeout=5000")  # first: another process may hold the file
-            await conn.execute("PRAGMA journal_mode=WAL")
+            await _switch_to_wal(conn)
             await conn.execute("PRAGMA foreign_keys=ON")
             await conn.execute("PRAGMA synchronous=NORMAL")
             await migrate(conn, migrations)
