@@ -1,8 +1,8 @@
 """What both Wukong pipelines (MindSpore, PyTorch) share: input checks and the guided sampling loop.
 
 Everything here is numpy around one `predict_noise` call per UNet batch, so a seed gives the same picture
-on every engine. A pipeline supplies `config`, `tokenizer`, `schedule`, `predict_noise` and
-`_consistency_step` (the step that shares reference and panel tokens, which reaches into its UNet).
+on every engine. A pipeline supplies `config`, `tokenizer`, `schedule`, `predict_noise` (which takes the
+shared tokens of a consistency step into its UNet) and `share_rates`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from core.diffusion.config import WukongConfig
-from core.diffusion.consistency import Consistency
+from core.diffusion.consistency import Consistency, reader_regions, reference_noise, share_indices
 from core.diffusion.samplers import SAMPLER_NAMES, NoiseSchedule, add_noise, make_timesteps, run_sampler
 from core.errors import EngineUnavailable, InvalidOption, JobCancelled
 from core.tokenizer import WordPieceTokenizer
@@ -43,10 +43,23 @@ class GuidedSampling(abc.ABC):
     schedule: NoiseSchedule
 
     @abc.abstractmethod
-    def predict_noise(self, x: np.ndarray, t: np.ndarray, ctx: np.ndarray) -> np.ndarray:
-        """The UNet's noise estimate for latents `x` at timesteps `t` under text condition `ctx`."""
+    def predict_noise(
+        self,
+        x: np.ndarray,
+        t: np.ndarray,
+        ctx: np.ndarray,
+        *,
+        share: tuple[np.ndarray, Sequence[np.ndarray]] | None = None,
+        regions: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """The UNet's noise estimate for latents `x` at timesteps `t` under text condition `ctx`;
+        `share` and `regions` as `core.diffusion.WukongPipeline.predict_noise` describes them."""
 
+    @property
     @abc.abstractmethod
+    def share_rates(self) -> tuple[int, ...]:
+        """The UNet's downsampling rates with attention, in the order of a `share` tuple's indices."""
+
     def _consistency_step(
         self,
         consistency: Consistency | None,
@@ -57,7 +70,60 @@ class GuidedSampling(abc.ABC):
         guidance_scale: float,
         seed: int | None,
     ) -> tuple[frozenset[int], Callable[[np.ndarray, int], np.ndarray]] | None:
-        """(the timesteps that share, the guided noise estimate with sharing), or None when inactive."""
+        """(the timesteps that share, the guided noise estimate with sharing), or None when inactive.
+
+        One shared UNet call holds the panels' unconditional rows, their conditional rows (when guided),
+        then one row per reference (noised to the step's timestep); see `core.diffusion.consistency`."""
+        n = shape[0]
+        if consistency is None or not consistency.active(n):
+            return None
+        refs = np.zeros((0, *shape[1:]), np.float32)
+        if consistency.references is not None:
+            refs = float_array(consistency.references, "reference latents", 4)
+            if refs.shape[1:] != shape[1:]:
+                raise InvalidOption(
+                    f"Reference latents must have shape (r, {', '.join(map(str, shape[1:]))})."
+                )
+        ref_noise = reference_noise(refs, seed)
+        guided = uncond is not None and guidance_scale != 1.0
+        halves = 2 if guided else 1
+        readers = halves * n
+        # references are read as pictures, not as any text: they run with the unconditional prompt
+        ref_ctx = np.repeat((uncond if uncond is not None else ctx)[:1], refs.shape[0], axis=0)
+        panel_ctx = np.concatenate([uncond, ctx]) if guided and uncond is not None else ctx
+        rng = np.random.default_rng(None if seed is None else [int(seed), 13])
+        weights = np.full(readers, consistency.strength, np.float32)
+        rates = self.share_rates
+        _, _, h, w = shape
+        regions = reader_regions(consistency, n, halves, ctx.shape[1])
+
+        def step(latents: np.ndarray, t: int) -> np.ndarray:
+            noised = add_noise(self.schedule, refs, ref_noise, t) if refs.shape[0] else refs
+            rows = np.concatenate([*([latents] * halves), noised])
+            indices = [
+                share_indices(
+                    panels=n,
+                    halves=halves,
+                    references=refs.shape[0],
+                    tokens=(h // rate) * (w // rate),
+                    panel_rate=consistency.panel_rate,
+                    rng=rng,
+                )
+                for rate in rates
+            ]
+            eps = self.predict_noise(
+                rows,
+                np.full(rows.shape[0], t, np.int64),
+                np.concatenate([panel_ctx, ref_ctx]),
+                share=(weights, indices),
+                regions=regions,
+            )[:readers]
+            if not guided:
+                return eps
+            plain, cond = eps[:n], eps[n:]
+            return plain + np.float32(guidance_scale) * (cond - plain)
+
+        return consistency.shared_timesteps([int(t) for t in timesteps]), step
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         """Token ids (n, context_length) int64: [CLS] pieces [SEP] [PAD]..."""

@@ -24,14 +24,10 @@ import torch
 
 from core.diffusion.config import WukongConfig
 from core.diffusion.consistency import (
-    Consistency,
     check_regions,
-    reader_regions,
-    reference_noise,
-    share_indices,
 )
 from core.diffusion.guided import GuidedSampling, float_array
-from core.diffusion.samplers import NoiseSchedule, add_noise
+from core.diffusion.samplers import NoiseSchedule
 from core.errors import CheckpointError, EngineUnavailable, InvalidOption
 from core.tokenizer import WordPieceTokenizer
 from core.torch_engine import files, sharing
@@ -396,69 +392,6 @@ class TorchWukongPipeline(GuidedSampling):
             torch.from_numpy(tokens).to(self._device),
             torch.from_numpy(rows.astype(np.int64)).to(self._device),
         )
-
-    def _consistency_step(
-        self,
-        consistency: Consistency | None,
-        shape: tuple[int, int, int, int],
-        timesteps: np.ndarray,
-        ctx: np.ndarray,
-        uncond: np.ndarray | None,
-        guidance_scale: float,
-        seed: int | None,
-    ) -> tuple[frozenset[int], Callable[[np.ndarray, int], np.ndarray]] | None:
-        """(the timesteps that share, the guided noise estimate with sharing), or None when inactive;
-        the batch layout, seeds and index draws of `core.diffusion.WukongPipeline`'s."""
-        n = shape[0]
-        if consistency is None or not consistency.active(n):
-            return None
-        refs = np.zeros((0, *shape[1:]), np.float32)
-        if consistency.references is not None:
-            refs = float_array(consistency.references, "reference latents", 4)
-            if refs.shape[1:] != shape[1:]:
-                raise InvalidOption(
-                    f"Reference latents must have shape (r, {', '.join(map(str, shape[1:]))})."
-                )
-        ref_noise = reference_noise(refs, seed)
-        guided = uncond is not None and guidance_scale != 1.0
-        halves = 2 if guided else 1
-        readers = halves * n
-        # references are read as pictures, not as any text: they run with the unconditional prompt
-        ref_ctx = np.repeat((uncond if uncond is not None else ctx)[:1], refs.shape[0], axis=0)
-        panel_ctx = np.concatenate([uncond, ctx]) if guided and uncond is not None else ctx
-        rng = np.random.default_rng(None if seed is None else [int(seed), 13])
-        weights = np.full(readers, consistency.strength, np.float32)
-        rates = self.share_rates
-        _, _, h, w = shape
-        regions = reader_regions(consistency, n, halves, ctx.shape[1])
-
-        def step(latents: np.ndarray, t: int) -> np.ndarray:
-            noised = add_noise(self.schedule, refs, ref_noise, t) if refs.shape[0] else refs
-            rows = np.concatenate([*([latents] * halves), noised])
-            indices = [
-                share_indices(
-                    panels=n,
-                    halves=halves,
-                    references=refs.shape[0],
-                    tokens=(h // rate) * (w // rate),
-                    panel_rate=consistency.panel_rate,
-                    rng=rng,
-                )
-                for rate in rates
-            ]
-            eps = self.predict_noise(
-                rows,
-                np.full(rows.shape[0], t, np.int64),
-                np.concatenate([panel_ctx, ref_ctx]),
-                share=(weights, indices),
-                regions=regions,
-            )[:readers]
-            if not guided:
-                return eps
-            plain, cond = eps[:n], eps[n:]
-            return plain + np.float32(guidance_scale) * (cond - plain)
-
-        return consistency.shared_timesteps([int(t) for t in timesteps]), step
 
     # images
 
