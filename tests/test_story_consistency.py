@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import struct
-import zlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -27,27 +25,9 @@ from core.settings import Settings
 from core.story.model import CastMember, Story, story_from_dict, story_to_dict
 from core.types import EventType, GenerationRequest, JobKind
 from core.worker_server import create_app
-from tests.support import PatternEngine, make_service
+from tests.support import PatternEngine, jpeg_picture, make_service, png_claiming
 
 CHAT, ANN = "web:room", "web:ann"
-
-
-def _jpeg(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (96, 64)) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", size, colour).save(out, format="JPEG")
-    return out.getvalue()
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims a huge size: a decompression bomb as far as sizes go."""
-    out = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(out, format="PNG")
-    data = bytearray(out.getvalue())
-    ihdr = data[12:29]  # b"IHDR" + 13 bytes
-    ihdr[4:12] = struct.pack(">II", width, height)
-    data[12:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
-    return bytes(data)
 
 
 async def _say(service, text: str, user: str = ANN):  # type: ignore[no-untyped-def]
@@ -95,7 +75,7 @@ async def test_a_cast_picture_becomes_the_reference_every_panel_with_them_follow
     try:
         book = service.handler("story")
         await _say(service, "/story new 小红帽")
-        reply = await book.cast_add_with_picture(CHAT, ANN, "莉莉: 穿红斗篷的小女孩", _jpeg())
+        reply = await book.cast_add_with_picture(CHAT, ANN, "莉莉: 穿红斗篷的小女孩", jpeg_picture())
         assert "莉莉" in reply.texts[0] and "reference picture is set" in reply.texts[-1]
         await _say(service, "/cast add Wolf: 大灰狼")
         story = await book.active(CHAT)
@@ -121,7 +101,7 @@ async def test_a_cast_picture_becomes_the_reference_every_panel_with_them_follow
         assert alone.request.references == () and alone.request.consistency == 0.0
 
         # a new picture for a member already in the cast replaces their reference
-        await book.cast_add_with_picture(CHAT, ANN, "莉莉", _jpeg((20, 20, 220)))
+        await book.cast_add_with_picture(CHAT, ANN, "莉莉", jpeg_picture((20, 20, 220)))
         replaced = (await book.active(CHAT)).member("莉莉").reference
         assert replaced not in (None, lily.reference)
     finally:
@@ -133,7 +113,7 @@ async def test_story_consistency_off_on_and_strength(tmp_path: Path) -> None:
     try:
         book = service.handler("story")
         await _say(service, "/story new 设置")
-        await book.cast_add_with_picture(CHAT, ANN, "莉莉: 小女孩", _jpeg())
+        await book.cast_add_with_picture(CHAT, ANN, "莉莉: 小女孩", jpeg_picture())
         await _say(service, "/story add 莉莉在花园里。")
         assert "off" in (await _say(service, "/story consistency off")).texts[0]
         off = (await _say(service, "/illustrate")).jobs[0]
@@ -187,8 +167,8 @@ async def test_several_characters_in_one_scene_each_apply(tmp_path: Path) -> Non
     try:
         book = service.handler("story")
         await _say(service, "/story new 两人")
-        await book.cast_add_with_picture(CHAT, ANN, "莉莉: 小女孩", _jpeg((200, 0, 0)))
-        await book.cast_add_with_picture(CHAT, ANN, "Wolf: 大灰狼", _jpeg((90, 90, 90)))
+        await book.cast_add_with_picture(CHAT, ANN, "莉莉: 小女孩", jpeg_picture((200, 0, 0)))
+        await book.cast_add_with_picture(CHAT, ANN, "Wolf: 大灰狼", jpeg_picture((90, 90, 90)))
         await _say(service, "/story add 莉莉和Wolf在海边跳舞。")
         job = (await _say(service, "/illustrate")).jobs[0]
         story = await book.active(CHAT)
@@ -204,7 +184,7 @@ async def test_bad_pictures_are_refused_before_decoding_and_add_nobody(tmp_path:
         book = service.handler("story")
         await _say(service, "/story new 炸弹")
         for picture, words in (
-            (_png_claiming(60_000, 60_000), "too large"),
+            (png_claiming(60_000, 60_000), "too large"),
             (b"not a picture", "not an image"),
         ):
             with pytest.raises(Exception, match=words) as caught:
@@ -253,7 +233,7 @@ async def test_the_tiny_engine_draws_differently_with_a_reference(tmp_path: Path
     """The real model code at the tiny size: strength 0 draws exactly the plain picture, a reference not."""
     async with _tiny_engine(tmp_path) as engine:
         base = GenerationRequest(prompt="一只猫", width=64, height=64, steps=3, seed=7)
-        ref = _jpeg(size=(96, 48))
+        ref = jpeg_picture(size=(96, 48))
 
         async def draw(**changes: object) -> bytes:
             images = await engine.generate(replace(base, **changes), lambda s, t: None, CancelToken())
@@ -308,7 +288,9 @@ async def test_the_torch_engine_follows_references() -> None:
     await engine.start()
     try:
         base = GenerationRequest(prompt="一只猫", width=64, height=64, steps=2, seed=7)
-        with_reference = replace(base, references=("c" * 64,), reference_images=(_jpeg(),), consistency=1.0)
+        with_reference = replace(
+            base, references=("c" * 64,), reference_images=(jpeg_picture(),), consistency=1.0
+        )
         [plain] = await engine.generate(base, lambda s, t: None, CancelToken())
         [off] = await engine.generate(
             replace(with_reference, consistency=0.0), lambda s, t: None, CancelToken()
@@ -330,8 +312,8 @@ async def test_illustrate_n_draws_its_panels_as_one_batch_that_shares_their_look
     try:
         book = service.handler("story")
         await _say(service, "/story new 一起画")
-        await book.cast_add_with_picture(CHAT, ANN, "莉莉: 穿红斗篷的小女孩", _jpeg((200, 0, 0)))
-        await book.cast_add_with_picture(CHAT, ANN, "Wolf: 大灰狼", _jpeg((90, 90, 90)))
+        await book.cast_add_with_picture(CHAT, ANN, "莉莉: 穿红斗篷的小女孩", jpeg_picture((200, 0, 0)))
+        await book.cast_add_with_picture(CHAT, ANN, "Wolf: 大灰狼", jpeg_picture((90, 90, 90)))
         for excerpt in ("清晨，莉莉走进了森林。", "Wolf 在树后看着。", "莉莉和Wolf一起跳舞。"):
             await _say(service, f"/story add {excerpt}")
         reply = await _say(service, "/illustrate 3")
@@ -497,7 +479,7 @@ async def test_the_tiny_engine_places_each_reference_by_its_characters_words(tmp
             steps=3,
             seed=11,
             references=("a" * 64, "b" * 64),
-            reference_images=(_jpeg((200, 0, 0)), _jpeg((90, 90, 90))),
+            reference_images=(jpeg_picture((200, 0, 0)), jpeg_picture((90, 90, 90))),
             consistency=1.0,
         )
 
