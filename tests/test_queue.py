@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio
 
 from core.errors import InvalidOption, QueueFull, ServiceUnavailable, TooManyJobs
+from core.jobs import redis_queue
 from core.jobs.queue import JobQueue, MemoryQueue, QueueClosed, fair_order
 from core.jobs.redis_queue import RedisStreamsQueue
 from core.types import Job
@@ -204,6 +205,28 @@ async def test_put_twice_does_not_duplicate(make_queue: MakeQueue, make_job) -> 
     assert await queue.size() == 2
     assert await _drain(queue, 2) == [other.id, job.id]
     await queue.task_done(job.id)  # finishing twice is harmless
+
+
+async def test_holding_names_waiting_and_handed_out_jobs(
+    make_queue: MakeQueue, make_job, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the recovery sweep asks instead of putting every job again: the jobs `put` would not add."""
+    monkeypatch.setattr(redis_queue, "HOLDING_BATCH", 2)  # Redis: several HMGETs for one question
+    queue = await make_queue()
+    waiting, running, done, removed, released = (make_job(f"web:u{i}") for i in range(5))
+    assert await queue.holding([]) == set()
+    for job in (running, done, released, waiting, removed):
+        await queue.put(job)
+    handed = {(await queue.get()).id for _ in range(3)}
+    assert handed == {running.id, done.id, released.id}
+    await queue.task_done(done.id)
+    await queue.release(released)
+    await queue.remove(removed.id)
+    everyone = [job.id for job in (waiting, running, done, removed, released)] + ["unknown"]
+    assert await queue.holding(everyone) == {waiting.id, running.id, released.id}
+    for job in (waiting, running, released):  # what `holding` names, `put` does not add again
+        await queue.put(job)
+    assert await queue.size() == 2
 
 
 async def test_job_content_survives_the_queue(make_queue: MakeQueue, make_job) -> None:

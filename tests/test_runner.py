@@ -366,14 +366,41 @@ async def test_a_job_handed_over_before_its_dead_holders_lease_ran_out_runs_once
         await front.stop()
 
 
+async def test_the_sweep_reads_only_the_jobs_its_queue_lacks(tmp_path: Path) -> None:
+    """Every few seconds in every process: the usual sweep, where the queue holds every queued job, reads
+    none of them and puts none; a job the queue lost is read and waits again, in its place."""
+    service = await make_service(tmp_path, PatternEngine(), workers=0)
+    try:
+        jobs = [await _submit(service, user=f"web:u{i}") for i in range(3)]
+        read: list[str] = []
+        get_job = service.store.get_job
+
+        async def counted(job_id: str) -> Job | None:
+            read.append(job_id)
+            return await get_job(job_id)
+
+        service.store.get_job = counted  # type: ignore[method-assign]
+        assert await service.runner.recover() == 0
+        assert read == []
+        assert await service.queue.remove(jobs[1].id)  # as a Redis that lost this entry
+        assert await service.runner.recover() == 1
+        assert read == [jobs[1].id]
+        assert await service.queue.positions() == {jobs[0].id: 1, jobs[2].id: 2, jobs[1].id: 3}
+        await service.store.claim_job(jobs[1].id, "elsewhere", 30.0, time.time())
+        assert await service.queue.remove(jobs[1].id)  # now running elsewhere under a live lease
+        assert await service.runner.recover() == 0
+    finally:
+        await service.stop()
+
+
 async def test_stop_ends_the_sweeper_when_a_database_call_swallows_the_cancel(tmp_path: Path) -> None:
     """Seen in the chaos run: a SIGTERMed `huahua jobs` never exited, its sweeper looping on a PostgreSQL
     call whose timeout had turned the shutdown's cancel into a storage error."""
     service = await make_service(tmp_path, PatternEngine(), job_lease_s=1.0)
-    recoverable = service.store.recoverable_jobs
+    recoverable = service.store.recoverable_ids
     entered = asyncio.Event()
 
-    async def unanswered(now: float) -> list[Job]:
+    async def unanswered(now: float) -> list[str]:
         if entered.is_set():
             return await recoverable(now)
         entered.set()
@@ -383,6 +410,6 @@ async def test_stop_ends_the_sweeper_when_a_database_call_swallows_the_cancel(tm
             raise ServiceUnavailable("The database cannot be reached right now; please try again.") from None
         return await recoverable(now)
 
-    service.store.recoverable_jobs = unanswered  # type: ignore[method-assign]
+    service.store.recoverable_ids = unanswered  # type: ignore[method-assign]
     await asyncio.wait_for(entered.wait(), 5)
     await asyncio.wait_for(service.stop(), 10)

@@ -50,6 +50,10 @@ class JobQueue(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def holding(self, job_ids: Sequence[str]) -> set[str]:
+        """Those of `job_ids` that are waiting or handed out: the ones `put` would not add again."""
+
+    @abc.abstractmethod
     async def get(self) -> Job:
         """Wait for the next job by the fairness rules; raises QueueClosed when the queue closes."""
 
@@ -148,6 +152,9 @@ class MemoryQueue(JobQueue):
         position = await self.position(job.id)  # before waking getters, who may take the job
         await self._notify()
         return position or 1
+
+    async def holding(self, job_ids: Sequence[str]) -> set[str]:
+        return {job_id for job_id in job_ids if job_id in self._waiting or job_id in self._running}
 
     async def get(self) -> Job:
         async with self._changed:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 GROUP = "workers"
+HOLDING_BATCH = 1000
+"""Job ids per HMGET in `holding` (one command never grows with the whole queue)."""
 
 _POSITION = """
 local function running(p, user)
@@ -286,6 +288,16 @@ class RedisStreamsQueue(JobQueue):
             raise too_many_jobs(self.user_max_pending)
         self._wakeup.set()
         return int(position)
+
+    async def holding(self, job_ids: Sequence[str]) -> set[str]:
+        # `owner` names every job from its put until its task_done, waiting or handed out
+        held: set[str] = set()
+        client = self._require_client()
+        for start in range(0, len(job_ids), HOLDING_BATCH):
+            batch = list(job_ids[start : start + HOLDING_BATCH])
+            owners = await self._call(client.hmget(self._key("owner"), batch))
+            held.update(job_id for job_id, owner in zip(batch, owners, strict=True) if owner is not None)
+        return held
 
     async def get(self) -> Job:
         delay = 0.02

@@ -47,6 +47,7 @@ QUEUE_RETRY_MIN_S, QUEUE_RETRY_MAX_S = 0.5, 10.0
 RETRY_BACKOFF_S = 2.0
 """The first retry after an engine outage waits this long, each later one twice as long."""
 SWEEP_INTERVAL_S = 5.0
+_RECOVERABLE = (JobStatus.QUEUED, JobStatus.RUNNING)
 OUTBOX_PLATFORMS = frozenset({"tg", "dc"})
 """Chat platforms whose results reach them through the outbox (the web chat streams them instead)."""
 REMEMBERED_IDS = 256
@@ -131,10 +132,21 @@ class JobRunner:
         self._workers.clear()
 
     async def recover(self) -> int:
-        """Queue every job that is queued, or running under an expired lease; returns how many were put."""
+        """Queue every job that is queued, or running under an expired lease; returns how many were put.
+
+        Runs every few seconds in every process, so the usual sweep, where the queue already holds every
+        such job, reads only ids: the store's, then one question to the queue about them all. Only the
+        jobs it lacks (a Redis that lost its data, a process that died between store and queue) are
+        read and put, one by one, each checked again since the first read."""
+        now = time.time()
+        ids = [job_id for job_id in await self.store.recoverable_ids(now) if job_id not in self.running]
+        held = await self.queue.holding(ids) if ids else set()
         put = 0
-        for job in await self.store.recoverable_jobs(time.time()):
-            if job.id in self.running:
+        for job_id in ids:
+            if job_id in held:
+                continue
+            job = await self.store.get_job(job_id)
+            if job is None or job.status not in _RECOVERABLE or job.id in self.running:
                 continue
             try:
                 await self.queue.put(job)

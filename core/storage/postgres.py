@@ -32,6 +32,11 @@ from core.types import Delivery, DeliveryState, Job, JobStatus
 logger = logging.getLogger(__name__)
 
 _DAY = 86_400.0
+_RECOVERABLE = (
+    "SELECT {column} FROM jobs WHERE status = $1 OR (status = $2 AND COALESCE(lease_until, 0) < $3) "
+    "ORDER BY created_at, seq"
+)
+_RECOVERABLE_STATES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 SCHEMES = ("postgresql", "postgres")
 # First keys of the two-key advisory locks that serialise writes of one settings scope ...
 _SETTINGS_LOCK = 0x68_75_61_68
@@ -235,13 +240,12 @@ class PostgresStore(Store):
         return True
 
     async def recoverable_jobs(self, now: float) -> list[Job]:
-        return await self._jobs(
-            "SELECT data FROM jobs WHERE status = $1 OR (status = $2 AND COALESCE(lease_until, 0) < $3) "
-            "ORDER BY created_at, seq",
-            JobStatus.QUEUED.value,
-            JobStatus.RUNNING.value,
-            now,
-        )
+        return await self._jobs(_RECOVERABLE.format(column="data"), *_RECOVERABLE_STATES, now)
+
+    async def recoverable_ids(self, now: float) -> list[str]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(_RECOVERABLE.format(column="id"), *_RECOVERABLE_STATES, now)
+        return [row[0] for row in rows]
 
     async def update_job(self, job: Job) -> None:
         """Replace the job; meta keys stored meanwhile (by `merge_meta`) are kept, never dropped."""

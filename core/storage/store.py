@@ -84,6 +84,10 @@ class Store(abc.ABC):
         """Queued jobs and running jobs whose lease expired before `now`, oldest first."""
 
     @abc.abstractmethod
+    async def recoverable_ids(self, now: float) -> list[str]:
+        """The ids of `recoverable_jobs(now)`, in its order, without reading the jobs themselves."""
+
+    @abc.abstractmethod
     async def claim_deliveries(
         self, platform: str, owner: str, lease_s: float, now: float, limit: int = 10
     ) -> list[Delivery]:
