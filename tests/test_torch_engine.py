@@ -3,6 +3,7 @@ MindSpore engine (one reduced-width checkpoint in the official layout, loaded in
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -258,6 +259,84 @@ def test_regional_bias_equals_an_explicit_attention_mask() -> None:
     want = torch.nn.functional.scaled_dot_product_attention(*split, attn_mask=bias)
     torch.testing.assert_close(got, want.transpose(1, 2).reshape(readers, n, width), rtol=1e-5, atol=1e-5)
     assert (got - _attend_biased(attn, q, k, v, index, torch.zeros_like(log_maps), n)).abs().max() > 1e-3
+
+
+# what a GPU runs, checked on the CPU: reduced precision, channels-last, torch.compile
+
+
+def _regional_panels(pipe: TorchWukongPipeline, **extra: object) -> tuple[np.ndarray, np.ndarray]:
+    """Two guided panels with two references placed by their words (8x8 latents, 4 DPM++ steps): the
+    latents and their decoded images, through every path a GPU run takes (shared attention, the
+    regional pre-hook, the numpy samplers, the decode)."""
+    from core.diffusion.consistency import Consistency, region_masks
+
+    ids = _ids(pipe)
+    ctx = pipe.encode_tokens(ids)
+    cat, book = (pipe.tokenize([word])[0][1:2] for word in "猫书")
+    regions = region_masks(np.repeat(ids[:1], 2, axis=0), [[cat], [book]])
+    rng = np.random.default_rng(3)
+    x_T = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    references = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    consistency = Consistency(references=references, strength=0.8, panel_rate=0.5, regions=regions)
+    common = {"sampler": "dpm++2m", "steps": 4, "guidance_scale": 7.5, "x_T": x_T, "seed": 4}
+    latents = pipe.sample(np.repeat(ctx[:1], 2, axis=0), ctx[1:], consistency=consistency, **common, **extra)
+    return latents, pipe.decode_latents(latents)
+
+
+@pytest.fixture(scope="module")
+def float32_panels() -> tuple[np.ndarray, np.ndarray]:
+    return _regional_panels(TorchWukongPipeline.random(CFG, builtin_tokenizer(), seed=5))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "channels_last", "latent_tolerance", "image_tolerance"),
+    [
+        ("float32", True, TOLERANCE, TOLERANCE),
+        ("float16", True, 2e-2, 5e-2),
+        ("bfloat16", False, 6e-2, 0.25),
+    ],
+)
+def test_gpu_precisions_and_layout_draw_what_float32_draws(
+    float32_panels: tuple[np.ndarray, np.ndarray],
+    dtype: str,
+    channels_last: bool,
+    latent_tolerance: float,
+    image_tolerance: float,
+) -> None:
+    """The settings a CUDA run uses (float16 by default, or bfloat16; NHWC convolutions), forced on the
+    CPU: the same regional panels as float32 within each precision's rounding (float16: 4e-3 seen,
+    bfloat16: 3e-2), far below what the sharing itself changes (0.12), and numpy float32 out."""
+    pipe = TorchWukongPipeline.random(
+        CFG, builtin_tokenizer(), seed=5, dtype=dtype, channels_last=channels_last
+    )
+    assert pipe.dtype == dtype and next(pipe.modules.unet.parameters()).dtype == getattr(torch, dtype)
+    latents, images = _regional_panels(pipe)
+    want_latents, want_images = float32_panels
+    assert _relative(latents, want_latents) < latent_tolerance
+    assert _relative(images, want_images) < image_tolerance
+    assert np.isfinite(images).all() and np.abs(images).max() <= 1.0
+
+
+def test_compiled_unet_draws_what_the_eager_one_draws(
+    float32_panels: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`HUAHUA_TORCH_COMPILE` (torch.compile on the UNet): the regional panels of the eager UNet, with
+    the shared-attention processor and the block pre-hooks traced into the graph, and no recompilation
+    from one step or call to the next. What can break here is our code's tracing (TorchDynamo), so the
+    graph runs on the `aot_eager` backend: inductor's C++ code generation for the same graph took 131 s
+    on 2 cores and drew the same (2.9e-6), and on a GPU it generates Triton instead."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    pipe = TorchWukongPipeline.random(CFG, builtin_tokenizer(), seed=5, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    latents, images = _regional_panels(pipe)
+    assert _relative(latents, float32_panels[0]) < TOLERANCE
+    assert _relative(images, float32_panels[1]) < TOLERANCE
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > graphs
+    _regional_panels(pipe)
+    assert counters["stats"]["unique_graphs"] == compiled
 
 
 def test_a_wrong_mapping_is_caught(

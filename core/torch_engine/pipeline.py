@@ -133,6 +133,7 @@ class TorchWukongPipeline(GuidedSampling):
         dtype: str = "float32",
         random_weights: bool = False,
         compile: bool = False,
+        channels_last: bool | None = None,
     ) -> None:
         self.modules = modules
         self.config = config
@@ -143,8 +144,9 @@ class TorchWukongPipeline(GuidedSampling):
         self.schedule = NoiseSchedule.official()
         self._device = torch.device(device)
         self._dtype = _TORCH_DTYPES[dtype]
-        self._channels_last = self._device.type == "cuda"
-        if self._channels_last:  # cuDNN's fastest convolutions read NHWC
+        # cuDNN's fastest convolutions read NHWC; `channels_last` forces it either way (tests, other GPUs)
+        self._channels_last = self._device.type == "cuda" if channels_last is None else channels_last
+        if self._channels_last:
             modules.unet.to(memory_format=torch.channels_last)
             modules.vae.to(memory_format=torch.channels_last)
         sharing.install(modules.unet)
@@ -165,6 +167,7 @@ class TorchWukongPipeline(GuidedSampling):
         device: str = "cpu",
         dtype: str = "float32",
         compile: bool = False,
+        channels_last: bool | None = None,
     ) -> TorchWukongPipeline:
         """The model with weights from the official `.ckpt` / `.safetensors`, or from a folder that
         `huahua model convert --to torch` wrote (then the mapping is skipped)."""
@@ -179,7 +182,15 @@ class TorchWukongPipeline(GuidedSampling):
             states = cls._official_states(path, config, _TORCH_DTYPES[dtype])
         modules = cls._place(fill_modules(build_modules(config), states, config), device)
         logger.info("loaded %s on %s (%s) with PyTorch %s", path.name, device, dtype, torch.__version__)
-        return cls(modules, config, tokenizer, device=device, dtype=dtype, compile=compile)
+        return cls(
+            modules,
+            config,
+            tokenizer,
+            device=device,
+            dtype=dtype,
+            compile=compile,
+            channels_last=channels_last,
+        )
 
     @classmethod
     def random(
@@ -190,6 +201,7 @@ class TorchWukongPipeline(GuidedSampling):
         device: str = "cpu",
         dtype: str = "float32",
         compile: bool = False,
+        channels_last: bool | None = None,
     ) -> TorchWukongPipeline:
         """The same model with random weights drawn from numpy: the same `seed` gives the same weights
         as `WukongPipeline.random` (so the same pictures)."""
@@ -204,7 +216,14 @@ class TorchWukongPipeline(GuidedSampling):
         states = _states(arrays.__getitem__, config, _TORCH_DTYPES[dtype])
         modules = cls._place(fill_modules(build_modules(config), states, config), device)
         return cls(
-            modules, config, tokenizer, device=device, dtype=dtype, random_weights=True, compile=compile
+            modules,
+            config,
+            tokenizer,
+            device=device,
+            dtype=dtype,
+            random_weights=True,
+            compile=compile,
+            channels_last=channels_last,
         )
 
     @staticmethod
