@@ -24,6 +24,8 @@ product's settings (float16 by default, channels-last, scaled-dot-product attent
 the UNet in torch.compile): seconds for one --gpu-size² image of --steps steps (DPM++ 2M, guidance 7.5,
 text encoding and decode included) at batch 1, images per second at each of --batches, and the peak
 GPU memory of each (torch.cuda.max_memory_allocated). One untimed run per batch size comes first.
+Before timing, it prints how far the tiny model on the GPU (float32, then --dtype) draws from the CPU's
+float32 (regional panels; on the CPU itself float16 gives 3e-3 and float32 0).
 """
 
 from __future__ import annotations
@@ -262,6 +264,38 @@ def _diffusers(phase: str, size: int, steps: int, warmup: int) -> float:
 # GPU mode: our PyTorch engine on CUDA
 
 
+def _gpu_agreement(device: str, dtype: str) -> float:
+    """Largest latent difference, relative to the largest latent, between the tiny model on `device`
+    in `dtype` and on the CPU in float32: two guided panels with two references placed by their
+    words and panel sharing, 4 DPM++ steps (the checks of tests/test_torch_engine.py, on the GPU)."""
+    import numpy as np
+
+    from core.diffusion.config import WukongConfig
+    from core.diffusion.consistency import Consistency, region_masks
+    from core.torch_engine import TorchWukongPipeline
+    from core.vocabulary import builtin_tokenizer
+
+    rng = np.random.default_rng(3)
+    x_T = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    references = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    results = []
+    for where, kind in (("cpu", "float32"), (device, dtype)):
+        pipe = TorchWukongPipeline.random(
+            WukongConfig.tiny(), builtin_tokenizer(), seed=5, device=where, dtype=kind
+        )
+        ids = pipe.tokenize(["一只在月球上看书的猫", ""])
+        ctx = pipe.encode_tokens(ids)
+        words = [[pipe.tokenize([word])[0][1:2]] for word in "猫书"]
+        regions = region_masks(np.repeat(ids[:1], 2, axis=0), words)
+        consistency = Consistency(references=references, strength=0.8, panel_rate=0.5, regions=regions)
+        cond = np.repeat(ctx[:1], 2, axis=0)
+        results.append(
+            pipe.sample(cond, ctx[1:], consistency=consistency, sampler="dpm++2m", steps=4, x_T=x_T, seed=4)
+        )
+    want, got = results
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
 def _gpu(opts: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -273,6 +307,9 @@ def _gpu(opts: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU here (torch.cuda.is_available() is False): nothing measured", file=sys.stderr)
         return 2
+    for dtype in dict.fromkeys(("float32", opts.dtype)):
+        agreement = _gpu_agreement(opts.device, dtype)
+        print(f"agreement with the CPU, tiny model, {dtype}: {agreement:.1e} relative")
     cfg = WukongConfig()
     started = time.perf_counter()
     pipe = TorchWukongPipeline.random(

@@ -48,6 +48,7 @@ RETRY_BACKOFF_S = 2.0
 """The first retry after an engine outage waits this long, each later one twice as long."""
 SWEEP_INTERVAL_S = 5.0
 _RECOVERABLE = (JobStatus.QUEUED, JobStatus.RUNNING)
+"""States a job the recovery sweep found may still be in when it is put back."""
 OUTBOX_PLATFORMS = frozenset({"tg", "dc"})
 """Chat platforms whose results reach them through the outbox (the web chat streams them instead)."""
 REMEMBERED_IDS = 256
@@ -136,8 +137,8 @@ class JobRunner:
 
         Runs every few seconds in every process, so the usual sweep, where the queue already holds every
         such job, reads only ids: the store's, then one question to the queue about them all. Only the
-        jobs it lacks (a Redis that lost its data, a process that died between store and queue) are
-        read and put, one by one, each checked again since the first read."""
+        jobs the queue lacks (a Redis that lost its data, a process that died between store and queue)
+        are read and put, each only if it is still queued or running (it may have moved on meanwhile)."""
         now = time.time()
         ids = [job_id for job_id in await self.store.recoverable_ids(now) if job_id not in self.running]
         held = await self.queue.holding(ids) if ids else set()
