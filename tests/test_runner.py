@@ -393,6 +393,38 @@ async def test_the_sweep_reads_only_the_jobs_its_queue_lacks(tmp_path: Path) -> 
         await service.stop()
 
 
+async def test_a_recovery_that_fails_at_start_is_left_to_the_sweeper(tmp_path: Path) -> None:
+    """Seen in the 1,000-job chaos run: a `huahua jobs` restarted while Redis restarted too exited at its
+    first recovery. It must start, and its sweeper must bring the waiting job back once it can."""
+    from core.app import build_service
+    from tests.support import make_settings
+
+    front = await make_service(tmp_path, PatternEngine(), workers=0)
+    job = await _submit(front)
+    await front.stop()
+    worker = await build_service(make_settings(tmp_path, job_lease_s=1.0), engine=PatternEngine())
+    recoverable = worker.store.recoverable_ids
+    failures: list[float] = []
+
+    async def away_at_first(now: float) -> list[str]:
+        if not failures:
+            failures.append(now)
+            raise ServiceUnavailable("The database cannot be reached right now; please try again.")
+        return await recoverable(now)
+
+    worker.store.recoverable_ids = away_at_first  # type: ignore[method-assign]
+    await worker.start()
+    try:
+
+        async def done() -> bool:
+            return await _status(worker, job.id) == JobStatus.DONE
+
+        await until(done, timeout=10.0)
+        assert len(failures) == 1
+    finally:
+        await worker.stop()
+
+
 async def test_stop_ends_the_sweeper_when_a_database_call_swallows_the_cancel(tmp_path: Path) -> None:
     """Seen in the chaos run: a SIGTERMed `huahua jobs` never exited, its sweeper looping on a PostgreSQL
     call whose timeout had turned the shutdown's cancel into a storage error."""

@@ -107,9 +107,15 @@ class JobRunner:
     # lifecycle -------------------------------------------------------------------------------
 
     async def start(self, *, recover: bool = True) -> None:
-        """Recover unfinished jobs (unless `recover` is False), then start the workers and the sweeper."""
+        """Recover unfinished jobs (unless `recover` is False), then start the workers and the sweeper.
+
+        A recovery that fails here (Redis or the database away for a moment) does not stop the start:
+        the sweeper tries again within seconds, as it does for every later failure."""
         if recover and self.settings.workers > 0:
-            await self.recover()
+            try:
+                await self.recover()
+            except HuahuaError as err:
+                logger.warning("recovery at start skipped, the sweeper will try again: %s", err.message)
         for index in range(self.settings.workers):
             self._workers.append(asyncio.create_task(self._work(), name=f"huahua-worker-{index}"))
         if recover and self.settings.workers > 0:
