@@ -180,17 +180,11 @@ class TorchWukongPipeline(GuidedSampling):
         else:
             config = config or WukongConfig()
             states = cls._official_states(path, config, _TORCH_DTYPES[dtype])
-        modules = cls._place(fill_modules(build_modules(config), states, config), device)
-        logger.info("loaded %s on %s (%s) with PyTorch %s", path.name, device, dtype, torch.__version__)
-        return cls(
-            modules,
-            config,
-            tokenizer,
-            device=device,
-            dtype=dtype,
-            compile=compile,
-            channels_last=channels_last,
+        pipe = cls._built(
+            states, config, tokenizer, device, dtype, compile=compile, channels_last=channels_last
         )
+        logger.info("loaded %s on %s (%s) with PyTorch %s", path.name, device, dtype, torch.__version__)
+        return pipe
 
     @classmethod
     def random(
@@ -214,13 +208,12 @@ class TorchWukongPipeline(GuidedSampling):
             tokenizer = WordPieceTokenizer.from_file(vocab_path)
         arrays = random_official(config, seed)
         states = _states(arrays.__getitem__, config, _TORCH_DTYPES[dtype])
-        modules = cls._place(fill_modules(build_modules(config), states, config), device)
-        return cls(
-            modules,
+        return cls._built(
+            states,
             config,
             tokenizer,
-            device=device,
-            dtype=dtype,
+            device,
+            dtype,
             random_weights=True,
             compile=compile,
             channels_last=channels_last,
@@ -266,12 +259,22 @@ class TorchWukongPipeline(GuidedSampling):
             states[part] = {k: v.to(dtype) for k, v in bare.items() if k in expected[part]}
         return stored, states
 
-    @staticmethod
-    def _place(modules: TorchModules, device: str) -> TorchModules:
-        """Move the filled modules (already in their dtype) to the device."""
+    @classmethod
+    def _built(
+        cls,
+        states: dict[str, dict[str, torch.Tensor]],
+        config: WukongConfig,
+        tokenizer: WordPieceTokenizer | None,
+        device: str,
+        dtype: str,
+        **options: Any,
+    ) -> TorchWukongPipeline:
+        """The pipeline of modules filled from `states` (already in `dtype`), moved to `device`;
+        `options` are the constructor's keywords (`compile`, `channels_last`, `random_weights`)."""
+        modules = fill_modules(build_modules(config), states, config)
         for part in PARTS:
             modules.part(part).to(device=device)
-        return modules
+        return cls(modules, config, tokenizer, device=device, dtype=dtype, **options)
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Official parameter name -> shape."""
