@@ -16,6 +16,7 @@ from core.engine import CancelToken, Engine
 from core.engines.http import SECRET_HEADER, error_to_wire, image_to_wire, request_from_wire
 from core.errors import EngineUnavailable, HuahuaError, InvalidOption, JobCancelled
 from core.images import validate_upload
+from core.listening import start_site
 from core.logs import http_error_logger, rate_limited_logger
 from core.settings import Settings
 
@@ -190,10 +191,16 @@ async def serve_worker(settings: Settings, *, engine: Engine | None = None) -> N
     await engine.start()
     runner = web.AppRunner(create_app(engine, secret=secret), **SERVER_OPTIONS)
     await runner.setup()
-    site = web.TCPSite(runner, settings.worker_host, settings.worker_port)
-    await site.start()
-    logger.info("worker serving engine %s on %s:%d", engine.name, settings.worker_host, settings.worker_port)
     try:
+        await start_site(
+            runner,
+            settings.worker_host,
+            settings.worker_port,
+            what="The worker",
+            settings="HUAHUA_WORKER_HOST and HUAHUA_WORKER_PORT",
+        )
+        where = f"{settings.worker_host}:{settings.worker_port}"
+        logger.info("worker serving engine %s on %s", engine.name, where)
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

@@ -188,6 +188,35 @@ async def test_discord_with_a_wrong_token_says_so_in_one_sentence(
 # huahua jobs -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("command", ["web", "worker"])
+def test_a_port_in_use_is_one_sentence(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second `huahua web` (or worker) on the same port: which address, why, and what to change."""
+    prefix = "WEB" if command == "web" else "WORKER"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv(f"HUAHUA_{prefix}_PORT", str(port))
+        assert main([command, "--engine", "tiny"]) == 1
+    what = "The web chat" if command == "web" else "The worker"
+    assert _only_sentence(capsys.readouterr().err) == (
+        f"huahua: {what} cannot listen: 127.0.0.1:{port} is already in use (is another huahua running?). "
+        f"Choose another with HUAHUA_{prefix}_HOST and HUAHUA_{prefix}_PORT."
+    )
+
+
+@pytest.mark.parametrize("host", ["192.0.2.1", "no-such-host.invalid"])
+def test_a_host_that_is_not_this_machines_is_one_sentence(
+    host: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HUAHUA_WEB_HOST", host)
+    monkeypatch.setenv("HUAHUA_WEB_PORT", str(_closed_port()))
+    assert main(["web", "--engine", "tiny"]) == 1
+    assert f"{host} is not a name or address of this machine" in _only_sentence(capsys.readouterr().err)
+
+
 def test_jobs_needs_a_shared_queue(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["jobs"]) == 1
     assert "set HUAHUA_QUEUE=redis" in capsys.readouterr().err

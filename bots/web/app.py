@@ -46,6 +46,7 @@ from bots.web.payload import (
 from bots.web.uploads import read_form
 from core import presenter
 from core.errors import HuahuaError, NotAllowed, NotFound, ServiceUnavailable
+from core.listening import start_site
 from core.service import Huahua, MessageContext, Reply
 from core.settings import Settings
 from core.story.book import StoryBook, story_json
@@ -698,8 +699,13 @@ async def run_web(service: Huahua, settings: Settings) -> None:
     runner = web.AppRunner(create_app(service, settings), access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.web_host, settings.web_port)
-        await site.start()
+        await start_site(
+            runner,
+            settings.web_host,
+            settings.web_port,
+            what="The web chat",
+            settings="HUAHUA_WEB_HOST and HUAHUA_WEB_PORT",
+        )
         logger.info("web chat on http://%s:%d/", settings.web_host, settings.web_port)
         warning = exposure_warning(settings)
         if warning:
