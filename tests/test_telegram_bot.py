@@ -25,7 +25,7 @@ from bots.telegram import keyboards, messages
 from bots.telegram.bot import build_application, start_application, stop_application
 from core.app import build_service
 from core.engine import Engine
-from core.errors import InvalidOption
+from core.errors import InvalidOption, ServiceUnavailable
 from core.types import Action, GeneratedImage, GenerationRequest, JobStatus
 from tests.fake_telegram import BOT_USER, FakeTelegram
 from tests.support import PatternEngine, make_settings
@@ -372,3 +372,32 @@ async def test_webhook_secret_with_bad_characters_is_refused(tmp_path: Path, fak
     finally:
         await service.stop()
     assert not fake.calls
+
+
+async def test_a_webhook_port_in_use_is_one_sentence(tmp_path: Path, fake: FakeTelegram) -> None:
+    """Webhook mode where the port is taken: one sentence naming the port and the setting, and the
+    application is stopped again (the outbox released, the HTTP pool closed)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = make_settings(
+            tmp_path,
+            telegram_token=fake.token,
+            telegram_base_url=fake.root,
+            telegram_webhook_url="https://bot.example/hook",
+            telegram_webhook_port=port,
+        )
+        service = await build_service(settings, engine=PatternEngine())
+        app = build_application(service, settings)
+        await service.start()
+        try:
+            with pytest.raises(ServiceUnavailable) as caught:
+                await start_application(app, settings, webhook_listen="127.0.0.1")
+        finally:
+            await service.stop()
+    assert caught.value.message == (
+        f"The Telegram webhook cannot listen: port {port} is already in use. "
+        "Choose another with HUAHUA_TELEGRAM_WEBHOOK_PORT."
+    )
+    assert not app.running

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import re
 import secrets
@@ -468,14 +469,24 @@ async def start_application(
     assert app.updater is not None
     if settings.telegram_webhook_url:
         url_path = urlsplit(settings.telegram_webhook_url).path.lstrip("/")
-        await app.updater.start_webhook(
-            listen=webhook_listen,
-            port=settings.telegram_webhook_port,
-            url_path=url_path,
-            webhook_url=settings.telegram_webhook_url,
-            secret_token=secret,
-            allowed_updates=[Update.MESSAGE, Update.CALLBACK_QUERY],
-        )
+        try:
+            await app.updater.start_webhook(
+                listen=webhook_listen,
+                port=settings.telegram_webhook_port,
+                url_path=url_path,
+                webhook_url=settings.telegram_webhook_url,
+                secret_token=secret,
+                allowed_updates=[Update.MESSAGE, Update.CALLBACK_QUERY],
+            )
+        except OSError as err:
+            await stop_application(app)
+            port = settings.telegram_webhook_port
+            in_use = err.errno == errno.EADDRINUSE
+            reason = "is already in use" if in_use else f"cannot be opened ({err.strerror})"
+            raise ServiceUnavailable(
+                f"The Telegram webhook cannot listen: port {port} {reason}. "
+                "Choose another with HUAHUA_TELEGRAM_WEBHOOK_PORT."
+            ) from None
         logger.info("telegram webhook listening on port %d", settings.telegram_webhook_port)
     else:
         await app.updater.start_polling(
