@@ -397,7 +397,7 @@ async def test_a_webhook_port_in_use_is_one_sentence(tmp_path: Path, fake: FakeT
         finally:
             await service.stop()
     assert caught.value.message == (
-        f"The Telegram webhook cannot listen: port {port} is already in use. "
-        "Choose another with HUAHUA_TELEGRAM_WEBHOOK_PORT."
+        f"The Telegram webhook cannot listen: 127.0.0.1:{port} is already in use (is another huahua "
+        "running?). Choose another with HUAHUA_TELEGRAM_WEBHOOK_PORT."
     )
     assert not app.running

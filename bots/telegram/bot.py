@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import re
 import secrets
@@ -34,6 +33,7 @@ from bots.telegram.gallery import Gallery, Sharer
 from bots.telegram.ratelimit import RateLimiter
 from core import images
 from core.errors import HuahuaError, InvalidOption, NotAllowed, ServiceUnavailable
+from core.listening import cannot_listen
 from core.logs import RedactSecrets
 from core.service import Huahua, MessageContext, Reply
 from core.settings import Settings
@@ -480,12 +480,12 @@ async def start_application(
             )
         except OSError as err:
             await stop_application(app)
-            port = settings.telegram_webhook_port
-            in_use = err.errno == errno.EADDRINUSE
-            reason = "is already in use" if in_use else f"cannot be opened ({err.strerror})"
-            raise ServiceUnavailable(
-                f"The Telegram webhook cannot listen: port {port} {reason}. "
-                "Choose another with HUAHUA_TELEGRAM_WEBHOOK_PORT."
+            raise cannot_listen(
+                err,
+                webhook_listen,
+                settings.telegram_webhook_port,
+                what="The Telegram webhook",
+                settings="HUAHUA_TELEGRAM_WEBHOOK_PORT",
             ) from None
         logger.info("telegram webhook listening on port %d", settings.telegram_webhook_port)
     else:
