@@ -32,11 +32,6 @@ from core.types import Delivery, DeliveryState, Job, JobStatus
 logger = logging.getLogger(__name__)
 
 _DAY = 86_400.0
-_RECOVERABLE = (
-    "SELECT {column} FROM jobs WHERE status = $1 OR (status = $2 AND COALESCE(lease_until, 0) < $3) "
-    "ORDER BY created_at, seq"
-)
-_RECOVERABLE_STATES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 SCHEMES = ("postgresql", "postgres")
 # First keys of the two-key advisory locks that serialise writes of one settings scope ...
 _SETTINGS_LOCK = 0x68_75_61_68
@@ -239,12 +234,15 @@ class PostgresStore(Store):
             await _write_job(conn, queued, lease=None)
         return True
 
-    async def recoverable_jobs(self, now: float) -> list[Job]:
-        return await self._jobs(_RECOVERABLE.format(column="data"), *_RECOVERABLE_STATES, now)
-
     async def recoverable_ids(self, now: float) -> list[str]:
         async with self._connection() as conn:
-            rows = await conn.fetch(_RECOVERABLE.format(column="id"), *_RECOVERABLE_STATES, now)
+            rows = await conn.fetch(
+                "SELECT id FROM jobs WHERE status = $1 OR (status = $2 AND COALESCE(lease_until, 0) < $3) "
+                "ORDER BY created_at, seq",
+                JobStatus.QUEUED.value,
+                JobStatus.RUNNING.value,
+                now,
+            )
         return [row[0] for row in rows]
 
     async def update_job(self, job: Job) -> None:

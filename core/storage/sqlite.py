@@ -36,11 +36,6 @@ WAL_SWITCH_WAIT_S = 10.0
 """How long opening a database waits to switch it to WAL while other processes open it too."""
 
 _DAY = 86_400.0
-_RECOVERABLE = (
-    "SELECT {column} FROM jobs WHERE status = ? OR (status = ? AND COALESCE(lease_until, 0) < ?) "
-    "ORDER BY created_at, rowid"
-)
-_RECOVERABLE_STATES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
 async def _switch_to_wal(conn: aiosqlite.Connection) -> None:
@@ -220,12 +215,12 @@ class SqliteStore(Store):
             row = await cursor.fetchone()
         return job_from_json(row[0]) if row else None
 
-    async def recoverable_jobs(self, now: float) -> list[Job]:
-        return await self._jobs(_RECOVERABLE.format(column="data"), (*_RECOVERABLE_STATES, now))
-
     async def recoverable_ids(self, now: float) -> list[str]:
-        sql = _RECOVERABLE.format(column="id")
-        async with self._conn.execute(sql, (*_RECOVERABLE_STATES, now)) as cursor:
+        async with self._conn.execute(
+            "SELECT id FROM jobs WHERE status = ? OR (status = ? AND COALESCE(lease_until, 0) < ?) "
+            "ORDER BY created_at, rowid",
+            (JobStatus.QUEUED.value, JobStatus.RUNNING.value, now),
+        ) as cursor:
             return [row[0] for row in await cursor.fetchall()]
 
     async def update_job(self, job: Job) -> None:

@@ -80,12 +80,9 @@ class Store(abc.ABC):
         keeping `job.attempt`; False (nothing written) when `job.attempt` is no longer current."""
 
     @abc.abstractmethod
-    async def recoverable_jobs(self, now: float) -> list[Job]:
-        """Queued jobs and running jobs whose lease expired before `now`, oldest first."""
-
-    @abc.abstractmethod
     async def recoverable_ids(self, now: float) -> list[str]:
-        """The ids of `recoverable_jobs(now)`, in its order, without reading the jobs themselves."""
+        """Ids of the queued jobs and of the running jobs whose lease expired before `now`, oldest first
+        (the recovery sweep reads only the jobs its queue lacks)."""
 
     @abc.abstractmethod
     async def claim_deliveries(
