@@ -17,9 +17,7 @@ from mindspore import Tensor
 
 from core.diffusion.checkpoint import WukongModel, build_model, load_weights, randomize
 from core.diffusion.config import WukongConfig
-from core.diffusion.consistency import (
-    check_regions,
-)
+from core.diffusion.consistency import check_regions
 from core.diffusion.guided import GuidedSampling, float_array
 from core.diffusion.layers import prepare_for_graph
 from core.diffusion.samplers import NoiseSchedule

@@ -23,9 +23,7 @@ import numpy as np
 import torch
 
 from core.diffusion.config import WukongConfig
-from core.diffusion.consistency import (
-    check_regions,
-)
+from core.diffusion.consistency import check_regions
 from core.diffusion.guided import GuidedSampling, float_array
 from core.diffusion.samplers import NoiseSchedule
 from core.errors import CheckpointError, EngineUnavailable, InvalidOption
